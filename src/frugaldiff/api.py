@@ -1,0 +1,51 @@
+"""The Python API that mirrors the CLI: ``train`` and ``sample`` (from ``generate``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import Config, parse_override
+from .errors import FrugalError
+from .generate import generate, save_samples
+from .images import to_uint8
+from .plots import plot_metrics
+from .trainer import Trainer, new_run_dir
+
+
+def newest_run(parent: Path = Path("runs")) -> Path:
+    """The most recent run folder under ``parent`` (names start with a timestamp)."""
+    runs = sorted(p for p in parent.glob("*") if (p / "config.toml").is_file()) if parent.is_dir() else []
+    if not runs:
+        raise FrugalError(f"no run to resume under {parent}/; pass --resume RUN_DIR")
+    return runs[-1]
+
+
+def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path | None = None,
+          resume: str | Path | bool | None = None, overrides: Iterable[str] = (), progress: bool = True) -> Path:
+    """Train a run and return its folder.
+
+    ``resume``: a run folder, or True for the newest one under ``runs/``; its config.toml is used,
+    with ``overrides`` (``KEY=VALUE``) applied, e.g. a larger ``train.images_seen``.
+    """
+    if resume:
+        if config is not None:
+            raise FrugalError("a resumed run keeps its own config.toml; pass changes with --set, not --config")
+        root = newest_run() if resume is True else Path(resume)
+        if not (root / "config.toml").is_file():
+            raise FrugalError(f"{root} is not a run folder (no config.toml); pass the folder `frugaldiff train` wrote")
+        config = Config.load(root / "config.toml", overrides)
+    else:
+        config = config if isinstance(config, Config) else Config(config)
+        config = config.updated(dict(parse_override(o) for o in overrides))
+        root = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    trainer = Trainer(config, root, resume=bool(resume), progress=progress)
+    trainer.fit()
+    x = generate(trainer.ema.model.eval(), config, config["sample.n"], trainer.data.sample_shape, progress=progress)
+    images = to_uint8(x) if trainer.data.kind == "image" else x.numpy()
+    reference = None if trainer.data.kind == "image" else trainer.data.heldout.numpy()
+    save_samples(images, trainer.files.samples, reference)
+    plot_metrics(trainer.files.metrics, trainer.files.loss_plot)
+    return root
+

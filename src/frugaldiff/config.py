@@ -1,0 +1,308 @@
+"""The configuration: every key with its default, type and valid values, in dotted groups.
+
+``Config`` is built from defaults, a TOML file and ``KEY=VALUE`` overrides; anything unknown or out
+of range is refused with a one-line :class:`FrugalError` naming the key and what is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .checkpoint import atomic_write_text
+from .datasets import dataset_names
+from .errors import FrugalError
+from .networks import NETWORKS
+from .noise import PROCESSES, NoiseProcess
+from .prediction import PREDICTIONS
+from .solvers import SCHEDULES, SOLVERS
+from .timestep_samplers import TIMESTEP_SAMPLERS
+from .weighting import WEIGHTINGS
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config key: default, type, and either choices or a numeric range."""
+
+    key: str
+    default: Any
+    help: str
+    choices: Callable[[], list[str]] | None = None
+    low: float | None = None
+    high: float | None = None
+    item: type | None = None  # element type of a list option
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def describe(self) -> str:
+        """The valid values, for messages and ``frugaldiff config``."""
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices())
+        if self.kind is list:
+            return f"a list of {self.item.__name__}" + _range_text(self.low, self.high, " each")
+        return f"a {self.kind.__name__}" + _range_text(self.low, self.high)
+
+    def check(self, value: Any) -> Any:
+        """The value converted to this option's type, or a FrugalError."""
+        if self.kind is list:
+            if not isinstance(value, list):
+                raise self._bad(value)
+            return [self._check_scalar(v, self.item) for v in value]
+        return self._check_scalar(value, self.kind)
+
+    def _check_scalar(self, value: Any, kind: type) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self._bad(value)
+        if kind is float and not math.isfinite(value):
+            raise self._bad(value)
+        if self.choices is not None and value not in self.choices() and not _prefix_match(value, self.choices()):
+            raise self._bad(value)
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise self._bad(value)
+        return value
+
+    def _bad(self, value: Any) -> FrugalError:
+        return FrugalError(f"config key '{self.key}' must be {self.describe()}; got {value!r}")
+
+
+def _range_text(low: float | None, high: float | None, prefix: str = "") -> str:
+    if low is not None and high is not None:
+        return f"{prefix} in [{low}, {high}]"
+    if low is not None:
+        return f"{prefix} ≥ {low}"
+    if high is not None:
+        return f"{prefix} ≤ {high}"
+    return ""
+
+
+def _prefix_match(value: Any, choices: Iterable[str]) -> bool:
+    """Choices ending in ':PATH' (e.g. 'folder:PATH') accept any value with that prefix."""
+    return isinstance(value, str) and any(
+        c.endswith(":PATH") and value.startswith(c[: -len("PATH")]) and len(value) > len(c) - 4 for c in choices
+    )
+
+
+OPTIONS: list[Option] = [
+    Option("data.name", "mnist5000", "dataset: a bundled name, folder:PATH or npz:PATH", choices=dataset_names),
+    Option("data.image_size", 0, "side of the (square) images; 0 keeps the dataset's own size", low=0, high=1024),
+    Option("data.color", "auto", "channels of folder/npz images", choices=lambda: ["auto", "grey", "rgb"]),
+    Option("data.heldout_fraction", 0.2, "held-out share where a dataset has no official split", low=0.01,
+           high=0.9),
+    Option("data.num_samples", 8000, "number of training points of the 2-D toys", low=16),
+    Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0),
+    Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
+           choices=lambda: ["auto", *NETWORKS.names()]),
+    Option("model.channels", 32, "UNet base channels", low=4, high=1024),
+    Option("model.channel_mult", [1, 2, 2], "UNet channel multiplier per resolution", item=int, low=1, high=16),
+    Option("model.num_res_blocks", 2, "UNet residual blocks per resolution", low=1, high=8),
+    Option("model.attention_resolutions", [7], "resolutions (sides) with self-attention", item=int, low=1),
+    Option("model.dropout", 0.0, "dropout probability", low=0.0, high=0.9),
+    Option("model.hidden", 256, "MLP width", low=8, high=8192),
+    Option("model.depth", 4, "MLP residual blocks", low=1, high=64),
+    Option("diffusion.process", "vp-linear", "noise process", choices=PROCESSES.names),
+    Option("diffusion.prediction", "eps", "what the network predicts",
+           choices=PREDICTIONS.names),
+    Option("diffusion.timestep_sampler", "uniform", "how training draws t",
+           choices=TIMESTEP_SAMPLERS.names),
+    Option("diffusion.weighting", "none", "loss weight over t (in x0 space)",
+           choices=WEIGHTINGS.names),
+    Option("diffusion.sigma_data", 0.5, "data standard deviation for target and input scaling", low=1e-3,
+           high=100.0),
+    Option("train.name", "", "run name (default: dataset-prediction)"),
+    Option("train.batch_size", 32, "global batch size", low=1, high=65536),
+    Option("train.images_seen", 50000, "training budget in images", low=1),
+    Option("train.lr", 1e-3, "AdamW learning rate", low=0.0, high=1.0),
+    Option("train.lr_schedule", "constant", "learning rate after warm-up",
+           choices=lambda: ["constant", "cosine"]),
+    Option("train.warmup_images", 2000, "linear learning-rate warm-up, in images", low=0),
+    Option("train.weight_decay", 0.0, "AdamW weight decay", low=0.0),
+    Option("train.grad_clip", 1.0, "gradient-norm clipping (0 = off)", low=0.0),
+    Option("train.ema_decay", 0.999, "EMA decay (with warm-up (1+n)/(10+n))", low=0.0, high=1.0),
+    Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1),
+    Option("train.precision", "auto", "fp32, bf16, or auto (bf16 where supported)",
+           choices=lambda: ["auto", "fp32", "bf16"]),
+    Option("train.seed", 0, "seed of weights, batches, noise and t", low=0),
+    Option("train.checkpoint_every", 10000, "checkpoint interval in images (0 = only at the end)", low=0),
+    Option("train.keep_checkpoints", 3, "how many checkpoints to keep", low=1),
+    Option("train.log_every", 20, "optimizer steps between rows of metrics.csv", low=1),
+    Option("train.device", "auto", "auto, cpu, cuda or mps", choices=lambda: ["auto", "cpu", "cuda", "mps"]),
+    Option("sample.solver", "dpm++2m", "generation solver", choices=SOLVERS.names),
+    Option("sample.steps", 30, "solver steps", low=1, high=10000),
+    Option("sample.schedule", "karras", "time spacing of solver steps",
+           choices=SCHEDULES.names),
+    Option("sample.eta", 0.0, "DDIM η (0 = deterministic)", low=0.0, high=1.0),
+    Option("sample.clip", True, "clamp x̂0 of images to [-1, 1] while generating (vectors are never clamped)"),
+    Option("sample.n", 64, "samples drawn for the grid at the end of training", low=1),
+    Option("sample.seed", 0, "seed of generation", low=0),
+]
+
+OPTION_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} → {'a.b': 1}; keys that are already dotted pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def _unknown_key(key: str) -> FrugalError:
+    close = difflib.get_close_matches(key, OPTION_BY_KEY, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return FrugalError(f"unknown config key '{key}'; {hint}run `frugaldiff config` to list every key")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' → ('train.lr', 0.0003); values are TOML literals, bare words are strings."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise FrugalError(f"--set needs KEY=VALUE, got {text!r}; e.g. --set train.batch_size=16")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+class Config:
+    """A validated, fully resolved configuration. Read keys as ``cfg["train.lr"]`` or ``cfg.train.lr``."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        resolved = {o.key: o.default for o in OPTIONS}
+        for key, value in flatten(values or {}).items():
+            if key not in OPTION_BY_KEY:
+                raise _unknown_key(key)
+            resolved[key] = OPTION_BY_KEY[key].check(value)
+        self._values = resolved
+        self._check_combinations()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+        """Defaults, then the TOML file at ``path``, then ``KEY=VALUE`` overrides."""
+        values: dict[str, Any] = flatten(read_toml(path)) if path is not None else {}
+        values.update(parse_override(o) for o in overrides)
+        return cls(values)
+
+    def updated(self, values: Mapping[str, Any]) -> Config:
+        """A copy with some keys changed (dotted or nested)."""
+        return Config({**self._values, **flatten(values)})
+
+    def _check_combinations(self) -> None:
+        if self["train.batch_size"] % self["train.grad_accum"]:
+            raise FrugalError(
+                f"train.batch_size ({self['train.batch_size']}) must be divisible by train.grad_accum "
+                f"({self['train.grad_accum']}); change one of them"
+            )
+        PREDICTIONS.create(self["diffusion.prediction"], self.process(), self["diffusion.sigma_data"])
+
+    def process(self) -> NoiseProcess:
+        """The configured noise process."""
+        return PROCESSES.create(self["diffusion.process"])
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._values:
+            raise _unknown_key(key)
+        value = self._values[key]
+        return list(value) if isinstance(value, list) else value
+
+    def __getattr__(self, section: str) -> _Section:
+        if section.startswith("_") or not any(k.startswith(section + ".") for k in self._values):
+            raise AttributeError(section)
+        return _Section(self, section)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and other._values == self._values
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested dictionary of every key."""
+        tree: dict[str, Any] = {}
+        for key, value in self._values.items():
+            *sections, leaf = key.split(".")
+            node = tree
+            for s in sections:
+                node = node.setdefault(s, {})
+            node[leaf] = value
+        return tree
+
+    def to_toml(self, comments: bool = False) -> str:
+        """The resolved config as TOML; with ``comments``, each key's help and valid values."""
+        return dump_toml(self.to_dict(), comments=comments)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``to_toml()`` atomically."""
+        atomic_write_text(Path(path), self.to_toml())
+
+
+class _Section:
+    """``cfg.train`` → attribute access to the keys of one group."""
+
+    def __init__(self, config: Config, name: str) -> None:
+        self._config, self._name = config, name
+
+    def __getattr__(self, key: str) -> Any:
+        return self._config[f"{self._name}.{key}"]
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, with one-line errors for a missing or malformed file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise FrugalError(f"config file {path} does not exist; check the path given to --config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise FrugalError(f"config file {path} is not valid TOML ({e}); fix the file") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(tree: Mapping[str, Any], comments: bool = False, prefix: str = "") -> str:
+    """Write a nested dict of scalars and lists as TOML tables."""
+    lines, tables = [], []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+            continue
+        line = f"{key} = {_toml_value(value)}"
+        option = OPTION_BY_KEY.get(prefix + key)
+        if comments and option is not None:
+            line = f"{line:<40} # {option.help}; {option.describe()}"
+        lines.append(line)
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, value in tables:
+        out += f"\n[{prefix}{key}]\n" + dump_toml(value, comments, f"{prefix}{key}.")
+    return out.lstrip("\n")

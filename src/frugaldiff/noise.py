@@ -1,0 +1,169 @@
+"""Noise processes: paths x_t = α(t)·x0 + σ(t)·ε between data (t = 0) and noise (t = 1).
+
+A process knows α, σ, their first and second time derivatives and the log-SNR λ = log(α²/σ²).
+Subclasses give α and σ; the derivatives default to autograd on those scalar functions, and the
+built-in processes override them with closed forms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .registry import Registry
+
+
+class NoiseProcess:
+    """Base class. ``t_min``/``t_max`` bound the times used in training and generation."""
+
+    name = "process"
+    t_min = 1e-5
+    t_max = 1.0
+
+    def alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _derivative(self, fn: str, t: Tensor, order: int) -> Tensor:
+        """d^order/dt^order of ``alpha`` or ``sigma`` by autograd (elementwise)."""
+        with torch.enable_grad():
+            x = t.detach().to(torch.float64).requires_grad_(True)
+            y = getattr(self, fn)(x)
+            for _ in range(order):
+                if not y.requires_grad:  # the previous derivative was constant
+                    y = torch.zeros_like(x)
+                    break
+                (y,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        return y.detach().to(t.dtype)
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return self._derivative("alpha", t, 1)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return self._derivative("sigma", t, 1)
+
+    def dd_alpha(self, t: Tensor) -> Tensor:
+        return self._derivative("alpha", t, 2)
+
+    def dd_sigma(self, t: Tensor) -> Tensor:
+        return self._derivative("sigma", t, 2)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """λ(t) = log(α²/σ²)."""
+        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    def clamp(self, t: Tensor) -> Tensor:
+        """Times restricted to [t_min, t_max], where α and σ are both usable."""
+        return t.clamp(self.t_min, self.t_max)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """x_t for a batch; ``t`` has one entry per sample."""
+        return bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x0) * eps
+
+
+def bcast(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample vector [B] to broadcast against a batch shaped like ``like``."""
+    return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
+
+
+PROCESSES: Registry[NoiseProcess] = Registry("diffusion.process")
+
+
+class _VPProcess(NoiseProcess):
+    """Variance preserving: σ = √(1 − α²); subclasses give α and its derivatives."""
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.sqrt((1 - self.alpha(t) ** 2).clamp_min(0))
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return -self.alpha(t) * self.d_alpha(t) / self.sigma(t)
+
+    def dd_sigma(self, t: Tensor) -> Tensor:
+        a, da, dda, s = self.alpha(t), self.d_alpha(t), self.dd_alpha(t), self.sigma(t)
+        ds = -a * da / s
+        return -(da**2 + a * dda + ds**2) / s
+
+
+@PROCESSES.register("vp-linear")
+class VPLinear(_VPProcess):
+    """DDPM's linear β schedule in continuous time: β(t) = β0 + t(β1 − β0)."""
+
+    name = "vp-linear"
+
+    def __init__(self, beta0: float = 0.1, beta1: float = 20.0) -> None:
+        self.beta0, self.beta1 = beta0, beta1
+
+    def _log_alpha(self, t: Tensor) -> Tensor:
+        return -0.25 * t**2 * (self.beta1 - self.beta0) - 0.5 * t * self.beta0
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(self._log_alpha(t))
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return self.alpha(t) * (-0.5 * (self.beta0 + t * (self.beta1 - self.beta0)))
+
+    def dd_alpha(self, t: Tensor) -> Tensor:
+        g1 = -0.5 * (self.beta0 + t * (self.beta1 - self.beta0))
+        return self.alpha(t) * (g1**2 - 0.5 * (self.beta1 - self.beta0))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        # log(α²/(1 − α²)) = −log(expm1(−2 log α)), stable near t = 0.
+        return -torch.log(torch.expm1(-2 * self._log_alpha(t)))
+
+
+@PROCESSES.register("vp-cosine")
+class VPCosine(_VPProcess):
+    """Nichol & Dhariwal's cosine schedule, renormalised so α(0) = 1; t is clipped below 1."""
+
+    name = "vp-cosine"
+    t_max = 0.996  # α(t_max) ≈ 0.0066, as VP-linear's α(1)
+
+    def __init__(self, s: float = 0.008) -> None:
+        self.s = s
+        self._c = math.cos(0.5 * math.pi * s / (1 + s))
+        self._k = 0.5 * math.pi / (1 + s)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.cos(self._k * (t + self.s)) / self._c
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return -self._k * torch.sin(self._k * (t + self.s)) / self._c
+
+    def dd_alpha(self, t: Tensor) -> Tensor:
+        return -(self._k**2) * self.alpha(t)
+
+
+@PROCESSES.register("flow")
+class Flow(NoiseProcess):
+    """Rectified flow / SD3: α = 1 − t, σ = t."""
+
+    name = "flow"
+    t_max = 1.0 - 1e-3
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1 - t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return t
+
+    def d_alpha(self, t: Tensor) -> Tensor:
+        return -torch.ones_like(t)
+
+    def d_sigma(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def dd_alpha(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+    def dd_sigma(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(t)
+
+
+def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """ᾱ_i = Π_{j≤i}(1 − β_j) of discrete DDPM; it matches VP-linear at t = (i + 1)/steps."""
+    betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)

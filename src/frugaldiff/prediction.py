@@ -1,0 +1,168 @@
+"""Prediction types: what the network is trained to output, and how x̂0 follows from it.
+
+Every type here is a linear target h(t) = a(t)·x0 + b(t)·ε (``../shared/reference/prediction-types.md``).
+The network output F is trained towards h/c with c² = a²σ_d² + b², so it is unit-scale at every t;
+x̂0 = (b·x_t − σ·c·F)/D with D = b·α − σ·a. An x0 error of F is amplified by A(t) = σ·c/|D|, so the
+unweighted F-space loss equals an x0-space loss weighted by 1/A².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import FrugalError
+from .noise import NoiseProcess, bcast
+from .registry import Registry
+
+Coefficients = Callable[[NoiseProcess, Tensor], tuple[Tensor, Tensor]]
+
+
+class PredictionType:
+    """Interface between a network's raw output and x̂0, bound to one process and σ_data."""
+
+    name = "prediction"
+
+    def __init__(self, process: NoiseProcess, sigma_data: float) -> None:
+        self.process = process
+        self.sigma_data = sigma_data
+
+    def out_channels(self, data_channels: int) -> int:
+        """How many output channels the network needs for data with ``data_channels``."""
+        return data_channels
+
+    def to_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0 from the raw network output."""
+        raise NotImplementedError
+
+    def error(self, out: Tensor, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Per-sample squared error [B] in this type's own training space."""
+        raise NotImplementedError
+
+    def x0_factor(self, t: Tensor) -> Tensor:
+        """Factor turning an x0-space loss weight into a weight on :meth:`error` [B]."""
+        raise NotImplementedError
+
+    def to_eps(self, x0_hat: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """ε̂ implied by x̂0: (x_t − α·x̂0)/σ."""
+        p = self.process
+        return (x_t - bcast(p.alpha(t), x_t) * x0_hat) / bcast(p.sigma(t), x_t)
+
+    def input_scale(self, t: Tensor) -> Tensor:
+        """c_in(t) = 1/√(α²σ_d² + σ²): scales x_t to unit variance before the network."""
+        p = self.process
+        return torch.rsqrt(p.alpha(t) ** 2 * self.sigma_data**2 + p.sigma(t) ** 2)
+
+
+class LinearPrediction(PredictionType):
+    """A target a(t)·x0 + b(t)·ε, given by ``coefficients(process, t) -> (a, b)``."""
+
+    #: |D| below this fraction of σ·c means x0 cannot be recovered from the target.
+    degenerate_ratio = 1e-4
+
+    def __init__(self, process: NoiseProcess, sigma_data: float, coefficients: Coefficients,
+                 name: str = "linear") -> None:
+        super().__init__(process, sigma_data)
+        self.coefficients = coefficients
+        self.name = name
+        self._check_recoverable()
+
+    def _check_recoverable(self) -> None:
+        t = torch.linspace(0.02, 0.98, 49, dtype=torch.float64).clamp(self.process.t_min, self.process.t_max)
+        ratio = 1 / self.amplification(t)
+        if not bool(torch.all(torch.isfinite(ratio) & (ratio > self.degenerate_ratio))):
+            raise FrugalError(
+                f"prediction type {self.name!r} cannot recover x0 on process {self.process.name!r} "
+                f"(its target is degenerate there); choose another prediction type or diffusion.process"
+            )
+
+    def scaled_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(a, b, c): the target's coefficients and its standard deviation c."""
+        a, b = self.coefficients(self.process, t)
+        a, b = a * torch.ones_like(t), b * torch.ones_like(t)
+        c = torch.sqrt(a**2 * self.sigma_data**2 + b**2)
+        return a, b, c
+
+    def determinant(self, t: Tensor) -> Tensor:
+        """D(t) = b·α − σ·a."""
+        a, b, _ = self.scaled_coefficients(t)
+        return b * self.process.alpha(t) - self.process.sigma(t) * a
+
+    def amplification(self, t: Tensor) -> Tensor:
+        """A(t) = σ·c/|D|: how much an error of the unit-scale output grows in x0."""
+        _, _, c = self.scaled_coefficients(t)
+        return self.process.sigma(t) * c / self.determinant(t).abs()
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The unit-variance training target h/c."""
+        a, b, c = self.scaled_coefficients(t)
+        return (bcast(a, x0) * x0 + bcast(b, x0) * eps) / bcast(c, x0)
+
+    def to_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        _, b, c = self.scaled_coefficients(t)
+        sigma, d = self.process.sigma(t), self.determinant(t)
+        return (bcast(b, x_t) * x_t - bcast(sigma * c, x_t) * out) / bcast(d, x_t)
+
+    def error(self, out: Tensor, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return (out.float() - self.target(x0, eps, t)).pow(2).flatten(1).mean(1)
+
+    def x0_factor(self, t: Tensor) -> Tensor:
+        return self.amplification(t) ** 2
+
+
+PREDICTIONS: Registry[PredictionType] = Registry("diffusion.prediction")
+
+
+def register_linear_prediction(name: str, coefficients: Coefficients) -> None:
+    """Register a user-defined target a(t)·x0 + b(t)·ε under ``name``.
+
+    ``coefficients(process, t)`` returns the pair (a, b) for a batch of times.
+    """
+
+    def factory(process: NoiseProcess, sigma_data: float) -> LinearPrediction:
+        return LinearPrediction(process, sigma_data, coefficients, name=name)
+
+    PREDICTIONS.register(name)(factory)
+
+
+def _eps(p: NoiseProcess, t: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.zeros_like(t), torch.ones_like(t)
+
+
+def _x0(p: NoiseProcess, t: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.ones_like(t), torch.zeros_like(t)
+
+
+def _v(p: NoiseProcess, t: Tensor) -> tuple[Tensor, Tensor]:
+    return -p.sigma(t), p.alpha(t)
+
+
+register_linear_prediction("eps", _eps)
+register_linear_prediction("x0", _x0)
+register_linear_prediction("v", _v)
+
+
+class Denoiser(nn.Module):
+    """A network together with its process and prediction type: the preconditioner.
+
+    ``forward`` gives the raw output (trained by :meth:`PredictionType.error`); :meth:`denoise`
+    gives x̂0, which every solver uses.
+    """
+
+    def __init__(self, net: nn.Module, prediction: PredictionType) -> None:
+        super().__init__()
+        self.net = net
+        self.prediction = prediction
+
+    @property
+    def process(self) -> NoiseProcess:
+        return self.prediction.process
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.net(x_t * bcast(self.prediction.input_scale(t), x_t), t)
+
+    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0(x_t, t) in float32."""
+        return self.prediction.to_x0(self(x_t, t).float(), x_t, t)

@@ -1,0 +1,387 @@
+"""The trainer: AdamW, EMA, warm-up, clipping, accumulation, bf16 autocast, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    save_checkpoint,
+)
+from .config import Config
+from .datasets import Data, load_dataset
+from .errors import FrugalError
+from .networks import NETWORKS
+from .prediction import PREDICTIONS, Denoiser
+from .timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
+from .weighting import WEIGHTINGS, Weighting
+
+METRIC_FIELDS = ["step", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "nonfinite_skipped"]
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved at {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` → cuda, then mps, then cpu; an explicit device that is missing is an error."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available[name]:
+        raise FrugalError(f"train.device={name} is not available on this machine; use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` (None = fp32)."""
+    if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
+        return None
+    if not bf16_supported(device):
+        raise FrugalError(f"train.precision=bf16 is not supported on {device.type} here; use auto or fp32")
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Autocast context for ``dtype``, or a no-op for fp32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def build_denoiser(config: Config, sample_shape: tuple[int, ...]) -> Denoiser:
+    """Network + prediction type for data of ``sample_shape`` ((C, H, W) images or (D,) vectors)."""
+    prediction = PREDICTIONS.create(config["diffusion.prediction"], config.process(), config["diffusion.sigma_data"])
+    name = config["model.name"]
+    if name == "auto":
+        name = "unet" if len(sample_shape) == 3 else "mlp"
+    if name == "unet":
+        if len(sample_shape) != 3:
+            raise FrugalError(f"model.name=unet needs image data, got samples of shape {sample_shape}; use mlp")
+        channels, size, _ = sample_shape
+        net = NETWORKS.create(
+            "unet", channels, prediction.out_channels(channels), size, channels=config["model.channels"],
+            channel_mult=config["model.channel_mult"], num_res_blocks=config["model.num_res_blocks"],
+            attention_resolutions=config["model.attention_resolutions"], dropout=config["model.dropout"],
+        )
+    else:
+        features = math.prod(sample_shape)
+        if len(sample_shape) != 1:
+            raise FrugalError(f"model.name={name} needs vector data, got samples of shape {sample_shape}; use unet")
+        net = NETWORKS.create(name, features, prediction.out_channels(features), hidden=config["model.hidden"],
+                              depth=config["model.depth"], dropout=config["model.dropout"])
+    return Denoiser(net, prediction)
+
+
+def load_data(config: Config) -> Data:
+    """The configured dataset."""
+    return load_dataset(config["data.name"], image_size=config["data.image_size"], color=config["data.color"],
+                        heldout_fraction=config["data.heldout_fraction"], num_samples=config["data.num_samples"],
+                        seed=config["data.seed"])
+
+
+class BatchStream:
+    """Batches in shuffled epochs; the order is a function of (seed, position) alone, so resuming is exact."""
+
+    def __init__(self, data: Tensor, seed: int) -> None:
+        self.data, self.seed, self.position = data, seed, 0
+
+    def _epoch_order(self, epoch: int) -> Tensor:
+        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def next(self, n: int) -> Tensor:
+        idx: list[Tensor] = []
+        while n:
+            epoch, offset = divmod(self.position, len(self.data))
+            take = min(n, len(self.data) - offset)
+            idx.append(self._epoch_order(epoch)[offset:offset + take])
+            self.position += take
+            n -= take
+        return self.data[torch.cat(idx)]
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, with warm-up min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+
+def combine_loss(error: Tensor, importance: Tensor, x0_weight: Tensor | None,
+                 x0_factor: Tensor) -> tuple[Tensor, Tensor]:
+    """The one place where sampler weight × weighting × prediction-type factor meet.
+
+    Returns (objective, weighted): the per-sample loss of the chosen objective (fed back to the
+    timestep sampler) and the same multiplied by the sampler's importance weight (optimised).
+    """
+    objective = error if x0_weight is None else error * x0_weight * x0_factor
+    return objective, objective * importance
+
+
+@dataclass
+class RunFiles:
+    """Paths inside a run folder."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.png"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+
+def new_run_dir(config: Config, parent: Path = Path("runs")) -> Path:
+    """``runs/<timestamp>-<name>`` (the name defaults to dataset-prediction)."""
+    name = config["train.name"] or f"{config['data.name']}-{config['diffusion.prediction']}"
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-") or "run"
+    return parent / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{safe}"
+
+
+@contextmanager
+def _signals_to_flag(flag: list[int]) -> Iterator[None]:
+    """While active, SIGINT/SIGTERM only record themselves in ``flag``."""
+    def handler(signum: int, frame: object) -> None:
+        flag.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """Trains one run folder; ``resume`` continues from its newest checkpoint."""
+
+    def __init__(self, config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+        self.config, self.files, self.progress = config, RunFiles(Path(run_dir)), progress
+        if not resume and self.files.root.exists() and any(self.files.root.iterdir()):
+            raise FrugalError(f"run folder {run_dir} is not empty; resume it with --resume {run_dir} or choose "
+                              "another --out")
+        c = config
+        self.device = select_device(c["train.device"])
+        self.amp_dtype = autocast_dtype(c["train.precision"], self.device)
+        torch.manual_seed(c["train.seed"])
+        self.data = load_data(c)
+        self.denoiser = build_denoiser(c, self.data.sample_shape).to(self.device)
+        self.process, self.prediction = self.denoiser.process, self.denoiser.prediction
+        self.ema = EMA(self.denoiser, c["train.ema_decay"])
+        self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=c["train.lr"],
+                                           weight_decay=c["train.weight_decay"])
+        self.sampler: TimestepSampler = TIMESTEP_SAMPLERS.create(
+            c["diffusion.timestep_sampler"], seed=c["train.seed"], accum_steps=c["train.grad_accum"])
+        self.weighting: Weighting = WEIGHTINGS.create(c["diffusion.weighting"])
+        self.stream = BatchStream(self.data.train, c["train.seed"])
+        self.noise = torch.Generator().manual_seed(c["train.seed"] + 1)
+        self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
+        self.log: dict[str, float] = {"loss": 0.0, "count": 0, "grad_norm": 0.0, "images": 0, "time": 0.0}
+        if resume:
+            self._restore(latest_checkpoint(self.files.root))
+        else:
+            self.files.root.mkdir(parents=True, exist_ok=True)
+        config.save(self.files.config)
+
+    # ---- state -------------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "noise_rng": self.noise.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "stream_position": self.stream.position,
+            "log": dict(self.log),
+        }
+
+    def info(self) -> dict[str, Any]:
+        """Counters and data facts stored beside each checkpoint (``state.json``)."""
+        return {
+            "step": self.step, "images_seen": self.images_seen, "nonfinite_skipped": self.nonfinite_total,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_shape": list(self.data.sample_shape),
+            "data_kind": self.data.kind,
+        }
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step."""
+        return save_checkpoint(self.files.checkpoints, self.step, {"model": self.denoiser, "ema": self.ema.model},
+                               self._trainer_state(), self.info(), keep=self.config["train.keep_checkpoints"])
+
+    def _restore(self, checkpoint: Path) -> None:
+        load_weights(checkpoint, "model", self.denoiser)
+        load_weights(checkpoint, "ema", self.ema.model)
+        state, info = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.stream.position = state["stream_position"]
+        self.log = state["log"]
+        self.step, self.images_seen = info["step"], info["images_seen"]
+        self.nonfinite_total, self.nonfinite_in_a_row = info["nonfinite_skipped"], info["nonfinite_in_a_row"]
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric rows written after the checkpoint we resume from."""
+        if not self.files.metrics.exists():
+            return
+        with self.files.metrics.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+        text = ",".join(METRIC_FIELDS) + "\n" + "".join(",".join(r[k] for k in METRIC_FIELDS) + "\n" for r in rows)
+        atomic_write_text(self.files.metrics, text)
+
+    # ---- training ----------------------------------------------------------------------------
+    def lr_at(self, images: int) -> float:
+        c = self.config
+        factor = min(1.0, (images + 1) / c["train.warmup_images"]) if c["train.warmup_images"] else 1.0
+        if c["train.lr_schedule"] == "cosine":
+            factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, images / c["train.images_seen"])))
+        return c["train.lr"] * factor
+
+    def _micro_batch_loss(self, n: int, micro_step: int) -> tuple[Tensor, Tensor, Tensor]:
+        x0 = self.stream.next(n).to(self.device)
+        t, importance = self.sampler.sample(n, micro_step)
+        t = self.process.clamp(t).to(self.device, torch.float32)
+        importance = importance.to(self.device, torch.float32)
+        eps = torch.randn(x0.shape, generator=self.noise).to(self.device)
+        x_t = self.process.add_noise(x0, eps, t)
+        with autocast(self.device, self.amp_dtype):
+            out = self.denoiser(x_t, t)
+        error = self.prediction.error(out, x0, eps, t)
+        objective, weighted = combine_loss(error, importance, self.weighting.x0_weight(self.process, t),
+                                           self.prediction.x0_factor(t))
+        return weighted.mean(), t, objective.detach()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
+        c = self.config
+        accum, micro = c["train.grad_accum"], c["train.batch_size"] // c["train.grad_accum"]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.images_seen)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        feedback = []
+        for k in range(accum):
+            loss, t, objective = self._micro_batch_loss(micro, k)
+            (loss / accum).backward()
+            total += loss.item() / accum
+            feedback.append((t, objective))
+        clip = c["train.grad_clip"] or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), clip))
+        self.images_seen += c["train.batch_size"]
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise FrugalError(
+                    f"training diverged: {MAX_NONFINITE_IN_A_ROW} non-finite losses in a row at step {self.step}; "
+                    "lower train.lr or set train.precision=fp32 (the last checkpoint is intact)")
+            return total, grad_norm
+        self.nonfinite_in_a_row = 0
+        self.optimizer.step()
+        self.step += 1
+        self.ema.update(self.denoiser, self.step)
+        for t, objective in feedback:
+            self.sampler.update(t.cpu().double(), objective.cpu().double())
+        return total, grad_norm
+
+    def _log(self, loss: float, grad_norm: float, seconds: float, force: bool = False) -> None:
+        log = self.log
+        if math.isfinite(loss):
+            log["loss"] += loss
+            log["grad_norm"] += grad_norm
+            log["count"] += 1
+        log["images"] += self.config["train.batch_size"]
+        log["time"] += seconds
+        if not force and self.step % self.config["train.log_every"]:
+            return
+        if not log["count"]:
+            return
+        row = [self.step, self.images_seen, f"{log['loss'] / log['count']:.6g}", f"{self.lr_at(self.images_seen):.6g}",
+               f"{log['grad_norm'] / log['count']:.6g}", f"{log['images'] / max(log['time'], 1e-9):.1f}",
+               self.nonfinite_total]
+        new = not self.files.metrics.exists()
+        with self.files.metrics.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(METRIC_FIELDS)
+            writer.writerow(row)
+        self.log = {"loss": 0.0, "count": 0, "grad_norm": 0.0, "images": 0, "time": 0.0}
+
+    def fit(self) -> Path:
+        """Train until ``train.images_seen``; checkpoint periodically, at the end and on SIGINT/SIGTERM."""
+        c = self.config
+        budget, every = c["train.images_seen"], c["train.checkpoint_every"]
+        stop: list[int] = []
+        bar = tqdm(total=budget, initial=min(self.images_seen, budget), unit="img", unit_scale=True,
+                   disable=not self.progress, dynamic_ncols=True, mininterval=1.0)
+        with _signals_to_flag(stop), bar:
+            while self.images_seen < budget:
+                start = time.perf_counter()
+                before = self.images_seen
+                loss, grad_norm = self.train_step()
+                seconds = time.perf_counter() - start
+                self._log(loss, grad_norm, seconds, force=self.images_seen >= budget)
+                bar.update(self.images_seen - before)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{c['train.batch_size'] / seconds:.0f}", refresh=False)
+                if every and self.images_seen // every > before // every and self.images_seen < budget:
+                    self.save()
+                if stop:
+                    raise Interrupted(stop[0], self.save())
+        self.save()
+        return self.files.root

@@ -1,0 +1,91 @@
+import pytest
+import tomllib
+
+from frugaldiff.config import OPTIONS, Config, dump_toml, flatten, parse_override
+from frugaldiff.errors import FrugalError
+
+
+def _one_line_error(values) -> str:
+    with pytest.raises(FrugalError) as e:
+        Config(values)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_resolve_and_roundtrip_through_toml(tmp_path):
+    config = Config()
+    path = tmp_path / "config.toml"
+    config.save(path)
+    assert Config.load(path) == config
+    assert tomllib.loads(config.to_toml(comments=True)) == config.to_dict()
+    assert set(flatten(config.to_dict())) == {o.key for o in OPTIONS}
+
+
+def test_dotted_and_nested_access():
+    config = Config({"train": {"lr": 3e-4}, "data.name": "digits"})
+    assert config["train.lr"] == config.train.lr == 3e-4
+    assert config.data.name == "digits"
+    assert config.updated({"train.lr": 1e-4}).train.lr == 1e-4
+    assert config.train.lr == 3e-4  # updated() returns a copy
+
+
+def test_unknown_key_suggests_the_close_one():
+    message = _one_line_error({"train.lrr": 0.1})
+    assert "'train.lrr'" in message and "'train.lr'" in message
+
+
+@pytest.mark.parametrize("values,expected", [
+    ({"train.batch_size": 0}, "train.batch_size"),
+    ({"train.batch_size": "eight"}, "train.batch_size"),
+    ({"train.lr": float("nan")}, "train.lr"),
+    ({"train.precision": "fp16"}, "fp32, bf16"),
+    ({"diffusion.process": "vp"}, "vp-linear, vp-cosine, flow"),
+    ({"diffusion.prediction": "score"}, "eps"),
+    ({"model.channel_mult": [1, 0]}, "model.channel_mult"),
+    ({"model.channel_mult": 2}, "a list of int"),
+    ({"data.name": "cifar10"}, "mnist5000"),
+    ({"train.batch_size": 6, "train.grad_accum": 4}, "divisible"),
+])
+def test_bad_values_name_key_and_valid_choices(values, expected):
+    assert expected in _one_line_error(values)
+
+
+def test_int_accepted_for_float_but_bool_not_for_int():
+    assert Config({"train.lr": 1}).train.lr == 1.0
+    _one_line_error({"train.batch_size": True})
+
+
+def test_prefixed_dataset_names_are_valid():
+    assert Config({"data.name": "folder:/some/where"}).data.name == "folder:/some/where"
+    _one_line_error({"data.name": "folder:"})
+
+
+def test_overrides_parse_toml_literals():
+    assert parse_override("train.lr=3e-4") == ("train.lr", 3e-4)
+    assert parse_override("model.channel_mult=[1,2]") == ("model.channel_mult", [1, 2])
+    assert parse_override("data.name=digits") == ("data.name", "digits")
+    assert parse_override("train.name=my run") == ("train.name", "my run")
+    with pytest.raises(FrugalError):
+        parse_override("train.lr")
+
+
+def test_load_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nbatch_size = 16\n[data]\nname = "digits"\n')
+    config = Config.load(path, ["train.batch_size=8"])
+    assert (config.train.batch_size, config.data.name) == (8, "digits")
+
+
+@pytest.mark.parametrize("text,expected", [("[train\n", "not valid TOML"), (None, "does not exist")])
+def test_bad_files_give_one_line(tmp_path, text, expected):
+    path = tmp_path / "c.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(FrugalError, match=expected):
+        Config.load(path)
+
+
+def test_dump_toml_handles_nesting_and_types():
+    tree = {"a": 1, "b": {"c": [1.5, 2.0], "d": {"e": "x\"y", "f": True}}}
+    assert tomllib.loads(dump_toml(tree)) == tree

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from frugaldiff.errors import FrugalError
+from frugaldiff.noise import PROCESSES, VPLinear
+from frugaldiff.prediction import PREDICTIONS, Denoiser, LinearPrediction, register_linear_prediction
+
+PAIRS = [(p, k) for p in PROCESSES.names() for k in ["eps", "x0", "v"]]
+
+
+def _batch(process, n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.rand(n, generator=g, dtype=torch.float64) * 0.98 + 0.01).clamp(max=process.t_max)
+    x0 = 0.5 * torch.randn(n, 2, 3, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    return t, x0, eps, process.add_noise(x0, eps, t)
+
+
+@pytest.mark.parametrize("process_name,kind", PAIRS)
+def test_true_target_converts_back_exactly(process_name, kind):
+    process = PROCESSES.create(process_name)
+    pred = PREDICTIONS.create(kind, process, 0.5)
+    t, x0, eps, x_t = _batch(process)
+    x0_hat = pred.to_x0(pred.target(x0, eps, t), x_t, t)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pred.to_eps(x0_hat, x_t, t), eps, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("process_name,kind", PAIRS)
+def test_targets_have_unit_variance(process_name, kind):
+    process = PROCESSES.create(process_name)
+    pred = PREDICTIONS.create(kind, process, 0.5)
+    g = torch.Generator().manual_seed(1)
+    t = torch.full((200_000,), 0.37, dtype=torch.float64)
+    x0 = 0.5 * torch.randn(200_000, generator=g, dtype=torch.float64)
+    eps = torch.randn(200_000, generator=g, dtype=torch.float64)
+    assert pred.target(x0, eps, t).std().item() == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("process_name,kind", PAIRS)
+def test_error_times_factor_is_x0_error(process_name, kind):
+    """A²·(F-space error) equals the x0-space error of the same output."""
+    process = PROCESSES.create(process_name)
+    pred = PREDICTIONS.create(kind, process, 0.5)
+    t, x0, eps, x_t = _batch(process)
+    out = pred.target(x0, eps, t) + 0.1 * torch.randn(x0.shape, dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(2))
+    x0_err = (pred.to_x0(out, x_t, t) - x0).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(pred.error(out, x0, eps, t).double() * pred.x0_factor(t), x0_err,
+                               rtol=1e-5, atol=1e-12)
+
+
+def test_amplification_matches_reference_table():
+    process = VPLinear()
+    t = torch.tensor([0.05, 0.2, 0.5, 0.9], dtype=torch.float64)
+    expected = {
+        "eps": [0.174, 0.720, 3.413, 58.83],
+        "x0": [0.5, 0.5, 0.5, 0.5],
+        "v": [0.170, 0.504, 0.534, 0.500],
+    }
+    for kind, values in expected.items():
+        got = PREDICTIONS.create(kind, process, 0.5).amplification(t)
+        torch.testing.assert_close(got, torch.tensor(values, dtype=torch.float64), rtol=1e-3, atol=6e-4)
+
+
+def test_degenerate_pair_is_refused_with_one_line():
+    with pytest.raises(FrugalError) as e:
+        LinearPrediction(PROCESSES.create("flow"), 0.5, lambda p, t: (torch.zeros_like(t), torch.zeros_like(t)),
+                         name="zero")
+    message = str(e.value)
+    assert "'zero'" in message and "'flow'" in message and "\n" not in message
+
+
+def test_user_registered_pair_works_everywhere():
+    register_linear_prediction("half_x0_half_eps", lambda p, t: (0.5 * torch.ones_like(t), 0.5 * torch.ones_like(t)))
+    try:
+        pred = PREDICTIONS.create("half_x0_half_eps", VPLinear(), 0.5)
+        t, x0, eps, x_t = _batch(VPLinear())
+        torch.testing.assert_close(pred.to_x0(pred.target(x0, eps, t), x_t, t), x0, rtol=0, atol=1e-11)
+    finally:
+        PREDICTIONS._entries.pop("half_x0_half_eps")
+
+
+def test_denoiser_scales_input_to_unit_variance():
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, t):
+            seen["std"] = x.std().item()
+            return torch.zeros_like(x)
+
+    process = VPLinear()
+    denoiser = Denoiser(Probe(), PREDICTIONS.create("eps", process, 0.5))
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.5 * torch.randn(4096, 8, generator=g)
+    t = torch.full((4096,), 0.1)
+    x_t = process.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    denoiser(x_t, t)
+    assert seen["std"] == pytest.approx(1.0, abs=0.02)
