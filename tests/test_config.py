@@ -1,5 +1,6 @@
-import pytest
 import tomllib
+
+import pytest
 
 from frugaldiff.config import OPTIONS, Config, dump_toml, flatten, parse_override
 from frugaldiff.errors import FrugalError

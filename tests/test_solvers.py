@@ -16,7 +16,7 @@ from torch import Tensor
 
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import PROCESSES, NoiseProcess, bcast
-from frugaldiff.solvers import SCHEDULES, SOLVERS, invert_log_snr, solve, time_grid
+from frugaldiff.solvers import SCHEDULES, SOLVERS, integrate, invert_log_snr, solve, time_grid
 
 MU, S = 0.7, 0.3
 T_END = 1e-3  # time_grid's default, used by solve
@@ -45,7 +45,9 @@ class GaussianDenoiser:
     """The exact x̂0 for N(μ, s²) data; remembers its first input (the starting x_T) and counts calls."""
 
     def __init__(self, process: NoiseProcess) -> None:
-        self.process, self.calls, self.times, self.x_start = process, 0, [], None
+        self.process, self.calls = process, 0
+        self.times: list[Tensor] = []
+        self.x_start: Tensor | None = None
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         if self.x_start is None:
@@ -90,16 +92,15 @@ def test_time_grid_shape_and_ends(process_name: str, schedule: str, steps: int) 
 @pytest.mark.parametrize("process_name", PROCESS_NAMES)
 def test_time_grid_schedules_are_evenly_spaced_in_their_variable(process_name: str) -> None:
     process = PROCESSES.create(process_name)
-    t = time_grid(process, 12, "uniform")[:-1]
-    torch.testing.assert_close(t.diff(), torch.full((11,), t.diff().mean().item(), dtype=torch.float64))
-    lam = process.log_snr(time_grid(process, 12, "logsnr")[:-1])
-    torch.testing.assert_close(lam.diff(), torch.full((11,), lam.diff().mean().item(), dtype=torch.float64),
-                               rtol=1e-9, atol=1e-9)
+    def assert_even(v: Tensor) -> None:
+        steps = v.diff()
+        torch.testing.assert_close(steps, steps.mean().expand_as(steps), rtol=1e-9, atol=1e-12)
+
+    assert_even(time_grid(process, 12, "uniform")[:-1])
+    assert_even(process.log_snr(time_grid(process, 12, "logsnr")[:-1]))
     for rho in (7.0, 3.0):
         t = time_grid(process, 12, "karras", rho=rho)[:-1]
-        u = (process.sigma(t) / process.alpha(t)) ** (1 / rho)
-        torch.testing.assert_close(u.diff(), torch.full((11,), u.diff().mean().item(), dtype=torch.float64),
-                                   rtol=1e-9, atol=1e-9)
+        assert_even((process.sigma(t) / process.alpha(t)) ** (1 / rho))
     # ρ matters: a smaller ρ puts fewer steps at low noise.
     assert not torch.allclose(time_grid(process, 12, "karras", rho=3.0), time_grid(process, 12, "karras"))
 
@@ -181,8 +182,9 @@ def test_starting_noise_is_sigma_max_times_normal() -> None:
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_step_keeps_q_xs_given_x0_for_any_eta(eta: float) -> None:
-    """With the true x0 as x̂0, x_s = α_s x0 + √(σ_s² − c²) ε + c z ~ N(α_s x0, σ_s²) for every η, and
-    Cov(x_s, x_t) = √(σ_s² − c²)·σ_t; for η = 1 that is (α_t/α_s)·σ_s², the exact posterior's."""
+    """With the true x0 as x̂0, x_s ~ N(α_s x0, σ_s²) for every η, and the correlation of the noises of
+    x_s and x_t is √(1 − η²(1 − ρ²)), where ρ = α_t σ_s/(α_s σ_t) is their correlation under q: so η = 1
+    draws (x_s, x_t) jointly as q does, i.e. x_s from the exact posterior q(x_s | x_t, x0)."""
     process = PROCESSES.create("vp-cosine")
     t, s = 0.7, 0.3  # one large step: exactness must not depend on the step size
     a_t, sig_t, a_s, sig_s = (float(f(torch.tensor(v, dtype=torch.float64)))
@@ -196,10 +198,8 @@ def test_ddim_step_keeps_q_xs_given_x0_for_any_eta(eta: float) -> None:
     se = 1 / math.sqrt(N * D)
     assert abs(e_s.mean().item()) < 4 * se
     assert abs(e_s.std().item() - 1) < 4 * se / math.sqrt(2)
-    lam_t, lam_s = 2 * math.log(a_t / sig_t), 2 * math.log(a_s / sig_s)
-    corr = math.sqrt(1 - eta**2 * -math.expm1(lam_t - lam_s))
-    if eta == 1.0:
-        assert corr * sig_s * sig_t == pytest.approx(a_t / a_s * sig_s**2)
+    rho = a_t * sig_s / (a_s * sig_t)  # x_t = (α_t/α_s)·x_s + independent noise under q
+    corr = math.sqrt(1 - eta**2 * (1 - rho**2))
     assert abs((e_s * e_t).mean().item() - corr) < 4 * se * math.sqrt(1 + corr**2)
 
 
@@ -211,9 +211,13 @@ def test_ddim_step_keeps_q_xs_given_x0_for_any_eta(eta: float) -> None:
 def test_ode_solvers_converge_with_their_order(process_name: str, solver: str, order: int) -> None:
     """RMS distance to the exact per-sample answer (no sampling noise) shrinks by 2^order from 40 to 80
     steps: measured 0.50–0.51 for DDIM, 0.22–0.24 for Heun and DPM++(2M)."""
+    process = PROCESSES.create(process_name)
+    sigma_max = float(process.sigma(torch.tensor(process.t_max, dtype=torch.float64)))
     errors = []
     for steps in (40, 80):
-        x, denoise = run(process_name, solver, steps, n=256, d=4)
+        denoise = GaussianDenoiser(process)
+        x_start = sigma_max * torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+        x = integrate(denoise, process, x_start, time_grid(process, steps), solver)
         errors.append((x - denoise.exact()).pow(2).mean().sqrt().item())
     assert errors[1] / errors[0] == pytest.approx(0.5**order, rel=0.25)
 
@@ -245,10 +249,10 @@ def truncation_bias(process: NoiseProcess) -> tuple[float, float]:
 @pytest.mark.parametrize(("solver", "steps"), [("ddim", 100), ("ddpm", 100), ("heun", 128), ("dpm++2m", 128)])
 def test_samples_match_the_data(process_name: str, solver: str, steps: int) -> None:
     """Mean and std of 160k sampled values match μ and s within 4 standard errors plus the known
-    truncation bias. DDIM and DDPM are first order: their std is off by ≈ 0.7–2/steps (2–3% of s at 200
-    steps, above the sampling error), so their n → ∞ limit is estimated by Richardson extrapolation,
-    2·stat(2n) − stat(n), from independent runs (standard error × √5). Heun and DPM++(2M) at 128 steps
-    are within 7e-4 of the exact flow (test above), about one standard error."""
+    truncation bias. DDIM and DDPM are first order: their std is off by (0.8–2.1)/steps (1.3–3.5% of s at
+    200 steps, far above the sampling error), so their n → ∞ limit is estimated by Richardson
+    extrapolation, 2·stat(2n) − stat(n), from independent runs (standard error × √5). Heun and
+    DPM++(2M) at 128 steps lie within an RMS 1–5e-4 of the exact flow: at most one standard error."""
     process = PROCESSES.create(process_name)
     if solver in ("ddim", "ddpm"):
         coarse, _ = run(process_name, solver, steps, "logsnr", seed=1)

@@ -9,16 +9,11 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import sys
+import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from .checkpoint import atomic_write_text
 from .datasets import dataset_names
@@ -134,7 +129,7 @@ OPTIONS: list[Option] = [
     Option("train.grad_clip", 1.0, "gradient-norm clipping (0 = off)", low=0.0),
     Option("train.ema_decay", 0.999, "EMA decay (with warm-up (1+n)/(10+n))", low=0.0, high=1.0),
     Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1),
-    Option("train.precision", "auto", "fp32, bf16, or auto (bf16 where supported)",
+    Option("train.precision", "auto", "fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)",
            choices=lambda: ["auto", "fp32", "bf16"]),
     Option("train.seed", 0, "seed of weights, batches, noise and t", low=0),
     Option("train.checkpoint_every", 10000, "checkpoint interval in images (0 = only at the end)", low=0),

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def pyplot() -> Any:
+    """matplotlib.pyplot with the file-only Agg backend, imported on first use (it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_metrics(metrics_csv: Path, out: Path) -> None:
@@ -19,6 +26,7 @@ def plot_metrics(metrics_csv: Path, out: Path) -> None:
     if not rows:
         return
     images = np.array([float(r["images_seen"]) for r in rows])
+    plt = pyplot()
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax_loss.plot(images, [float(r["loss"]) for r in rows])
     ax_loss.set(xlabel="images seen", ylabel="training loss", yscale="log", title="loss (mean per log interval)")
@@ -31,6 +39,7 @@ def plot_metrics(metrics_csv: Path, out: Path) -> None:
 
 def plot_points(samples: np.ndarray, out: Path, reference: np.ndarray | None = None) -> None:
     """Scatter of 2-D samples (first two coordinates), over reference points if given."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     if reference is not None:
         ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgrey", label="held-out data")

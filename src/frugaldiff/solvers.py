@@ -76,7 +76,11 @@ def _karras(process: NoiseProcess, u: Tensor, t_end: float, rho: float) -> Tenso
 
 def time_grid(process: NoiseProcess, steps: int, schedule: str = "karras", t_end: float = 1e-3,
               rho: float = 7.0) -> Tensor:
-    """``steps + 1`` float64 times, strictly decreasing: t_max, ..., t_end, then exactly 0."""
+    """``steps + 1`` float64 times, strictly decreasing: t_max, ..., t_end, then exactly 0.
+
+    ``schedule`` spaces the first ``steps`` times evenly in t ("uniform"), in λ ("logsnr") or in
+    (σ/α)^(1/ρ) ("karras", EDM); λ is turned back into t numerically (:func:`invert_log_snr`).
+    """
     if steps < 1:
         raise FrugalError(f"sample.steps must be at least 1, got {steps}")
     if not process.t_min <= t_end < process.t_max:
@@ -194,24 +198,34 @@ class DPMSolverPP2M(Solver):
         return (sig_s / sig_t) * x - a_s * math.expm1(-h) * d
 
 
-def solve(denoise: Denoise, process: NoiseProcess, shape: tuple[int, ...], steps: int, solver: str = "dpm++2m",
-          schedule: str = "karras", eta: float = 0.0, generator: torch.Generator | None = None,
-          device: str | torch.device = "cpu", progress: bool = False) -> Tensor:
-    """Generate a float32 batch of ``shape`` (batch first) with ``steps`` grid intervals.
+def integrate(denoise: Denoise, process: NoiseProcess, x: Tensor, grid: Tensor, solver: str = "dpm++2m",
+              eta: float = 0.0, generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """Move ``x`` from time grid[0] along ``grid`` (decreasing, ending at 0) with ``solver``.
 
-    Starts from x = σ(t_max)·z, z ~ N(0, I): the standard choice, which drops the α(t_max)·x0 part
-    of the true x_{t_max} (α(t_max) ≤ 0.007 for the built-in processes). ``generator`` (on
-    any device) draws the starting noise and any solver noise. ``eta`` ∈ [0, 1] is DDIM's
-    stochasticity; the other solvers ignore it ("ddpm" is η = 1).
+    ``eta`` ∈ [0, 1] is DDIM's stochasticity; the other solvers ignore it ("ddpm" is η = 1).
+    ``generator`` draws any solver noise.
     """
     if not 0 <= eta <= 1:
         raise FrugalError(f"sample.eta must lie in [0, 1], got {eta}")
-    grid = time_grid(process, steps, schedule)
     stepper = SOLVERS.create(solver, process, generator, eta)
     times = grid.tolist()
+    intervals = zip(times[:-1], times[1:], strict=True)
     with torch.no_grad():
-        x = _at(process, times[0])[1] * _noise(shape, generator, device)
-        for t, s in tqdm(zip(times[:-1], times[1:]), total=steps, desc=solver, disable=not progress):
+        for t, s in tqdm(intervals, total=len(times) - 1, desc=solver, disable=not progress):
             x0 = denoise(x, _times(t, x))
             x = x0 if s == 0 else stepper.step(denoise, x, x0, t, s)
     return x
+
+
+def solve(denoise: Denoise, process: NoiseProcess, shape: tuple[int, ...], steps: int, solver: str = "dpm++2m",
+          schedule: str = "karras", eta: float = 0.0, generator: torch.Generator | None = None,
+          device: str | torch.device = "cpu", progress: bool = False) -> Tensor:
+    """Generate a float32 batch of ``shape`` (batch first) with ``steps`` intervals of a ``schedule`` grid.
+
+    Starts from x = σ(t_max)·z, z ~ N(0, I): the standard choice, which drops the α(t_max)·x0 part
+    of the true x_{t_max} (α(t_max) ≤ 0.007 for the built-in processes). ``generator`` (on any
+    device) draws the starting noise and any solver noise; see :func:`integrate` for ``eta``.
+    """
+    grid = time_grid(process, steps, schedule)
+    x = _at(process, process.t_max)[1] * _noise(shape, generator, device)
+    return integrate(denoise, process, x, grid, solver, eta, generator, progress)

@@ -55,6 +55,15 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 instructions (AVX512_BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -63,9 +72,14 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+def bf16_fast(device: torch.device) -> bool:
+    """Whether ``auto`` precision should pick bf16: a CUDA device with bf16, or a CPU with native bf16."""
+    return bf16_supported(device) and (device.type != "cpu" or cpu_has_native_bf16())
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``train.precision`` (None = fp32)."""
-    if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
+    if precision == "fp32" or (precision == "auto" and not bf16_fast(device)):
         return None
     if not bf16_supported(device):
         raise FrugalError(f"train.precision=bf16 is not supported on {device.type} here; use auto or fp32")

@@ -1,0 +1,90 @@
+import csv
+import json
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from frugaldiff.cli import main
+from frugaldiff.config import OPTIONS
+from tests.conftest import TINY_UNET
+
+TINY_ARGS = [arg for key, value in TINY_UNET.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One tiny end-to-end CLI run on digits, shared by the tests below."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", *TINY_ARGS, "--set", "train.images_seen=192", "--set", "train.checkpoint_every=96",
+                 "--set", "train.log_every=2", "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_every_file(run_dir):
+    assert tomllib.loads((run_dir / "config.toml").read_text())["data"]["name"] == "digits"
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "nonfinite_skipped"]
+    assert [int(r["step"]) for r in rows] == list(range(2, 13, 2))
+    assert int(rows[-1]["images_seen"]) == 192
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000006", "step-00000012"]
+    assert {p.name for p in (run_dir / "checkpoints" / "step-00000012").iterdir()} == {
+        "model.safetensors", "ema.safetensors", "trainer.pt", "state.json"}
+    with Image.open(run_dir / "samples.png") as grid:
+        assert grid.size[0] >= 4 * 64  # 16 samples, 4 per row, cells upscaled to ≥ 64 px
+    assert (run_dir / "loss.png").stat().st_size > 1000
+
+
+def test_sample_writes_npz_and_png(run_dir, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(run_dir), "--n", "5", "--steps", "4", "--solver", "ddim", "--out", str(out)]) == 0
+    images = np.load(out)["images"]
+    assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
+    assert out.with_suffix(".png").is_file()
+    # same seed, same samples; another seed, other samples
+    again = tmp_path / "again.npz"
+    main(["sample", str(run_dir), "--n", "5", "--steps", "4", "--solver", "ddim", "--out", str(again)])
+    assert np.array_equal(np.load(again)["images"], images)
+    main(["sample", str(run_dir), "--n", "5", "--steps", "4", "--solver", "ddim", "--seed", "1", "--out", str(again)])
+    assert not np.array_equal(np.load(again)["images"], images)
+
+
+def test_config_prints_every_key(capsys):
+    assert main(["config", "--set", "train.batch_size=8"]) == 0
+    printed = capsys.readouterr().out
+    resolved = tomllib.loads(printed)
+    assert resolved["train"]["batch_size"] == 8
+    assert sum(len(v) for v in resolved.values()) == len(OPTIONS)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", "--set", "train.lrr=1"], "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    (["train", "--set", "diffusion.process=vp"], "config key 'diffusion.process' must be one of"),
+    (["train", "--set", "data.name=folder:/does/not/exist"], "/does/not/exist"),
+    (["train", "--config", "/does/not/exist.toml"], "does not exist"),
+    (["sample", "/does/not/exist", "--out", "x.npz"], "not a run folder"),
+    (["train", "--resume", "/does/not/exist"], "not a run folder"),
+])
+def test_bad_input_gives_one_line_and_status_2(args, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists(), "nothing may be written for bad input"
+
+
+def test_sample_refuses_non_npz_output(run_dir, capsys):
+    assert main(["sample", str(run_dir), "--out", "grid.png"]) == 2
+    assert "must end in .npz" in capsys.readouterr().err
+
+
+def test_entry_point_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "frugaldiff", "config"], capture_output=True, text=True,
+                            check=True)
+    assert tomllib.loads(result.stdout)["data"]["name"] == "mnist5000"
