@@ -15,7 +15,10 @@ from frugaldiff.checkpoint import latest_checkpoint, list_checkpoints
 from frugaldiff.config import Config
 from frugaldiff.datasets import load_dataset
 from frugaldiff.errors import FrugalError
+from frugaldiff.noise import VPLinear
+from frugaldiff.prediction import PREDICTIONS
 from frugaldiff.trainer import Interrupted, Trainer, combine_loss
+from frugaldiff.weighting import WEIGHTINGS, Weighting
 from tests.conftest import TINY_UNET
 
 
@@ -155,11 +158,19 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
 
 
 def test_combine_loss_is_the_product_of_the_three_factors():
+    class Fixed(Weighting):
+        def x0_weight(self, process, t):
+            return torch.tensor([3.0, 1.0])
+
+    prediction = PREDICTIONS.create("eps", VPLinear(), 0.5)
+    t = torch.tensor([0.3, 0.6])
     error, importance = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0])
-    objective, weighted = combine_loss(error, importance, None, torch.tensor([9.0, 9.0]))
-    assert torch.equal(objective, error) and torch.equal(weighted, torch.tensor([0.5, 4.0]))
-    objective, weighted = combine_loss(error, importance, torch.tensor([3.0, 1.0]), torch.tensor([2.0, 4.0]))
-    assert torch.equal(objective, torch.tensor([6.0, 8.0])) and torch.equal(weighted, torch.tensor([3.0, 16.0]))
+    objective, optimised = combine_loss(error, t, importance, WEIGHTINGS.create("none"), prediction)
+    assert torch.equal(objective, error) and torch.equal(optimised, torch.tensor([0.5, 4.0]))
+    objective, optimised = combine_loss(error, t, importance, Fixed(), prediction)
+    expected = error * torch.tensor([3.0, 1.0]) * prediction.amplification(t) ** 2
+    torch.testing.assert_close(objective, expected)
+    torch.testing.assert_close(optimised, expected * importance)
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):

@@ -7,6 +7,7 @@ of range is refused with a one-line :class:`FrugalError` naming the key and what
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 import tomllib
@@ -21,9 +22,10 @@ from .errors import FrugalError
 from .networks import NETWORKS
 from .noise import PROCESSES, NoiseProcess
 from .prediction import PREDICTIONS
+from .registry import Registry
 from .solvers import SCHEDULES, SOLVERS
-from .timestep_samplers import TIMESTEP_SAMPLERS
-from .weighting import WEIGHTINGS
+from .timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
+from .weighting import WEIGHTINGS, Weighting
 
 
 @dataclass(frozen=True)
@@ -102,15 +104,15 @@ OPTIONS: list[Option] = [
     Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0),
     Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
            choices=lambda: ["auto", *NETWORKS.names()]),
-    Option("model.channels", 32, "UNet base channels", low=4, high=1024),
-    Option("model.channel_mult", [1, 2, 2], "UNet channel multiplier per resolution", item=int, low=1, high=16),
+    Option("model.channels", 16, "UNet base channels", low=4, high=1024),
+    Option("model.channel_mult", [1, 2, 4], "UNet channel multiplier per resolution", item=int, low=1, high=16),
     Option("model.num_res_blocks", 2, "UNet residual blocks per resolution", low=1, high=8),
     Option("model.attention_resolutions", [7], "resolutions (sides) with self-attention", item=int, low=1),
     Option("model.dropout", 0.0, "dropout probability", low=0.0, high=0.9),
     Option("model.hidden", 256, "MLP width", low=8, high=8192),
     Option("model.depth", 4, "MLP residual blocks", low=1, high=64),
     Option("diffusion.process", "vp-linear", "noise process", choices=PROCESSES.names),
-    Option("diffusion.prediction", "eps", "what the network predicts",
+    Option("diffusion.prediction", "v", "what the network predicts",
            choices=PREDICTIONS.names),
     Option("diffusion.timestep_sampler", "uniform", "how training draws t",
            choices=TIMESTEP_SAMPLERS.names),
@@ -120,9 +122,9 @@ OPTIONS: list[Option] = [
            high=100.0),
     Option("train.name", "", "run name (default: dataset-prediction)"),
     Option("train.batch_size", 32, "global batch size", low=1, high=65536),
-    Option("train.images_seen", 50000, "training budget in images", low=1),
+    Option("train.images_seen", 36000, "training budget in images", low=1),
     Option("train.lr", 1e-3, "AdamW learning rate", low=0.0, high=1.0),
-    Option("train.lr_schedule", "constant", "learning rate after warm-up",
+    Option("train.lr_schedule", "cosine", "learning rate after warm-up",
            choices=lambda: ["constant", "cosine"]),
     Option("train.warmup_images", 2000, "linear learning-rate warm-up, in images", low=0),
     Option("train.weight_decay", 0.0, "AdamW weight decay", low=0.0),
@@ -136,8 +138,8 @@ OPTIONS: list[Option] = [
     Option("train.keep_checkpoints", 3, "how many checkpoints to keep", low=1),
     Option("train.log_every", 20, "optimizer steps between rows of metrics.csv", low=1),
     Option("train.device", "auto", "auto, cpu, cuda or mps", choices=lambda: ["auto", "cpu", "cuda", "mps"]),
-    Option("sample.solver", "dpm++2m", "generation solver", choices=SOLVERS.names),
-    Option("sample.steps", 30, "solver steps", low=1, high=10000),
+    Option("sample.solver", "ddpm", "generation solver", choices=SOLVERS.names),
+    Option("sample.steps", 100, "solver steps", low=1, high=10000),
     Option("sample.schedule", "karras", "time spacing of solver steps",
            choices=SCHEDULES.names),
     Option("sample.eta", 0.0, "DDIM η (0 = deterministic)", low=0.0, high=1.0),
@@ -146,7 +148,32 @@ OPTIONS: list[Option] = [
     Option("sample.seed", 0, "seed of generation", low=0),
 ]
 
+
+
+def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
+    """Options ``GROUP.<name>.<param>`` for the keyword-only parameters of each registered class."""
+    options = []
+    for name in registry.names():
+        factory = registry.get(name)
+        summary = (inspect.getdoc(factory) or name).splitlines()[0].rstrip(".")
+        for param in inspect.signature(factory).parameters.values():
+            if param.kind is not param.KEYWORD_ONLY or param.default is param.empty:
+                continue
+            default = param.default
+            item = type(default[0]) if isinstance(default, list) and default else (str if isinstance(default, list)
+                                                                                     else None)
+            options.append(Option(f"{group}.{name}.{param.name}", default, f"{name}: {summary}", item=item))
+    return options
+
+
+OPTIONS += parameter_options("timestep_sampler", TIMESTEP_SAMPLERS) + parameter_options("weighting", WEIGHTINGS)
 OPTION_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
+
+
+def component_params(config: Config, group: str, name: str) -> dict[str, Any]:
+    """The configured keyword parameters of component ``name`` in ``group`` (e.g. a timestep sampler)."""
+    prefix = f"{group}.{name}."
+    return {key[len(prefix):]: config[key] for key in OPTION_BY_KEY if key.startswith(prefix)}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -210,10 +237,25 @@ class Config:
                 f"({self['train.grad_accum']}); change one of them"
             )
         PREDICTIONS.create(self["diffusion.prediction"], self.process(), self["diffusion.sigma_data"])
+        self.timestep_sampler()
+        self.weighting()
 
     def process(self) -> NoiseProcess:
         """The configured noise process."""
         return PROCESSES.create(self["diffusion.process"])
+
+    def timestep_sampler(self, rank: int = 0, world_size: int = 1) -> TimestepSampler:
+        """The configured timestep sampler, seeded with ``train.seed`` (the same on every rank)."""
+        params = {name: component_params(self, "timestep_sampler", name) for name in TIMESTEP_SAMPLERS.names()}
+        name = self["diffusion.timestep_sampler"]
+        return TIMESTEP_SAMPLERS.create(name, process=self.process(), seed=self["train.seed"], rank=rank,
+                                        world_size=world_size, accum_steps=self["train.grad_accum"], params=params,
+                                        **params[name])
+
+    def weighting(self) -> Weighting:
+        """The configured loss weighting."""
+        name = self["diffusion.weighting"]
+        return WEIGHTINGS.create(name, **component_params(self, "weighting", name)).bind(self.process())
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._values:

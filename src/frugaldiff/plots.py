@@ -49,3 +49,40 @@ def plot_points(samples: np.ndarray, out: Path, reference: np.ndarray | None = N
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_timestep_densities(names: list[str], process_name: str, out: Path, n: int = 200_000,
+                            params: dict | None = None) -> None:
+    """Histogram density of ``n`` draws over t of each timestep sampler, with its mean importance weight per bin.
+
+    ``params`` maps sampler names to their parameters (defaults otherwise); samplers that learn from
+    losses are shown as they start, before any loss has come in.
+    """
+    from .noise import PROCESSES
+    from .timestep_samplers import TIMESTEP_SAMPLERS
+
+    params = params or {}
+    process = PROCESSES.create(process_name)
+    edges = np.linspace(0.0, 1.0, 51)
+    plt = pyplot()
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        sampler = TIMESTEP_SAMPLERS.create(name, process=process, params=params, **params.get(name, {}))
+        t, w = (x.numpy() for x in sampler.sample(n))
+        counts, _ = np.histogram(t, bins=edges)
+        weight_sums, _ = np.histogram(t, bins=edges, weights=w)
+        ax.stairs(counts / (n * np.diff(edges)), edges, fill=True, alpha=0.6, label="density p(t)")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        mean_weight = np.divide(weight_sums, counts, out=np.full_like(weight_sums, np.nan), where=counts > 0)
+        ax.stairs(mean_weight, edges, color="tab:red", label="mean weight")
+        objective = "keeps the uniform objective" if sampler.keeps_objective else "changes the objective"
+        ax.set(title=f"{name} ({objective})", xlabel="t", xlim=(0, 1), ylim=(0, None))
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

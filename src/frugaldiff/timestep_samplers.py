@@ -1,54 +1,556 @@
 """Timestep samplers: which times t ∈ [0, 1] each training batch sees, and with what weight.
 
 A sampler returns (t, w): times and per-sample importance weights. A sampler that *keeps the
-uniform objective* returns w = p_uniform(t)/p(t), so the weighted loss is an unbiased estimate of
-the uniform-t loss; one that *changes the objective* returns w = 1. Samplers may learn from the
-per-sample losses passed to :meth:`TimestepSampler.update`, and they carry their own random
-generator so that their state (``state_dict``) makes a resumed run identical to an uninterrupted one.
+uniform objective* returns w = p_uniform(t)/p(t) = 1/p(t), so the weighted loss is an unbiased
+estimate of the uniform-t loss (with less variance where the sampler is good); one that *changes the
+objective* returns w = 1. Samplers may learn from the per-sample losses passed to
+:meth:`TimestepSampler.update`, and they carry their own random generator so that their state
+(``state_dict``) makes a resumed run identical to an uninterrupted one.
 Not to be confused with *solvers* (``frugaldiff.solvers``), which generate images.
+
+Ranks and gradient accumulation: every rank builds its sampler with the same seed and calls
+``sample(n, micro_step)`` for the same micro-steps, so every rank draws the same random numbers and
+the generators stay in step. Each call draws for all ranks and keeps this rank's share, so ranks see
+different times; :class:`StratifiedSampler` spreads its strata over all ranks and micro-steps. Samplers
+that learn from losses must be given the same losses on every rank (gather them first).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import FrugalError
+from .noise import NoiseProcess
 from .registry import Registry
+from .solvers import invert_log_snr
+
+F64 = torch.float64
 
 
 class TimestepSampler:
-    """Base class. ``rank``/``world_size`` and the micro-step let a sampler spread draws over all of them."""
+    """Base class. ``rank``/``world_size`` and the micro-step let a sampler spread draws over all of them.
+
+    Subclasses add their own parameters as keyword arguments with typed defaults after ``*``; the
+    config exposes them as ``timestep_sampler.<name>.<param>``. ``params`` holds every sampler's
+    configured parameters (by sampler name), for samplers built from other samplers.
+    """
 
     #: True when the weights make the loss an unbiased estimate of the uniform-t objective.
     keeps_objective = True
 
-    def __init__(self, seed: int = 0, rank: int = 0, world_size: int = 1, accum_steps: int = 1) -> None:
+    def __init__(self, process: NoiseProcess, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 accum_steps: int = 1, params: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.process = process
+        self.seed = seed
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
+        self.params = dict(params or {})
+        self.progress = 0.0
         self.generator = torch.Generator().manual_seed(seed)
+
+    def set_progress(self, fraction: float) -> None:
+        """Share of the training budget done so far (0 to 1); called by the trainer before each step."""
+        self.progress = fraction
 
     def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
         """``n`` times in [0, 1] and their weights (float64 tensors on the CPU)."""
         raise NotImplementedError
 
+    def density(self, t: Tensor) -> Tensor:
+        """Density p(t) of the draws on [0, 1]; samplers that keep the objective give it (their weight is 1/p)."""
+        raise NotImplementedError(f"{type(self).__name__} has no density")
+
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Per-sample losses of the last batch; the default ignores them."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "progress": self.progress}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.progress = state["progress"]
+
+    # ---- helpers for subclasses -------------------------------------------------------------
+    def _uniform(self, n: int) -> Tensor:
+        """n draws from U(0, 1) for this rank: draws for every rank, keeps this rank's share."""
+        u = torch.rand(n * self.world_size, generator=self.generator, dtype=F64)
+        return u[self.rank * n:(self.rank + 1) * n]
+
+    def _normal(self, n: int) -> Tensor:
+        """n draws from N(0, 1) for this rank, as :meth:`_uniform`."""
+        z = torch.randn(n * self.world_size, generator=self.generator, dtype=F64)
+        return z[self.rank * n:(self.rank + 1) * n]
+
+    def _stratified(self, n: int, micro_step: int) -> Tensor:
+        """n points of [0, 1), one in each of the strata g, g + G, g + 2G, … of n·G equal strata.
+
+        g = micro_step·world_size + rank out of G = accum_steps·world_size groups, so the G calls of
+        one optimizer step put exactly one point in every stratum. Each stratum has its own uniform
+        jitter; all n·G jitters are drawn on every call (the same on every rank).
+        """
+        if not 0 <= micro_step < self.accum_steps:
+            raise ValueError(f"micro_step {micro_step} is outside 0..{self.accum_steps - 1}")
+        groups = self.accum_steps * self.world_size
+        jitter = torch.rand(n * groups, generator=self.generator, dtype=F64)
+        strata = torch.arange(micro_step * self.world_size + self.rank, n * groups, groups)
+        return (strata + jitter[strata]) / (n * groups)
+
+    def _require(self, ok: bool, param: str, value: Any, valid: str) -> None:
+        """Raise a one-line FrugalError naming ``timestep_sampler.<name>.<param>`` unless ``ok``."""
+        if not ok:
+            name = next((k for k in TIMESTEP_SAMPLERS if TIMESTEP_SAMPLERS.get(k) is type(self)), type(self).__name__)
+            raise FrugalError(f"timestep_sampler.{name}.{param} = {value!r} is invalid; use {valid}")
 
 
 TIMESTEP_SAMPLERS: Registry[TimestepSampler] = Registry("diffusion.timestep_sampler")
 
 
+class _PiecewiseConstant:
+    """A density on [0, 1], constant on each interval [edges[i], edges[i + 1]), with mass ∝ masses[i]."""
+
+    def __init__(self, edges: Tensor, masses: Tensor) -> None:
+        self.edges = edges.to(F64)
+        cumulative = torch.cumsum(masses.to(F64), 0)
+        self.cdf = torch.cat([torch.zeros(1, dtype=F64), cumulative / cumulative[-1]])  # ends at exactly 1
+        self.values = (self.cdf[1:] - self.cdf[:-1]) / (self.edges[1:] - self.edges[:-1])
+
+    def piece(self, t: Tensor) -> Tensor:
+        """Index of the piece holding each t."""
+        return (torch.searchsorted(self.edges, t, right=True) - 1).clamp(0, len(self.values) - 1)
+
+    def density(self, t: Tensor) -> Tensor:
+        return self.values[self.piece(t)]
+
+    def inverse(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse CDF of u ∈ [0, 1): the times and the index of their piece (never one of mass 0)."""
+        i = torch.searchsorted(self.cdf[1:], u, right=True)  # cdf[i] <= u < cdf[i + 1]
+        frac = ((u - self.cdf[i]) / (self.cdf[i + 1] - self.cdf[i])).clamp(0, 1)
+        return self.edges[i] + frac * (self.edges[i + 1] - self.edges[i]), i
+
+
 @TIMESTEP_SAMPLERS.register("uniform")
 class UniformSampler(TimestepSampler):
-    """t ~ U(0, 1), weight 1: the standard objective."""
+    """t ~ U(0, 1), weight 1: the standard objective (keeps the uniform objective)."""
 
     def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
-        t = torch.rand(n, generator=self.generator, dtype=torch.float64)
+        t = self._uniform(n)
         return t, torch.ones_like(t)
+
+    def density(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t, dtype=F64)
+
+
+@TIMESTEP_SAMPLERS.register("stratified")
+class StratifiedSampler(UniformSampler):
+    """One draw per stratum of [0, 1) across batch, ranks and micro-steps (k-diffusion); keeps the uniform objective.
+
+    The n·G strata (G = ranks × accumulation steps) are filled once per optimizer step, each with its
+    own uniform jitter; every single draw is uniform on [0, 1], so the weight is 1.
+    """
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        t = self._stratified(n, micro_step)
+        return t, torch.ones_like(t)
+
+
+@TIMESTEP_SAMPLERS.register("antithetic")
+class AntitheticSampler(UniformSampler):
+    """Pairs t and 1 − t side by side in the batch; keeps the uniform objective.
+
+    An odd batch ends with a lone uniform draw. Lowers the variance for losses that are monotone in t.
+    """
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        u = self._uniform((n + 1) // 2)
+        t = torch.stack([u, 1 - u], dim=1).flatten()[:n]
+        return t, torch.ones_like(t)
+
+
+@TIMESTEP_SAMPLERS.register("lognormal")
+class LogNormalSampler(TimestepSampler):
+    """EDM: ln σ̃ ~ N(p_mean, p_std²) for σ̃ = σ/α, mapped to t through the process; changes the objective.
+
+    t solves log_snr(t) = −2 ln σ̃ and lies in [t_min, t_max] (draws beyond them land on the ends).
+    EDM uses −1.2/1.2, EDM2 −0.4/1.0.
+    """
+
+    keeps_objective = False
+
+    def __init__(self, *, p_mean: float = -1.2, p_std: float = 1.2, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(math.isfinite(p_mean), "p_mean", p_mean, "a finite number")
+        self._require(0 < p_std < math.inf, "p_std", p_std, "a number > 0")
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        log_sigma = self.p_mean + self.p_std * self._normal(n)
+        t = invert_log_snr(self.process, -2 * log_sigma)
+        return t, torch.ones_like(t)
+
+
+@TIMESTEP_SAMPLERS.register("logit_normal")
+class LogitNormalSampler(TimestepSampler):
+    """SD3: t = sigmoid(m + s·z), z ~ N(0, 1); changes the objective."""
+
+    keeps_objective = False
+
+    def __init__(self, *, m: float = 0.0, s: float = 1.0, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(math.isfinite(m), "m", m, "a finite number")
+        self._require(0 < s < math.inf, "s", s, "a number > 0")
+        self.m, self.s = m, s
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        t = torch.sigmoid(self.m + self.s * self._normal(n))
+        return t, torch.ones_like(t)
+
+
+#: The largest mode-sampling scale for which t(u) stays monotone (SD3's bound).
+_MODE_SCALE_MAX = 2 / (math.pi - 2)
+
+
+@TIMESTEP_SAMPLERS.register("mode")
+class ModeSampler(TimestepSampler):
+    """SD3's mode sampling: u ~ U(0, 1), t = 1 − u − scale·(cos²(πu/2) − 1 + u); changes the objective.
+
+    scale > 0 favours the middle of [0, 1], scale < 0 its ends, scale = 0 is uniform.
+    """
+
+    keeps_objective = False
+
+    def __init__(self, *, scale: float = 1.29, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(-1 <= scale <= _MODE_SCALE_MAX, "scale", scale, f"a number in [-1, {_MODE_SCALE_MAX:.4f}]")
+        self.scale = scale
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        u = self._uniform(n)
+        t = (1 - u - self.scale * (torch.cos(0.5 * math.pi * u) ** 2 - 1 + u)).clamp(0, 1)
+        return t, torch.ones_like(t)
+
+
+@TIMESTEP_SAMPLERS.register("beta")
+class BetaSampler(TimestepSampler):
+    """t ~ Beta(a, b); the defaults tilt the draws mildly towards t = 0 (density 1.5·√(1 − t)); changes the objective.
+
+    Each call seeds a NumPy generator from the sampler's own, so the draws follow ``state_dict``.
+    """
+
+    keeps_objective = False
+
+    def __init__(self, *, a: float = 1.0, b: float = 1.5, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(0 < a < math.inf, "a", a, "a number > 0")
+        self._require(0 < b < math.inf, "b", b, "a number > 0")
+        self.a, self.b = a, b
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        seed = int(torch.randint(2**63 - 1, (1,), generator=self.generator))
+        draws = np.random.default_rng(seed).beta(self.a, self.b, size=n * self.world_size)
+        t = torch.from_numpy(draws[self.rank * n:(self.rank + 1) * n]).to(F64)
+        return t, torch.ones_like(t)
+
+
+@TIMESTEP_SAMPLERS.register("near_zero")
+class NearZeroSampler(TimestepSampler):
+    """More draws close to t = 0; keeps the uniform objective if keep_objective, else changes the objective.
+
+    shape "step" (SpeeD): density k times higher below tau than above it. shape "power": t = u^power
+    for u ~ U(0, 1), density t^(1/power − 1)/power (smooth, unbounded at 0; weights t^(1 − 1/power)·power
+    stay below power). With keep_objective the weight is 1/p(t) (unbiased for the uniform loss),
+    otherwise 1 (SpeeD's choice).
+    """
+
+    def __init__(self, *, shape: str = "step", k: float = 5.0, tau: float = 0.7, power: float = 2.0,
+                 keep_objective: bool = False, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(shape in ("step", "power"), "shape", shape, "'step' or 'power'")
+        self._require(1 <= k < math.inf, "k", k, "a number >= 1")
+        self._require(0 < tau < 1, "tau", tau, "a number in (0, 1)")
+        self._require(1 <= power < math.inf, "power", power, "a number >= 1")
+        self.shape, self.power, self.keep_objective = shape, power, keep_objective
+        self.step_density = _PiecewiseConstant(torch.tensor([0.0, tau, 1.0]), torch.tensor([k * tau, 1 - tau]))
+
+    @property
+    def keeps_objective(self) -> bool:  # type: ignore[override]
+        return self.keep_objective
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        u = self._uniform(n)
+        t = self.step_density.inverse(u)[0] if self.shape == "step" else u**self.power
+        return t, 1 / self.density(t) if self.keep_objective else torch.ones_like(t)
+
+    def density(self, t: Tensor) -> Tensor:
+        if self.shape == "step":
+            return self.step_density.density(t)
+        return t ** (1 / self.power - 1) / self.power
+
+
+@TIMESTEP_SAMPLERS.register("range")
+class RangeSampler(TimestepSampler):
+    """t ~ U(lo, hi): trains (or probes) only part of [0, 1], as the diagnostics do; changes the objective."""
+
+    keeps_objective = False
+
+    def __init__(self, *, lo: float = 0.0, hi: float = 1.0, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(0 <= lo < 1, "lo", lo, "a number in [0, 1) below hi")
+        self._require(lo < hi <= 1, "hi", hi, f"a number in ({lo}, 1]")
+        self.lo, self.hi = lo, hi
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        t = self.lo + (self.hi - self.lo) * self._uniform(n)
+        return t, torch.ones_like(t)
+
+
+class _BinnedImportanceSampler(TimestepSampler):
+    """Importance sampling over ``bins`` equal bins of t, from per-bin loss statistics; keeps the uniform objective.
+
+    A bin is chosen with probability p_b, t is uniform inside it and the weight is 1/(bins·p_b), the
+    inverse of the density bins·p_b. Subclasses give the bin scores (None while warming up: uniform).
+    """
+
+    def _setup(self, bins: int, mix: float, stratify: bool) -> None:
+        self.bins, self.mix, self.stratify = bins, mix, stratify
+        self.edges = torch.linspace(0, 1, bins + 1, dtype=F64)
+
+    def _scores(self) -> Tensor | None:
+        """Unnormalised bin probabilities, or None while warming up."""
+        raise NotImplementedError
+
+    def _observe(self, bins: Tensor, losses: Tensor) -> None:
+        """Take in finite losses and their bin indices."""
+        raise NotImplementedError
+
+    def bin_probabilities(self) -> Tensor:
+        """Current probability of each bin: scores/Σ scores mixed with a share ``mix`` of uniform."""
+        uniform = torch.full((self.bins,), 1 / self.bins, dtype=F64)
+        scores = self._scores()
+        if scores is None or not (scores.sum() > 0 and torch.isfinite(scores).all()):
+            return uniform
+        return (1 - self.mix) * scores / scores.sum() + self.mix * uniform
+
+    def _distribution(self) -> _PiecewiseConstant:
+        return _PiecewiseConstant(self.edges, self.bin_probabilities())
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        dist = self._distribution()
+        t, bins = dist.inverse(self._stratified(n, micro_step) if self.stratify else self._uniform(n))
+        return t, 1 / dist.values[bins]
+
+    def density(self, t: Tensor) -> Tensor:
+        return self._distribution().density(t)
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        t, losses = t.to(F64).flatten(), losses.to(F64).flatten()
+        finite = torch.isfinite(losses) & torch.isfinite(t)
+        t, losses = t[finite], losses[finite]
+        self._observe((t * self.bins).long().clamp(0, self.bins - 1), losses)
+
+
+@TIMESTEP_SAMPLERS.register("loss_second_moment")
+class LossSecondMomentSampler(_BinnedImportanceSampler):
+    """improved-diffusion's importance sampler on bins of t; keeps the uniform objective.
+
+    Keeps the last ``history`` losses of each bin; until every bin has them, samples uniformly
+    (weight 1). Then p_b ∝ √mean(L²), mixed with ``uniform_mix`` uniform. The warm-up takes about
+    570 images at batch 8 with the defaults (32 bins × 10 losses, drawn at random).
+    """
+
+    def __init__(self, *, bins: int = 32, history: int = 10, uniform_mix: float = 0.001, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(bins >= 1, "bins", bins, "an integer >= 1")
+        self._require(history >= 1, "history", history, "an integer >= 1")
+        self._require(0 <= uniform_mix <= 1, "uniform_mix", uniform_mix, "a number in [0, 1]")
+        self._setup(bins, uniform_mix, stratify=False)
+        self.history = torch.zeros(bins, history, dtype=F64)
+        self.counts = torch.zeros(bins, dtype=torch.long)  # losses seen per bin (the newest goes to count % history)
+
+    def _scores(self) -> Tensor | None:
+        if bool((self.counts < self.history.shape[1]).any()):
+            return None
+        return torch.sqrt((self.history**2).mean(dim=1))
+
+    def _observe(self, bins: Tensor, losses: Tensor) -> None:
+        for b, loss in zip(bins.tolist(), losses.tolist(), strict=True):
+            self.history[b, self.counts[b] % self.history.shape[1]] = loss
+            self.counts[b] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": self.history.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.history, self.counts = state["history"].clone(), state["counts"].clone()
+
+
+@TIMESTEP_SAMPLERS.register("adaptive")
+class AdaptiveSampler(_BinnedImportanceSampler):
+    """Importance sampling for small batches from running per-bin loss moments; keeps the uniform objective.
+
+    Each bin keeps a running mean of L and L² (the plain mean over its first 1/(1 − decay)
+    observations, then an EMA with ``decay``). Once every bin has ``warmup`` observations,
+    p_b ∝ √E[L²] smoothed ``smoothing`` times with a [1, 2, 1]/4 kernel over neighbouring bins,
+    mixed with a share ``floor`` of uniform (so weights stay below 1/floor). Draws are stratified
+    over the batch, ranks and micro-steps in probability space (``stratify``). With the defaults
+    (32 bins, 2 observations each) the warm-up takes about 180 images at batch 8 (95%: 250), well
+    under 1% of a 50k-image run; before it, sampling is stratified uniform.
+    """
+
+    def __init__(self, *, bins: int = 32, decay: float = 0.9, warmup: int = 2, smoothing: int = 1,
+                 floor: float = 0.1, stratify: bool = True, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(bins >= 1, "bins", bins, "an integer >= 1")
+        self._require(0 <= decay < 1, "decay", decay, "a number in [0, 1)")
+        self._require(warmup >= 1, "warmup", warmup, "an integer >= 1")
+        self._require(smoothing >= 0, "smoothing", smoothing, "an integer >= 0")
+        self._require(0 < floor <= 1, "floor", floor, "a number in (0, 1]")
+        self._setup(bins, floor, stratify)
+        self.decay, self.warmup, self.smoothing = decay, warmup, smoothing
+        self.mean = torch.zeros(bins, dtype=F64)
+        self.second_moment = torch.zeros(bins, dtype=F64)
+        self.counts = torch.zeros(bins, dtype=torch.long)
+
+    def variance(self) -> Tensor:
+        """Running variance of the loss in each bin."""
+        return (self.second_moment - self.mean**2).clamp_min(0)
+
+    def _scores(self) -> Tensor | None:
+        if bool((self.counts < self.warmup).any()):
+            return None
+        scores = torch.sqrt(self.second_moment.clamp_min(0))
+        for _ in range(self.smoothing):
+            padded = torch.cat([scores[:1], scores, scores[-1:]])
+            scores = 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
+        return scores
+
+    def _observe(self, bins: Tensor, losses: Tensor) -> None:
+        for b, loss in zip(bins.tolist(), losses.tolist(), strict=True):
+            self.counts[b] += 1
+            rate = max(1 / int(self.counts[b]), 1 - self.decay)
+            self.mean[b] += rate * (loss - self.mean[b])
+            self.second_moment[b] += rate * (loss**2 - self.second_moment[b])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "mean": self.mean.clone(), "second_moment": self.second_moment.clone(),
+                "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.mean, self.second_moment = state["mean"].clone(), state["second_moment"].clone()
+        self.counts = state["counts"].clone()
+
+
+_COMPOSITES = ("mixture", "curriculum")
+
+
+class _CompositeSampler(TimestepSampler):
+    """Draws from child samplers with the probabilities ``mix_weights``.
+
+    Keeps the uniform objective when every child does: then the weight is 1/Σ_k π_k p_k(t), the
+    inverse of the mixture's density (not the drawing child's own weight). Otherwise the weight is 1.
+    Children share this sampler's generator; each batch is split among them by a stratified draw
+    (the same on every rank), and every child sees every loss.
+    """
+
+    def _check_part(self, name: str, param: str) -> None:
+        valid = [k for k in TIMESTEP_SAMPLERS if k not in _COMPOSITES]
+        self._require(name in valid, param, name, "one of " + ", ".join(valid))
+
+    def _build(self, names: list[str]) -> None:
+        self.children = [TIMESTEP_SAMPLERS.create(
+            name, process=self.process, seed=self.seed, rank=self.rank, world_size=self.world_size,
+            accum_steps=self.accum_steps, params=self.params, **self.params.get(name, {})) for name in names]
+        for child in self.children:
+            child.generator = self.generator
+
+    def mix_weights(self) -> Tensor:
+        """Probability of each child (sums to 1)."""
+        raise NotImplementedError
+
+    @property
+    def keeps_objective(self) -> bool:  # type: ignore[override]
+        return all(child.keeps_objective for child in self.children)
+
+    def set_progress(self, fraction: float) -> None:
+        super().set_progress(fraction)
+        for child in self.children:
+            child.set_progress(fraction)
+
+    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+        u = (torch.arange(n, dtype=F64) + torch.rand(n, generator=self.generator, dtype=F64)) / n
+        cdf = torch.cumsum(self.mix_weights(), 0)
+        which = torch.searchsorted(cdf[:-1], u, right=True)
+        t = torch.empty(n, dtype=F64)
+        for k, child in enumerate(self.children):
+            chosen = which == k
+            if bool(chosen.any()):
+                t[chosen] = child.sample(int(chosen.sum()), micro_step)[0]
+        return t, 1 / self.density(t) if self.keeps_objective else torch.ones_like(t)
+
+    def density(self, t: Tensor) -> Tensor:
+        pis = self.mix_weights()
+        return sum((pi * child.density(t) for pi, child in zip(pis.tolist(), self.children, strict=True) if pi > 0),
+                   torch.zeros_like(t, dtype=F64))
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        for child in self.children:
+            child.update(t, losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "children": [child.state_dict() for child in self.children]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for child, child_state in zip(self.children, state["children"], strict=True):
+            child.load_state_dict(child_state)
+        super().load_state_dict(state)
+
+
+@TIMESTEP_SAMPLERS.register("mixture")
+class MixtureSampler(_CompositeSampler):
+    """A weighted mix of samplers; keeps the uniform objective if every part does, else changes the objective.
+
+    Keeping it, the weight is 1/Σ π_k p_k(t). Each part uses its own ``timestep_sampler.<part>.*``
+    parameters; parts cannot be composites.
+    """
+
+    def __init__(self, *, samplers: list = ["uniform", "logit_normal"],  # noqa: B006 - never mutated
+                 weights: list = [0.5, 0.5], **base: Any) -> None:  # noqa: B006
+        super().__init__(**base)
+        self._require(len(samplers) >= 1, "samplers", samplers, "a list of one or more sampler names")
+        self._require(len(weights) == len(samplers) and all(w >= 0 for w in weights) and sum(weights) > 0,
+                      "weights", weights, f"{len(samplers)} numbers >= 0, not all 0 (one per sampler)")
+        for name in samplers:
+            self._check_part(name, "samplers")
+        self._build(list(samplers))
+        self.weights = torch.tensor(weights, dtype=F64) / sum(weights)
+
+    def mix_weights(self) -> Tensor:
+        return self.weights
+
+
+@TIMESTEP_SAMPLERS.register("curriculum")
+class CurriculumSampler(_CompositeSampler):
+    """Moves from sampler start to end over part of the budget; keeps the uniform objective if both do, else changes it.
+
+    At progress f (share of the budget done) it is the mixture (1 − λ)·start + λ·end with
+    λ = min(1, f/over), weighted by the inverse of that mixture's density when both keep the objective.
+    """
+
+    def __init__(self, *, start: str = "uniform", end: str = "logit_normal", over: float = 1.0,
+                 **base: Any) -> None:
+        super().__init__(**base)
+        self._require(0 < over <= 1, "over", over, "a number in (0, 1]")
+        self._check_part(start, "start")
+        self._check_part(end, "end")
+        self._build([start, end])
+        self.over = over
+
+    def mix_weights(self) -> Tensor:
+        share = min(1.0, max(0.0, self.progress / self.over))
+        return torch.tensor([1 - share, share], dtype=F64)

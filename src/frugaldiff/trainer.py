@@ -29,9 +29,9 @@ from .config import Config
 from .datasets import Data, load_dataset
 from .errors import FrugalError
 from .networks import NETWORKS
-from .prediction import PREDICTIONS, Denoiser
-from .timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
-from .weighting import WEIGHTINGS, Weighting
+from .prediction import PREDICTIONS, Denoiser, PredictionType
+from .timestep_samplers import TimestepSampler
+from .weighting import Weighting
 
 METRIC_FIELDS = ["step", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "nonfinite_skipped"]
 MAX_NONFINITE_IN_A_ROW = 10
@@ -158,15 +158,17 @@ class EMA:
             ema_b.copy_(b)
 
 
-def combine_loss(error: Tensor, importance: Tensor, x0_weight: Tensor | None,
-                 x0_factor: Tensor) -> tuple[Tensor, Tensor]:
+def combine_loss(error: Tensor, t: Tensor, importance: Tensor, weighting: Weighting,
+                 prediction: PredictionType) -> tuple[Tensor, Tensor]:
     """The one place where sampler weight × weighting × prediction-type factor meet.
 
-    Returns (objective, weighted): the per-sample loss of the chosen objective (fed back to the
-    timestep sampler) and the same multiplied by the sampler's importance weight (optimised).
+    ``error`` is the prediction type's own per-sample loss. Returns (objective, optimised): the
+    per-sample loss of the chosen objective (fed back to the timestep sampler) and the loss that is
+    minimised, i.e. the objective (adjusted by a learned weighting) times the importance weight.
     """
-    objective = error if x0_weight is None else error * x0_weight * x0_factor
-    return objective, objective * importance
+    x0_weight = weighting.x0_weight(prediction.process, t)
+    objective = error if x0_weight is None else error * x0_weight * prediction.x0_factor(t)
+    return objective, weighting.adjust(objective, t) * importance
 
 
 @dataclass
@@ -235,9 +237,11 @@ class Trainer:
         self.ema = EMA(self.denoiser, c["train.ema_decay"])
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=c["train.lr"],
                                            weight_decay=c["train.weight_decay"])
-        self.sampler: TimestepSampler = TIMESTEP_SAMPLERS.create(
-            c["diffusion.timestep_sampler"], seed=c["train.seed"], accum_steps=c["train.grad_accum"])
-        self.weighting: Weighting = WEIGHTINGS.create(c["diffusion.weighting"])
+        self.sampler: TimestepSampler = c.timestep_sampler()
+        self.weighting: Weighting = c.weighting()
+        if isinstance(self.weighting, nn.Module):  # learned weighting: its own parameter group
+            self.weighting.to(self.device)
+            self.optimizer.add_param_group({"params": list(self.weighting.parameters()), "weight_decay": 0.0})
         self.stream = BatchStream(self.data.train, c["train.seed"])
         self.noise = torch.Generator().manual_seed(c["train.seed"] + 1)
         self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
@@ -270,12 +274,19 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current step."""
-        return save_checkpoint(self.files.checkpoints, self.step, {"model": self.denoiser, "ema": self.ema.model},
-                               self._trainer_state(), self.info(), keep=self.config["train.keep_checkpoints"])
+        return save_checkpoint(self.files.checkpoints, self.step, self._modules(), self._trainer_state(), self.info(),
+                               keep=self.config["train.keep_checkpoints"])
+
+    def _modules(self) -> dict[str, nn.Module]:
+        """Everything with weights: the model, its EMA and a learned weighting."""
+        modules = {"model": self.denoiser, "ema": self.ema.model}
+        if isinstance(self.weighting, nn.Module):
+            modules["weighting"] = self.weighting
+        return modules
 
     def _restore(self, checkpoint: Path) -> None:
-        load_weights(checkpoint, "model", self.denoiser)
-        load_weights(checkpoint, "ema", self.ema.model)
+        for name, module in self._modules().items():
+            load_weights(checkpoint, name, module)
         state, info = load_trainer_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
@@ -316,9 +327,8 @@ class Trainer:
         with autocast(self.device, self.amp_dtype):
             out = self.denoiser(x_t, t)
         error = self.prediction.error(out, x0, eps, t)
-        objective, weighted = combine_loss(error, importance, self.weighting.x0_weight(self.process, t),
-                                           self.prediction.x0_factor(t))
-        return weighted.mean(), t, objective.detach()
+        objective, optimised = combine_loss(error, t, importance, self.weighting, self.prediction)
+        return optimised.mean(), t, objective.detach()
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
@@ -326,6 +336,7 @@ class Trainer:
         accum, micro = c["train.grad_accum"], c["train.batch_size"] // c["train.grad_accum"]
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.images_seen)
+        self.sampler.set_progress(self.images_seen / c["train.images_seen"])
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         feedback = []

@@ -3,21 +3,61 @@
 Because a weighting lives in x0 space (a function of t through α, σ and the SNR), it composes with
 every prediction type: the trainer multiplies it by the prediction type's ``x0_factor`` (A(t)²).
 ``none`` keeps the prediction type's own unit-variance loss.
+
+All weights are computed from λ = log SNR (``process.log_snr``), SNR = α²/σ², so they stay finite over
+[t_min, t_max] on every process. Conversions used in the docstrings below:
+
+* ε-MSE = SNR · x0-MSE, so an ε-space weight w becomes the x0 weight w·SNR.
+* EDM's noise level is σ̃ = σ/α (x_t/α = x0 + σ̃ε on any path) and its denoiser output is x̂0, so an EDM
+  weight λ(σ̃) on the denoiser is the x0 weight itself; 1/σ̃² = SNR.
+* SD3's σ is the noise level s of the flow path x = (1 − s)·x0 + s·ε. Any path is that one rescaled:
+  x_t/(α + σ) is the flow point with s = σ/(α + σ), the same SNR, so 1/s = 1 + √SNR. The flow-matching
+  target ε − x0 gives x̂0 = x − s·v̂, so its MSE is x0-MSE/s²: a weight w(s) on the flow-matching loss is
+  the x0 weight w(s)/s². On the flow process s = σ = t.
 """
 
 from __future__ import annotations
 
-from torch import Tensor
+import math
 
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .errors import FrugalError
 from .noise import NoiseProcess
 from .registry import Registry
 
 
 class Weighting:
-    """Base class: ``x0_weight`` gives the weight per sample, or None for the type's own loss."""
+    """Base class: ``x0_weight`` gives the weight per sample, or None for the type's own loss.
+
+    Parameters are keyword arguments with typed defaults; the config exposes them as
+    ``weighting.<name>.<param>``. A weighting with learnable parameters is also an ``nn.Module``:
+    the trainer gives its parameters their own optimizer group and checkpoints them.
+    """
 
     def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor | None:
         raise NotImplementedError
+
+    def adjust(self, loss: Tensor, t: Tensor) -> Tensor:
+        """Final per-sample loss from the weighted one; identity except for learned weightings."""
+        return loss
+
+    def bind(self, process: NoiseProcess) -> Weighting:
+        """Attach the noise process (needed by ``adjust`` of the learned weighting); returns self."""
+        return self
+
+
+def _require(ok: bool, key: str, valid: str, value: object) -> None:
+    """A one-line FrugalError naming the config key unless ``ok``."""
+    if not ok:
+        raise FrugalError(f"config key 'weighting.{key}' must be {valid}; got {value!r}")
+
+
+def _positive(key: str, value: float) -> float:
+    _require(math.isfinite(value) and value > 0, key, "a finite number > 0", value)
+    return float(value)
 
 
 WEIGHTINGS: Registry[Weighting] = Registry("diffusion.weighting")
@@ -29,3 +69,155 @@ class NoWeighting(Weighting):
 
     def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor | None:
         return None
+
+
+@WEIGHTINGS.register("snr")
+class SNRWeighting(Weighting):
+    """ε-equivalent loss: x0 weight SNR (the ε-MSE whatever the prediction type)."""
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        return process.log_snr(t).exp()
+
+
+@WEIGHTINGS.register("min_snr")
+class MinSNRWeighting(Weighting):
+    """Min-SNR-γ (Hang et al.): x0 weight min(SNR + 1, γ), or min(SNR, γ) as published with plus_one=false.
+
+    Published form: ε weight min(SNR, γ)/SNR, v weight min(SNR, γ)/(SNR + 1) on v's raw loss, which goes
+    to zero at high t (diffusers#9451: a v model then learns almost nothing there). The default adds 1,
+    the community fix: v weight min(SNR + 1, γ)/(SNR + 1), i.e. the v-loss capped at γ, which keeps an
+    x0 weight of at least 1 at every t for every prediction type.
+    """
+
+    def __init__(self, *, gamma: float = 5.0, plus_one: bool = True) -> None:
+        self.gamma = _positive("min_snr.gamma", gamma)
+        self.plus_one = plus_one
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        snr = process.log_snr(t).exp() + (1.0 if self.plus_one else 0.0)
+        return snr.clamp(max=self.gamma)
+
+
+@WEIGHTINGS.register("soft_min_snr")
+class SoftMinSNRWeighting(Weighting):
+    """Soft-min-SNR-γ: x0 weight 1/(1/SNR + 1/γ) = γ·sigmoid(λ − ln γ), a smooth min(SNR, γ)."""
+
+    def __init__(self, *, gamma: float = 5.0) -> None:
+        self.gamma = _positive("soft_min_snr.gamma", gamma)
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        return self.gamma * torch.sigmoid(process.log_snr(t) - math.log(self.gamma))
+
+
+@WEIGHTINGS.register("p2")
+class P2Weighting(Weighting):
+    """P2 (Choi et al.): ε weight 1/(k + SNR)^γ, so x0 weight SNR/(k + SNR)^γ.
+
+    Computed as exp(λ − γ·log(k + SNR)) with log(k + SNR) = ln k + softplus(λ − ln k).
+    """
+
+    def __init__(self, *, k: float = 1.0, gamma: float = 1.0) -> None:
+        self.k = _positive("p2.k", k)
+        _require(math.isfinite(gamma) and gamma >= 0, "p2.gamma", "a finite number ≥ 0", gamma)
+        self.gamma = float(gamma)
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        lam, log_k = process.log_snr(t), math.log(self.k)
+        return torch.exp(lam - self.gamma * (log_k + F.softplus(lam - log_k)))
+
+
+@WEIGHTINGS.register("edm")
+class EDMWeighting(Weighting):
+    """EDM (Karras et al.): λ(σ̃) = (σ̃² + σ_d²)/(σ̃·σ_d)² on x̂0, so x0 weight SNR + 1/σ_d².
+
+    σ̃ = σ/α is EDM's noise level and 1/σ̃² = SNR. ``sigma_data`` is this weighting's own σ_d; with EDM's
+    preconditioning it makes the network's loss unit-weighted (λ·c_out² = 1).
+    """
+
+    def __init__(self, *, sigma_data: float = 0.5) -> None:
+        self.sigma_data = _positive("edm.sigma_data", sigma_data)
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        return process.log_snr(t).exp() + self.sigma_data**-2
+
+
+@WEIGHTINGS.register("debias")
+class DebiasWeighting(Weighting):
+    """Debiased estimation (Yu et al.): ε weight 1/√SNR, so x0 weight √SNR = exp(λ/2)."""
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        return torch.exp(process.log_snr(t) / 2)
+
+
+def _log_flow_sigma(lam: Tensor) -> Tensor:
+    """ln s for SD3's noise level s = σ/(α + σ) of the flow path with the same SNR: −ln(1 + √SNR)."""
+    return -F.softplus(lam / 2)
+
+
+@WEIGHTINGS.register("sigma_sqrt")
+class SigmaSqrtWeighting(Weighting):
+    """SD3 ``sigma_sqrt``: s⁻² on the flow-matching loss, so x0 weight s⁻⁴ = (1 + √SNR)⁴.
+
+    This is diffusers' weight on the target ε − x0. Its scripts with ``precondition_outputs`` put the same
+    s⁻² on an x0 loss instead, which is just the unweighted flow-matching loss.
+    """
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        return torch.exp(-4 * _log_flow_sigma(process.log_snr(t)))
+
+
+@WEIGHTINGS.register("cosmap")
+class CosMapWeighting(Weighting):
+    """SD3 CosMap: 2/(π(1 − 2s + 2s²)) on the flow-matching loss, so x0 weight (2/π)·s⁻⁴/(1 + SNR).
+
+    SD3 uses it as a sampling density of s; as a weight under uniform t it gives the same objective on the
+    flow path. 1 − 2s + 2s² = s²(1 + SNR), hence the x0 form.
+    """
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        lam = process.log_snr(t)
+        return (2 / math.pi) * torch.exp(-4 * _log_flow_sigma(lam) - F.softplus(lam))
+
+
+@WEIGHTINGS.register("learned")
+class LearnedWeighting(Weighting, nn.Module):
+    """EDM2's learned uncertainty: loss L·e^(−u(t)) + u(t), whose optimum is e^u = E[L | t].
+
+    u is a linear map (initialised to zero) of Fourier features √2·cos(2π(f·s + φ)) of the noise level
+    s = σ/(α + σ) (SD3's σ, equal to t on the flow path), with fixed frequencies f ~ N(0, 1)
+    and phases φ ~ U(0, 1) from a fixed seed, kept as buffers. s is bounded, unlike EDM2's ln(σ̃)/4 = −λ/8,
+    whose far ends are rarely sampled under uniform t and then extrapolate wildly; and unlike t it spreads
+    out the low-noise end of VP paths. It needs the process, so the trainer calls :meth:`bind` once before
+    :meth:`adjust`. The x0 weight is None: it sits on top of the prediction type's own loss.
+    """
+
+    def __init__(self, *, features: int = 32) -> None:
+        super().__init__()
+        _require(isinstance(features, int) and 1 <= features <= 4096, "learned.features",
+                 "an integer in [1, 4096]", features)
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("freqs", torch.randn(features, generator=generator))
+        self.register_buffer("phases", torch.rand(features, generator=generator))
+        self.linear = nn.Linear(features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.process: NoiseProcess | None = None
+
+    def bind(self, process: NoiseProcess) -> LearnedWeighting:
+        self.process = process
+        return self
+
+    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor | None:
+        return None
+
+    def forward(self, t: Tensor) -> Tensor:
+        """u(t), the learned log of the expected loss at t [B]."""
+        if self.process is None:
+            raise RuntimeError("LearnedWeighting.bind(process) must be called before use")
+        s = torch.exp(_log_flow_sigma(self.process.log_snr(t))).to(self.freqs.dtype)
+        features = math.sqrt(2) * torch.cos(2 * math.pi * (s[:, None] * self.freqs + self.phases))
+        return self.linear(features).squeeze(-1)
+
+    def adjust(self, loss: Tensor, t: Tensor) -> Tensor:
+        u = self(t)
+        return loss * torch.exp(-u) + u

@@ -1,0 +1,380 @@
+"""Timestep samplers: their distributions, weights, stratification, learning from losses and resuming."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import Tensor
+
+from frugaldiff.errors import FrugalError
+from frugaldiff.noise import PROCESSES
+from frugaldiff.plots import plot_timestep_densities
+from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
+
+VP = PROCESSES.create("vp-linear")
+ALL = ["uniform", "stratified", "antithetic", "lognormal", "logit_normal", "mode", "beta", "near_zero", "range",
+       "loss_second_moment", "adaptive", "mixture", "curriculum"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def make(name: str, seed: int = 0, process: str = "vp-linear", params: dict | None = None,
+         **kwargs: Any) -> TimestepSampler:
+    """A sampler with base arguments and its own parameters in ``kwargs``."""
+    return TIMESTEP_SAMPLERS.create(name, process=PROCESSES.create(process), seed=seed, params=params, **kwargs)
+
+
+def close(actual: Tensor, expected: Tensor | list[float], rel: float = 1e-12) -> bool:
+    """Elementwise equal within a relative tolerance (cheaper to import than torch.testing)."""
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    return actual.dtype == torch.float64 and bool(((actual - expected).abs() <= rel * expected.abs() + 1e-15).all())
+
+
+def decaying(t: Tensor) -> Tensor:
+    """A smooth loss profile, high near t = 0 (monotone, for antithetic)."""
+    return torch.exp(-5 * t) + 0.1
+
+
+DECAYING_MEAN = (1 - math.exp(-5)) / 5 + 0.1
+
+
+def peaked(t: Tensor) -> Tensor:
+    """A loss profile with a bump at t = 0.3."""
+    return 0.05 + torch.exp(-(((t - 0.3) / 0.05) ** 2))
+
+
+def feed(sampler: TimestepSampler, loss: Callable[[Tensor], Tensor], steps: int, n: int = 8,
+         noise: torch.Generator | None = None) -> None:
+    """Train-loop stand-in: sample, then report loss(t), times a χ²₁ factor if ``noise`` is given."""
+    for _ in range(steps):
+        t, _ = sampler.sample(n)
+        losses = loss(t)
+        if noise is not None:
+            losses = losses * torch.randn(n, generator=noise, dtype=torch.float64) ** 2
+        sampler.update(t, losses)
+
+
+def normal_cdf(x: np.ndarray) -> np.ndarray:
+    return stats.norm.cdf(x)
+
+
+def lognormal_cdf(process_name: str, p_mean: float = -1.2, p_std: float = 1.2) -> Callable[[np.ndarray], np.ndarray]:
+    process = PROCESSES.create(process_name)
+
+    def cdf(t: np.ndarray) -> np.ndarray:
+        lam = process.log_snr(torch.from_numpy(np.clip(t, process.t_min, process.t_max))).numpy()
+        return normal_cdf((-lam / 2 - p_mean) / p_std)
+
+    return cdf
+
+
+def mode_cdf(scale: float) -> Callable[[np.ndarray], np.ndarray]:
+    """t(u) falls from 1 to 0, so P(T ≤ t) = 1 − u(t); u(t) by interpolation on a fine grid."""
+    u = np.linspace(0, 1, 200_001)
+    t_of_u = 1 - u - scale * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
+    return lambda t: 1 - np.interp(t, t_of_u[::-1], u[::-1])
+
+
+def step_cdf(k: float, tau: float) -> Callable[[np.ndarray], np.ndarray]:
+    z = k * tau + 1 - tau
+    return lambda t: np.where(t < tau, k * t, k * tau + t - tau) / z
+
+
+def logistic_normal_cdf(m: float, s: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda t: normal_cdf((np.log(t) - np.log1p(-t) - m) / s)
+
+
+KS_CASES = [
+    ("uniform", {}, lambda t: t),
+    ("stratified", {}, lambda t: t),
+    ("antithetic", {}, lambda t: t),
+    ("adaptive", {}, lambda t: t),  # before any loss: stratified uniform
+    ("lognormal", {}, lognormal_cdf("vp-linear")),
+    ("lognormal", {"process": "vp-cosine", "p_mean": -0.4, "p_std": 1.0}, lognormal_cdf("vp-cosine", -0.4, 1.0)),
+    ("lognormal", {"process": "flow"}, lognormal_cdf("flow")),
+    ("logit_normal", {}, logistic_normal_cdf(0.0, 1.0)),
+    ("logit_normal", {"m": 0.5, "s": 0.7}, logistic_normal_cdf(0.5, 0.7)),
+    ("mode", {}, mode_cdf(1.29)),
+    ("mode", {"scale": -0.5}, mode_cdf(-0.5)),
+    ("beta", {}, stats.beta(1.0, 1.5).cdf),
+    ("beta", {"a": 2.0, "b": 0.7}, stats.beta(2.0, 0.7).cdf),
+    ("near_zero", {}, step_cdf(5.0, 0.7)),
+    ("near_zero", {"k": 3.0, "tau": 0.2, "keep_objective": True}, step_cdf(3.0, 0.2)),
+    ("near_zero", {"shape": "power", "power": 3.0}, lambda t: t ** (1 / 3)),
+    ("range", {"lo": 0.2, "hi": 0.45}, lambda t: np.clip((t - 0.2) / 0.25, 0, 1)),
+    ("mixture", {"samplers": ["uniform", "near_zero"], "weights": [1.0, 3.0],
+                 "params": {"near_zero": {"shape": "power"}}}, lambda t: 0.25 * t + 0.75 * np.sqrt(t)),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "cdf"), KS_CASES)
+def test_draws_follow_the_intended_distribution(name: str, kwargs: dict, cdf: Callable) -> None:
+    sampler = make(name, seed=1, **kwargs)
+    t, w = (torch.cat(x) for x in zip(*(sampler.sample(500) for _ in range(24)), strict=True))
+    assert t.dtype == w.dtype == torch.float64
+    assert bool(((t >= 0) & (t <= 1)).all())
+    if not sampler.keeps_objective:
+        assert bool((w == 1).all())
+    assert stats.kstest(t.numpy(), cdf).pvalue > 1e-3
+
+
+def test_curriculum_moves_from_start_to_end() -> None:
+    sampler = make("curriculum", start="near_zero", end="uniform", over=0.5,
+                   params={"near_zero": {"shape": "power", "power": 4.0}})
+    for progress, share, mean_t in [(0.0, 0.0, 0.2), (0.25, 0.5, 0.35), (0.5, 1.0, 0.5), (0.9, 1.0, 0.5)]:
+        sampler.set_progress(progress)
+        assert sampler.mix_weights().tolist() == [1 - share, share]
+        t, w = sampler.sample(20_000)
+        assert abs(t.mean().item() - mean_t) < 0.01
+        assert not sampler.keeps_objective and bool((w == 1).all())
+    assert stats.kstest(t.numpy(), "uniform").pvalue > 1e-3
+    sampler.set_progress(0.25)
+    mix_cdf = lambda t: 0.5 * t ** 0.25 + 0.5 * t  # noqa: E731
+    assert stats.kstest(sampler.sample(20_000)[0].numpy(), mix_cdf).pvalue > 1e-3
+
+
+def test_stratified_puts_one_draw_in_each_stratum_across_ranks_and_micro_steps() -> None:
+    ranks, accum, n = 2, 3, 4
+    samplers = [make("stratified", seed=5, rank=r, world_size=ranks, accum_steps=accum) for r in range(ranks)]
+    for _ in range(4):  # optimizer steps
+        draws = []
+        for micro in range(accum):
+            for sampler in samplers:
+                draws.append(sampler.sample(n, micro)[0])
+            assert torch.equal(samplers[0].generator.get_state(), samplers[1].generator.get_state())
+        strata = (torch.cat(draws) * n * ranks * accum).floor().long()
+        assert torch.equal(strata.sort().values, torch.arange(n * ranks * accum))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ranks_stay_in_step_and_draw_different_times(name: str) -> None:
+    params = {"mixture": {"samplers": ["stratified", "beta"]}}
+    samplers = [make(name, seed=3, rank=r, world_size=2, accum_steps=2, params=params, **params.get(name, {}))
+                for r in range(2)]
+    for micro in (0, 1):
+        t0, t1 = (s.sample(6, micro)[0] for s in samplers)
+        assert not torch.equal(t0, t1)
+        assert torch.equal(samplers[0].generator.get_state(), samplers[1].generator.get_state())
+
+
+def test_antithetic_pairs_sum_to_one() -> None:
+    sampler = make("antithetic")
+    for n in (6, 7):
+        t, w = sampler.sample(n)
+        assert len(t) == n and bool((w == 1).all())
+        assert close(t[0:n - 1:2] + t[1::2], [1.0] * (n // 2))
+
+
+def fed(name: str, **kwargs: Any) -> TimestepSampler:
+    """An importance sampler after 120 batches of 8 noisy ``decaying`` losses."""
+    sampler = make(name, seed=2, **kwargs)
+    feed(sampler, decaying, 120, noise=torch.Generator().manual_seed(0))
+    assert not torch.equal(sampler.bin_probabilities(), torch.full((sampler.bins,), 1 / sampler.bins,
+                                                                  dtype=torch.float64))
+    return sampler
+
+
+# (sampler factory, whether it must beat uniform's variance on `decaying`)
+UNBIASED_CASES: dict[str, tuple[Callable[[], TimestepSampler], bool]] = {
+    "uniform": (lambda: make("uniform"), False),
+    "stratified": (lambda: make("stratified"), True),
+    "antithetic": (lambda: make("antithetic"), True),
+    "near_zero-step": (lambda: make("near_zero", keep_objective=True), True),
+    "near_zero-power": (lambda: make("near_zero", shape="power", keep_objective=True), True),
+    "loss_second_moment": (lambda: fed("loss_second_moment"), True),
+    "adaptive": (lambda: fed("adaptive"), True),
+    "adaptive-iid": (lambda: fed("adaptive", stratify=False), True),
+    "mixture": (lambda: make("mixture", samplers=["uniform", "near_zero", "antithetic"], weights=[0.2, 0.5, 0.3],
+                             params={"near_zero": {"keep_objective": True}}), False),
+    "curriculum": (lambda: _at_progress(make("curriculum", start="uniform", end="near_zero", over=0.8,
+                                             params={"near_zero": {"shape": "power", "keep_objective": True}}),
+                                        0.4), False),
+}
+
+
+def _at_progress(sampler: TimestepSampler, progress: float) -> TimestepSampler:
+    sampler.set_progress(progress)
+    return sampler
+
+
+def batch_means(sampler: TimestepSampler, batches: int = 800, n: int = 8) -> Tensor:
+    """mean(w·f(t)) of each of ``batches`` batches of ``n``."""
+    t, w = (torch.stack(x) for x in zip(*(sampler.sample(n) for _ in range(batches)), strict=True))
+    return (w * decaying(t)).mean(dim=1)
+
+
+@pytest.fixture(scope="module")
+def uniform_variance() -> float:
+    return batch_means(make("uniform", seed=11)).var().item()
+
+
+@pytest.mark.parametrize("case", UNBIASED_CASES)
+def test_weighted_loss_is_unbiased_for_the_uniform_objective(case: str, uniform_variance: float) -> None:
+    factory, lower_variance = UNBIASED_CASES[case]
+    sampler = factory()
+    assert sampler.keeps_objective
+    means = batch_means(sampler)
+    standard_error = means.std().item() / math.sqrt(len(means))
+    assert abs(means.mean().item() - DECAYING_MEAN) < 4 * standard_error
+    if lower_variance:
+        assert means.var().item() < 0.8 * uniform_variance
+
+
+def test_mixture_weight_is_the_inverse_of_the_mixture_density() -> None:
+    sampler = make("mixture", samplers=["uniform", "near_zero"], weights=[1.0, 3.0],
+                   params={"near_zero": {"keep_objective": True, "k": 4.0, "tau": 0.5}})
+    t, w = sampler.sample(1000)
+    density = 0.25 + 0.75 * (0.4 + 1.2 * (t < 0.5).double())
+    assert close(w, 1 / density)
+    assert not make("mixture", samplers=["uniform", "beta"]).keeps_objective
+
+
+@pytest.mark.parametrize("name", ["loss_second_moment", "adaptive"])
+def test_importance_samplers_move_probability_to_high_loss_bins(name: str) -> None:
+    sampler = make(name, seed=4)
+    uniform = torch.full((32,), 1 / 32, dtype=torch.float64)
+    feed(sampler, peaked, 3)
+    assert torch.equal(sampler.bin_probabilities(), uniform)  # still warming up: uniform, weight 1
+    assert bool((sampler.sample(8)[1] == 1).all())
+    feed(sampler, peaked, 150, noise=torch.Generator().manual_seed(1))
+    p = sampler.bin_probabilities()
+    centres = (torch.arange(32, dtype=torch.float64) + 0.5) / 32
+    assert abs(centres[p.argmax()].item() - 0.3) < 2 / 32
+    assert p[(centres - 0.3).abs() < 0.1].sum() > 0.5  # 0.19 under uniform
+    assert p[centres > 0.6].max() < 1 / 32
+    t, w = sampler.sample(4000)
+    assert ((t - 0.3).abs() < 0.1).double().mean() > 0.5
+    assert close(w, 1 / sampler.density(t))
+
+
+@pytest.mark.parametrize("kwargs", [{"name": "loss_second_moment"}, {"name": "adaptive"},
+                                    {"name": "adaptive", "stratify": False, "smoothing": 0}])
+def test_importance_samplers_draw_from_their_bin_probabilities(kwargs: dict) -> None:
+    sampler = fed(**kwargs)
+    cdf = np.concatenate([[0.0], np.cumsum(sampler.bin_probabilities().numpy())])
+    t = torch.cat([sampler.sample(500)[0] for _ in range(24)])
+    assert stats.kstest(t.numpy(), lambda x: np.interp(x, sampler.edges.numpy(), cdf)).pvalue > 1e-3
+
+
+def test_adaptive_warms_up_within_a_few_hundred_images_at_batch_8() -> None:
+    sampler = make("adaptive", seed=6)
+    images = 0
+    while torch.equal(sampler.bin_probabilities(), torch.full((32,), 1 / 32, dtype=torch.float64)):
+        feed(sampler, decaying, 1)
+        images += 8
+    assert images <= 320
+
+
+def test_adaptive_tracks_mean_and_variance_and_ignores_non_finite_losses() -> None:
+    sampler = make("adaptive", bins=2, decay=0.5)
+    sampler.update(torch.tensor([0.1, 0.2, 0.9, 0.3]), torch.tensor([1.0, 3.0, 5.0, math.nan]))
+    assert close(sampler.mean, [2.0, 5.0])
+    assert close(sampler.variance(), [1.0, 0.0])
+    sampler.update(torch.tensor([0.6]), torch.tensor([7.0]))  # EMA at rate 1 − decay = 1/2 from now on
+    assert close(sampler.mean, [2.0, 6.0])
+    assert sampler.counts.tolist() == [2, 2]
+
+
+RESUME_PARAMS = {
+    "mixture": {"samplers": ["adaptive", "loss_second_moment", "uniform"], "weights": [0.3, 0.3, 0.4]},
+    "curriculum": {"start": "stratified", "end": "adaptive"},
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_survives_checkpoint_and_resume_exactly(name: str) -> None:
+    def step(sampler: TimestepSampler, i: int) -> tuple[Tensor, Tensor]:
+        sampler.set_progress(i / 60)
+        t, w = sampler.sample(16, i % 2)
+        sampler.update(t, peaked(t) * (1 + t))
+        return t, w
+
+    def build(seed: int) -> TimestepSampler:
+        return make(name, seed=seed, accum_steps=2, params=RESUME_PARAMS, **RESUME_PARAMS.get(name, {}))
+
+    original = build(seed=7)
+    for i in range(50):
+        step(original, i)
+    learners = original.children if name in RESUME_PARAMS else [original]
+    for learner in learners:  # the importance samplers are past their warm-up
+        if hasattr(learner, "bin_probabilities"):
+            assert learner.bin_probabilities().max() > 2 / learner.bins
+    state = original.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    resumed = [build(seed=8), build(seed=9)]
+    resumed[0].load_state_dict(state)
+    resumed[1].load_state_dict(torch.load(buffer, weights_only=True))
+    for i in range(50, 62):
+        t, w = step(original, i)
+        for other in resumed:
+            t2, w2 = step(other, i)
+            assert torch.equal(t, t2) and torch.equal(w, w2)
+
+
+BAD_PARAMETERS = [
+    ("lognormal", {"p_std": 0.0}, "p_std"),
+    ("lognormal", {"p_mean": math.nan}, "p_mean"),
+    ("logit_normal", {"s": -1.0}, "s"),
+    ("mode", {"scale": 2.0}, "scale"),
+    ("mode", {"scale": -1.5}, "scale"),
+    ("beta", {"a": 0.0}, "a"),
+    ("beta", {"b": -2.0}, "b"),
+    ("near_zero", {"shape": "cubic"}, "shape"),
+    ("near_zero", {"k": 0.5}, "k"),
+    ("near_zero", {"tau": 1.0}, "tau"),
+    ("near_zero", {"power": 0.5}, "power"),
+    ("range", {"lo": -0.1}, "lo"),
+    ("range", {"lo": 0.6, "hi": 0.4}, "hi"),
+    ("loss_second_moment", {"bins": 0}, "bins"),
+    ("loss_second_moment", {"history": 0}, "history"),
+    ("loss_second_moment", {"uniform_mix": 1.5}, "uniform_mix"),
+    ("adaptive", {"bins": 0}, "bins"),
+    ("adaptive", {"decay": 1.0}, "decay"),
+    ("adaptive", {"warmup": 0}, "warmup"),
+    ("adaptive", {"smoothing": -1}, "smoothing"),
+    ("adaptive", {"floor": 0.0}, "floor"),
+    ("mixture", {"samplers": []}, "samplers"),
+    ("mixture", {"samplers": ["uniform", "nope"]}, "samplers"),
+    ("mixture", {"samplers": ["uniform", "mixture"]}, "samplers"),
+    ("mixture", {"weights": [1.0]}, "weights"),
+    ("mixture", {"weights": [-1.0, 2.0]}, "weights"),
+    ("mixture", {"weights": [0.0, 0.0]}, "weights"),
+    ("curriculum", {"over": 0.0}, "over"),
+    ("curriculum", {"start": "curriculum"}, "start"),
+    ("curriculum", {"end": "nope"}, "end"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "param"), BAD_PARAMETERS)
+def test_bad_parameters_give_a_one_line_error_naming_the_key(name: str, kwargs: dict, param: str) -> None:
+    with pytest.raises(FrugalError, match=f"^timestep_sampler\\.{name}\\.{param} = ") as info:
+        make(name, **kwargs)
+    assert "\n" not in str(info.value) and "use " in str(info.value)
+
+
+def test_registry_and_documented_objective() -> None:
+    assert sorted(TIMESTEP_SAMPLERS.names()) == sorted(ALL)
+    for name in ALL:
+        sampler = make(name)
+        phrase = "keeps the uniform objective" if sampler.keeps_objective else "changes"
+        assert phrase in (type(sampler).__doc__ or "").splitlines()[0], name
+    assert make("near_zero", keep_objective=True).keeps_objective
+
+
+def test_plot_timestep_densities_writes_a_png(tmp_path) -> None:
+    out = tmp_path / "densities.png"
+    plot_timestep_densities(["lognormal", "near_zero"], "flow", out, n=2000,
+                            params={"near_zero": {"keep_objective": True}})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
