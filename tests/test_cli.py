@@ -88,3 +88,12 @@ def test_entry_point_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "frugaldiff", "config"], capture_output=True, text=True,
                             check=True)
     assert tomllib.loads(result.stdout)["data"]["name"] == "mnist5000"
+
+
+def test_plot_timesteps_writes_a_png(tmp_path):
+    out = tmp_path / "t.png"
+    assert main(["plot-timesteps", "uniform", "near_zero", "--set", "timestep_sampler.near_zero.k=3.0",
+                 "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.size[0] > 200
+    assert main(["plot-timesteps", "nope", "--out", str(out)]) == 2

@@ -1,4 +1,4 @@
-"""Command line: ``frugaldiff train | sample | config``."""
+"""Command line: ``frugaldiff train | sample | plot-timesteps | config``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: the newest)")
     sample.add_argument("--out", type=Path, required=True, help="output .npz; a PNG is written next to it")
+
+    plot = sub.add_parser("plot-timesteps", help="draw timestep samplers' densities over t (PNG)")
+    plot.add_argument("samplers", nargs="*", help="sampler names (default: all)")
+    plot.add_argument("--config", type=Path, help="TOML file whose process and sampler parameters to use")
+    plot.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plot.add_argument("--out", type=Path, required=True, help="output PNG")
 
     config = sub.add_parser("config", help="print the fully resolved config with every key")
     config.add_argument("--config", type=Path, help="TOML file to resolve")
@@ -77,6 +83,22 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_timesteps(args: argparse.Namespace) -> int:
+    from .config import Config, component_params
+    from .plots import plot_timestep_densities
+    from .timestep_samplers import TIMESTEP_SAMPLERS
+
+    config = Config.load(args.config, args.overrides)
+    names = args.samplers or TIMESTEP_SAMPLERS.names()
+    for name in names:
+        TIMESTEP_SAMPLERS.get(name)  # one-line error for an unknown name
+    params = {name: component_params(config, "timestep_sampler", name) for name in TIMESTEP_SAMPLERS.names()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot_timestep_densities(names, config["diffusion.process"], args.out, params=params)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from .config import Config
 
@@ -88,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample, "config": _config}[args.command](args)
+        commands = {"train": _train, "sample": _sample, "plot-timesteps": _plot_timesteps, "config": _config}
+        return commands[args.command](args)
     except FrugalError as e:
         print(f"frugaldiff: error: {e}", file=sys.stderr)
         return 2

@@ -112,7 +112,7 @@ OPTIONS: list[Option] = [
     Option("model.hidden", 256, "MLP width", low=8, high=8192),
     Option("model.depth", 4, "MLP residual blocks", low=1, high=64),
     Option("diffusion.process", "vp-linear", "noise process", choices=PROCESSES.names),
-    Option("diffusion.prediction", "v", "what the network predicts",
+    Option("diffusion.prediction", "x0", "what the network predicts",
            choices=PREDICTIONS.names),
     Option("diffusion.timestep_sampler", "uniform", "how training draws t",
            choices=TIMESTEP_SAMPLERS.names),
