@@ -37,14 +37,14 @@ def _assert_same_weights(a, b):
 def test_toy_training_learns_and_samples_land_on_the_data(tmp_path):
     config = Config({"data.name": "8gaussians", "data.num_samples": 4000, "model.hidden": 128, "model.depth": 3,
                      "train.batch_size": 128, "train.images_seen": 128 * 300, "train.lr": 2e-3,
-                     "train.warmup_images": 2000, "train.ema_decay": 0.99, "diffusion.prediction": "eps",
-                     "sample.n": 2000, "sample.steps": 30})
+                     "train.warmup_images": 2000, "train.ema_decay": 0.99, "diffusion.prediction": "x0",
+                     "train.lr_schedule": "constant", "sample.solver": "dpm++2m", "sample.n": 2000, "sample.steps": 30})
     trainer = Trainer(config, tmp_path / "run", progress=False)
     data = trainer.data.heldout
 
     def heldout_loss():
         g = torch.Generator().manual_seed(123)
-        t = torch.rand(len(data), generator=g).clamp(0.02, 0.98)
+        t = 0.02 + 0.18 * torch.rand(len(data), generator=g)  # low noise: x0 is recoverable from x_t
         eps = torch.randn(data.shape, generator=g)
         with torch.no_grad():
             out = trainer.ema.model(trainer.process.add_noise(data, eps, t), t)
@@ -53,7 +53,7 @@ def test_toy_training_learns_and_samples_land_on_the_data(tmp_path):
     before = heldout_loss()
     trainer.fit()
     after = heldout_loss()
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.3 * before, (before, after)  # measured: 0.105
     samples = frugaldiff.sample(tmp_path / "run", n=2000, steps=30)
     assert samples.shape == (2000, 2)
     nearest = torch.cdist(torch.from_numpy(samples), data).min(1).values
