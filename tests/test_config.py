@@ -47,6 +47,9 @@ def test_unknown_key_suggests_the_close_one():
     ({"model.channel_mult": 2}, "a list of int"),
     ({"data.name": "cifar10"}, "mnist5000"),
     ({"train.batch_size": 6, "train.grad_accum": 4}, "divisible"),
+    ({"timestep_sampler.near_zero.shape": "bogus"}, "timestep_sampler.near_zero.shape"),  # even when unused
+    ({"weighting.min_snr.gamma": -1.0}, "weighting.min_snr.gamma"),
+    ({"timestep_sampler.lognormal.p_std": "wide"}, "timestep_sampler.lognormal.p_std"),
 ])
 def test_bad_values_name_key_and_valid_choices(values, expected):
     assert expected in _one_line_error(values)

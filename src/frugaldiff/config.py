@@ -237,24 +237,26 @@ class Config:
                 f"({self['train.grad_accum']}); change one of them"
             )
         PREDICTIONS.create(self["diffusion.prediction"], self.process(), self["diffusion.sigma_data"])
-        self.timestep_sampler()
-        self.weighting()
+        for name in TIMESTEP_SAMPLERS.names():  # parameters of every component, used or not, must be valid
+            self.timestep_sampler(name=name)
+        for name in WEIGHTINGS.names():
+            self.weighting(name)
 
     def process(self) -> NoiseProcess:
         """The configured noise process."""
         return PROCESSES.create(self["diffusion.process"])
 
-    def timestep_sampler(self, rank: int = 0, world_size: int = 1) -> TimestepSampler:
-        """The configured timestep sampler, seeded with ``train.seed`` (the same on every rank)."""
-        params = {name: component_params(self, "timestep_sampler", name) for name in TIMESTEP_SAMPLERS.names()}
-        name = self["diffusion.timestep_sampler"]
+    def timestep_sampler(self, rank: int = 0, world_size: int = 1, name: str | None = None) -> TimestepSampler:
+        """The configured timestep sampler (or sampler ``name``), seeded with ``train.seed`` on every rank."""
+        params = {n: component_params(self, "timestep_sampler", n) for n in TIMESTEP_SAMPLERS.names()}
+        name = name or self["diffusion.timestep_sampler"]
         return TIMESTEP_SAMPLERS.create(name, process=self.process(), seed=self["train.seed"], rank=rank,
                                         world_size=world_size, accum_steps=self["train.grad_accum"], params=params,
                                         **params[name])
 
-    def weighting(self) -> Weighting:
-        """The configured loss weighting."""
-        name = self["diffusion.weighting"]
+    def weighting(self, name: str | None = None) -> Weighting:
+        """The configured loss weighting (or weighting ``name``)."""
+        name = name or self["diffusion.weighting"]
         return WEIGHTINGS.create(name, **component_params(self, "weighting", name)).bind(self.process())
 
     def __getitem__(self, key: str) -> Any:
