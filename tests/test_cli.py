@@ -97,3 +97,13 @@ def test_plot_timesteps_writes_a_png(tmp_path):
     with Image.open(out) as image:
         assert image.size[0] > 200
     assert main(["plot-timesteps", "nope", "--out", str(out)]) == 2
+
+
+def test_plot_amplification_writes_a_png_and_refuses_unknown_types(tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert main(["plot-amplification", "eps", "acceleration", "--process", "vp-linear", "--process", "flow",
+                 "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.size[0] > 500
+    assert main(["plot-amplification", "score", "--out", str(out)]) == 2
+    assert "unknown diffusion.prediction 'score'" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
+from frugaldiff.config import Config
 from frugaldiff.errors import FrugalError
-from frugaldiff.noise import PROCESSES, VPLinear
+from frugaldiff.noise import PROCESSES, Flow, VPLinear
 from frugaldiff.prediction import PREDICTIONS, Denoiser, LinearPrediction, register_linear_prediction
 
-PAIRS = [(p, k) for p in PROCESSES.names() for k in ["eps", "x0", "v"]]
+DEGENERATE = {("flow", "acceleration"), ("vp-cosine", "acceleration")}
+PAIRS = [(p, k) for p in PROCESSES.names() for k in PREDICTIONS.names() if (p, k) not in DEGENERATE]
 
 
 def _batch(process, n=256, seed=0):
@@ -57,10 +59,38 @@ def test_amplification_matches_reference_table():
         "eps": [0.174, 0.720, 3.413, 58.83],
         "x0": [0.5, 0.5, 0.5, 0.5],
         "v": [0.170, 0.504, 0.534, 0.500],
+        "velocity": [0.170, 0.504, 0.534, 0.500],
+        "acceleration": [0.718, 1.429, 0.773, 0.501],
     }
     for kind, values in expected.items():
         got = PREDICTIONS.create(kind, process, 0.5).amplification(t)
         torch.testing.assert_close(got, torch.tensor(values, dtype=torch.float64), rtol=1e-3, atol=6e-4)
+
+
+@pytest.mark.parametrize("process_name", ["vp-linear", "vp-cosine"])
+def test_velocity_points_like_v_on_vp_paths(process_name):
+    process = PROCESSES.create(process_name)
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    a_vel, b_vel, c_vel = PREDICTIONS.create("velocity", process, 0.5).scaled_coefficients(t)
+    a_v, b_v, c_v = PREDICTIONS.create("v", process, 0.5).scaled_coefficients(t)
+    torch.testing.assert_close(a_vel * b_v - b_vel * a_v, torch.zeros_like(t), rtol=0, atol=1e-9)  # parallel
+    assert bool(torch.all(a_vel / c_vel * a_v / c_v + b_vel / c_vel * b_v / c_v > 0.999))  # same way round
+
+
+def test_velocity_on_flow_is_eps_minus_x0():
+    pred = PREDICTIONS.create("velocity", Flow(), 0.5)
+    t, x0, eps, _ = _batch(Flow())
+    _, _, c = pred.scaled_coefficients(t)
+    torch.testing.assert_close(pred.target(x0, eps, t) * c[:, None, None, None], eps - x0)
+
+
+@pytest.mark.parametrize("process_name", ["flow", "vp-cosine"])
+def test_acceleration_is_refused_where_degenerate(process_name):
+    with pytest.raises(FrugalError) as e:
+        Config({"diffusion.prediction": "acceleration", "diffusion.process": process_name})
+    message = str(e.value)
+    assert f"'{process_name}'" in message and "'acceleration'" in message and "vp-linear" in message
+    assert "\n" not in message
 
 
 def test_degenerate_pair_is_refused_with_one_line():

@@ -1,4 +1,4 @@
-"""Command line: ``frugaldiff train | sample | plot-timesteps | config``."""
+"""Command line: ``frugaldiff train | sample | plot-timesteps | plot-amplification | config``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--config", type=Path, help="TOML file whose process and sampler parameters to use")
     plot.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     plot.add_argument("--out", type=Path, required=True, help="output PNG")
+
+    amp = sub.add_parser("plot-amplification", help="draw each prediction type's x0 error amplification A(t) (PNG)")
+    amp.add_argument("types", nargs="*", help="prediction types (default: all)")
+    amp.add_argument("--process", action="append", dest="processes", help="noise process (repeatable; default: all)")
+    amp.add_argument("--sigma-data", type=float, default=0.5)
+    amp.add_argument("--out", type=Path, required=True, help="output PNG")
 
     config = sub.add_parser("config", help="print the fully resolved config with every key")
     config.add_argument("--config", type=Path, help="TOML file to resolve")
@@ -99,6 +105,23 @@ def _plot_timesteps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_amplification(args: argparse.Namespace) -> int:
+    from .noise import PROCESSES
+    from .plots import plot_amplification
+    from .prediction import PREDICTIONS
+
+    types = args.types or PREDICTIONS.names()
+    processes = args.processes or PROCESSES.names()
+    for name in types:
+        PREDICTIONS.get(name)  # one-line errors for unknown names
+    for name in processes:
+        PROCESSES.get(name)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot_amplification(types, processes, args.out, args.sigma_data)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from .config import Config
 
@@ -110,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _train, "sample": _sample, "plot-timesteps": _plot_timesteps, "config": _config}
+        commands = {"train": _train, "sample": _sample, "plot-timesteps": _plot_timesteps,
+                    "plot-amplification": _plot_amplification, "config": _config}
         return commands[args.command](args)
     except FrugalError as e:
         print(f"frugaldiff: error: {e}", file=sys.stderr)

@@ -86,3 +86,34 @@ def plot_timestep_densities(names: list[str], process_name: str, out: Path, n: i
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_amplification(types: list[str], process_names: list[str], out: Path, sigma_data: float = 0.5) -> None:
+    """A(t) = σ·c/|D| of each prediction type over t, one panel per process (log scale).
+
+    A(t) is how much an error of the network's unit-scale output grows in x0; degenerate pairs are left out.
+    """
+    import torch
+
+    from .errors import FrugalError
+    from .noise import PROCESSES
+    from .prediction import PREDICTIONS
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(process_names), figsize=(5 * len(process_names), 4), squeeze=False)
+    for ax, process_name in zip(axes[0], process_names, strict=True):
+        process = PROCESSES.create(process_name)
+        t = np.linspace(0.01, min(0.99, process.t_max), 197)
+        for name in types:
+            try:
+                prediction = PREDICTIONS.create(name, process, sigma_data)
+            except FrugalError:
+                continue
+            amplification = prediction.amplification(torch.from_numpy(t)).numpy()
+            ax.plot(t, amplification, label=name)
+        ax.set(xlabel="t", ylabel="A(t)", yscale="log", title=f"{process_name} (σ_data = {sigma_data})")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+

@@ -70,30 +70,41 @@ class LinearPrediction(PredictionType):
         self._check_recoverable()
 
     def _check_recoverable(self) -> None:
-        t = torch.linspace(0.02, 0.98, 49, dtype=torch.float64).clamp(self.process.t_min, self.process.t_max)
-        ratio = 1 / self.amplification(t)
-        if not bool(torch.all(torch.isfinite(ratio) & (ratio > self.degenerate_ratio))):
-            raise FrugalError(
-                f"prediction type {self.name!r} cannot recover x0 on process {self.process.name!r} "
-                f"(its target is degenerate there); choose another prediction type or diffusion.process"
-            )
+        if self.recoverable_on(self.process):
+            return
+        from .noise import PROCESSES
 
-    def scaled_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(a, b, c): the target's coefficients and its standard deviation c."""
-        a, b = self.coefficients(self.process, t)
+        working = [n for n in PROCESSES.names() if self.recoverable_on(PROCESSES.create(n))]
+        hint = f"use it with diffusion.process = {' or '.join(working)}" if working else "it works on no process"
+        raise FrugalError(
+            f"prediction type {self.name!r} cannot recover x0 on process {self.process.name!r} (its target is "
+            f"degenerate there); choose another diffusion.prediction, or {hint}"
+        )
+
+    def recoverable_on(self, process: NoiseProcess) -> bool:
+        """Whether x0 follows from this target on ``process`` at every t (|D| not tiny against σ·c)."""
+        t = torch.linspace(0.02, 0.98, 49, dtype=torch.float64).clamp(process.t_min, process.t_max)
+        ratio = 1 / self.amplification(t, process)
+        return bool(torch.all(torch.isfinite(ratio) & (ratio > self.degenerate_ratio)))
+
+    def scaled_coefficients(self, t: Tensor, process: NoiseProcess | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(a, b, c): the target's coefficients and its standard deviation c (on ``process``, default ours)."""
+        a, b = self.coefficients(process or self.process, t)
         a, b = a * torch.ones_like(t), b * torch.ones_like(t)
         c = torch.sqrt(a**2 * self.sigma_data**2 + b**2)
         return a, b, c
 
-    def determinant(self, t: Tensor) -> Tensor:
+    def determinant(self, t: Tensor, process: NoiseProcess | None = None) -> Tensor:
         """D(t) = b·α − σ·a."""
-        a, b, _ = self.scaled_coefficients(t)
-        return b * self.process.alpha(t) - self.process.sigma(t) * a
+        process = process or self.process
+        a, b, _ = self.scaled_coefficients(t, process)
+        return b * process.alpha(t) - process.sigma(t) * a
 
-    def amplification(self, t: Tensor) -> Tensor:
+    def amplification(self, t: Tensor, process: NoiseProcess | None = None) -> Tensor:
         """A(t) = σ·c/|D|: how much an error of the unit-scale output grows in x0."""
-        _, _, c = self.scaled_coefficients(t)
-        return self.process.sigma(t) * c / self.determinant(t).abs()
+        process = process or self.process
+        _, _, c = self.scaled_coefficients(t, process)
+        return process.sigma(t) * c / self.determinant(t, process).abs()
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The unit-variance training target h/c."""
@@ -139,9 +150,21 @@ def _v(p: NoiseProcess, t: Tensor) -> tuple[Tensor, Tensor]:
     return -p.sigma(t), p.alpha(t)
 
 
+def _velocity(p: NoiseProcess, t: Tensor) -> tuple[Tensor, Tensor]:
+    """dx_t/dt = α'·x0 + σ'·ε: the paper's *velocity* (flow: ε − x0; on VP paths the direction of v)."""
+    return p.d_alpha(t), p.d_sigma(t)
+
+
+def _acceleration(p: NoiseProcess, t: Tensor) -> tuple[Tensor, Tensor]:
+    """d²x_t/dt² = α''·x0 + σ''·ε: the paper's *acceleration* (degenerate on flow and VP-cosine)."""
+    return p.dd_alpha(t), p.dd_sigma(t)
+
+
 register_linear_prediction("eps", _eps)
 register_linear_prediction("x0", _x0)
 register_linear_prediction("v", _v)
+register_linear_prediction("velocity", _velocity)
+register_linear_prediction("acceleration", _acceleration)
 
 
 class Denoiser(nn.Module):
