@@ -11,7 +11,7 @@ from .errors import FrugalError
 from .generate import generate, save_samples
 from .images import to_uint8
 from .plots import plot_metrics
-from .trainer import Trainer, new_run_dir
+from .trainer import Trainer, new_run_dir, read_run_config
 
 
 def newest_run(parent: Path = Path("runs")) -> Path:
@@ -33,9 +33,7 @@ def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path 
         if config is not None:
             raise FrugalError("a resumed run keeps its own config.toml; pass changes with --set, not --config")
         root = newest_run() if resume is True else Path(resume)
-        if not (root / "config.toml").is_file():
-            raise FrugalError(f"{root} is not a run folder (no config.toml); pass the folder `frugaldiff train` wrote")
-        config = Config.load(root / "config.toml", overrides)
+        config = read_run_config(root, overrides)
     else:
         config = config if isinstance(config, Config) else Config(config)
         config = config.updated(dict(parse_override(o) for o in overrides))

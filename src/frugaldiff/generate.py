@@ -9,20 +9,17 @@ import torch
 
 from .checkpoint import latest_checkpoint, load_trainer_state, load_weights
 from .config import Config
-from .errors import FrugalError
 from .images import save_grid, to_uint8
 from .plots import plot_points
 from .prediction import Denoiser
 from .solvers import solve
-from .trainer import autocast, autocast_dtype, build_denoiser, select_device
+from .trainer import autocast, autocast_dtype, build_denoiser, read_run_config, select_device
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[Config, Denoiser, dict]:
     """(config, EMA denoiser in eval mode, checkpoint info) of a run folder."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.toml").is_file():
-        raise FrugalError(f"{run_dir} is not a run folder (no config.toml); pass the folder `frugaldiff train` wrote")
-    config = Config.load(run_dir / "config.toml")
+    config = read_run_config(run_dir)
     ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     _, info = load_trainer_state(ckpt)
     denoiser = build_denoiser(config, tuple(info["sample_shape"]))

@@ -7,7 +7,7 @@ import csv
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -196,6 +196,14 @@ class RunFiles:
     @property
     def loss_plot(self) -> Path:
         return self.root / "loss.png"
+
+
+def read_run_config(run_dir: Path, overrides: Iterable[str] = ()) -> Config:
+    """The config.toml of a run folder (with ``KEY=VALUE`` overrides), or a one-line error if it is none."""
+    path = RunFiles(Path(run_dir)).config
+    if not path.is_file():
+        raise FrugalError(f"{run_dir} is not a run folder (no config.toml); pass the folder `frugaldiff train` wrote")
+    return Config.load(path, overrides)
 
 
 def new_run_dir(config: Config, parent: Path = Path("runs")) -> Path:
