@@ -100,7 +100,7 @@ OPTIONS: list[Option] = [
     Option("data.color", "auto", "channels of folder/npz images", choices=lambda: ["auto", "grey", "rgb"]),
     Option("data.heldout_fraction", 0.2, "held-out share where a dataset has no official split", low=0.01,
            high=0.9),
-    Option("data.num_samples", 8000, "number of training points of the 2-D toys", low=16),
+    Option("data.num_samples", 8000, "number of training points of generated data (2-D toys, gmm)", low=16),
     Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0),
     Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
            choices=lambda: ["auto", *NETWORKS.names()]),

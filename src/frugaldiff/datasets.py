@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .errors import FrugalError
+from .gmm import gmm_mixture
 from .registry import Registry
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -86,7 +87,8 @@ def load_dataset(
 
     ``image_size`` 0 keeps the native size, otherwise images are centre-cropped to square and resized.
     ``color`` is "auto" (the dataset's own channels), "grey" or "rgb". ``heldout_fraction`` and ``seed``
-    set the held-out split where a dataset has no official one; ``num_samples`` is the size of 2-D toys.
+    set the held-out split where a dataset has no official one; ``num_samples`` is the size of generated
+    data (2-D toys, gmm).
     """
     if color not in COLORS:
         raise FrugalError(f"unknown color {color!r}; choose one of: {', '.join(COLORS)}")
@@ -434,3 +436,17 @@ def _eight_gaussians(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.n
     labels = rng.integers(0, 8, n)
     angle = labels * (np.pi / 4)
     return 2 * np.stack([np.cos(angle), np.sin(angle)], 1) + rng.normal(0, 0.1, (n, 2)), labels
+
+
+@DATASETS.register("gmm")
+def _load_gmm(opts: LoadOptions) -> Data:
+    """``num_samples`` points of :func:`gmm_mixture` (label = component) and an independent held-out draw,
+    unscaled so that the mixture stays the exact data distribution."""
+    mixture = gmm_mixture(opts.seed)
+    sizes = (opts.num_samples, max(1, int(opts.num_samples * opts.heldout_fraction)))
+    streams = np.random.SeedSequence(opts.seed).spawn(2)
+    (train, train_labels), (heldout, heldout_labels) = (
+        mixture.sample(n, torch.Generator().manual_seed(int(stream.generate_state(1)[0])))
+        for n, stream in zip(sizes, streams, strict=True)
+    )
+    return Data("gmm", "vector", train.float(), heldout.float(), train_labels, heldout_labels)
