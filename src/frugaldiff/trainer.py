@@ -127,9 +127,13 @@ class BatchStream:
 
     def __init__(self, data: Tensor, seed: int) -> None:
         self.data, self.seed, self.position = data, seed, 0
+        self._order: tuple[int, Tensor] | None = None  # (epoch, permutation) of the epoch in use
 
     def _epoch_order(self, epoch: int) -> Tensor:
-        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.data), generator=generator))
+        return self._order[1]
 
     def next(self, n: int) -> Tensor:
         idx: list[Tensor] = []
