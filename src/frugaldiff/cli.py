@@ -90,7 +90,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _plot_timesteps(args: argparse.Namespace) -> int:
-    from .config import Config, component_params
+    from .config import Config
     from .plots import plot_timestep_densities
     from .timestep_samplers import TIMESTEP_SAMPLERS
 
@@ -98,9 +98,8 @@ def _plot_timesteps(args: argparse.Namespace) -> int:
     names = args.samplers or TIMESTEP_SAMPLERS.names()
     for name in names:
         TIMESTEP_SAMPLERS.get(name)  # one-line error for an unknown name
-    params = {name: component_params(config, "timestep_sampler", name) for name in TIMESTEP_SAMPLERS.names()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot_timestep_densities(names, config["diffusion.process"], args.out, params=params)
+    plot_timestep_densities(names, config["diffusion.process"], args.out, params=config.timestep_sampler_params())
     print(f"wrote {args.out}")
     return 0
 

@@ -149,7 +149,6 @@ OPTIONS: list[Option] = [
 ]
 
 
-
 def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
     """Options ``GROUP.<name>.<param>`` for the keyword-only parameters of each registered class."""
     options = []
@@ -159,9 +158,9 @@ def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
         for param in inspect.signature(factory).parameters.values():
             if param.kind is not param.KEYWORD_ONLY or param.default is param.empty:
                 continue
-            default = param.default
-            item = type(default[0]) if isinstance(default, list) and default else (str if isinstance(default, list)
-                                                                                     else None)
+            default, item = param.default, None
+            if isinstance(default, list):
+                item = type(default[0]) if default else str
             options.append(Option(f"{group}.{name}.{param.name}", default, f"{name}: {summary}", item=item))
     return options
 
@@ -248,11 +247,15 @@ class Config:
 
     def timestep_sampler(self, rank: int = 0, world_size: int = 1, name: str | None = None) -> TimestepSampler:
         """The configured timestep sampler (or sampler ``name``), seeded with ``train.seed`` on every rank."""
-        params = {n: component_params(self, "timestep_sampler", n) for n in TIMESTEP_SAMPLERS.names()}
+        params = self.timestep_sampler_params()
         name = name or self["diffusion.timestep_sampler"]
         return TIMESTEP_SAMPLERS.create(name, process=self.process(), seed=self["train.seed"], rank=rank,
                                         world_size=world_size, accum_steps=self["train.grad_accum"], params=params,
                                         **params[name])
+
+    def timestep_sampler_params(self) -> dict[str, dict[str, Any]]:
+        """Every timestep sampler's configured parameters, by sampler name."""
+        return {n: component_params(self, "timestep_sampler", n) for n in TIMESTEP_SAMPLERS.names()}
 
     def weighting(self, name: str | None = None) -> Weighting:
         """The configured loss weighting (or weighting ``name``)."""
