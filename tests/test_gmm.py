@@ -120,3 +120,24 @@ def test_gmm_dataset():
     # the data follow their seed's mixture, not another seed's
     x = data.train.double()
     assert gmm_mixture(3).log_prob(x).mean() > gmm_mixture(4).log_prob(x).mean() + 10
+
+
+def test_gmm_config_keys_shape_the_dataset() -> None:
+    from frugaldiff.config import Config
+    from frugaldiff.trainer import load_data
+
+    config = Config().updated({"data.name": "gmm", "data.num_samples": 64, "data.gmm_dim": 3,
+                               "data.gmm_components": 2, "data.gmm_covariance": "full", "data.seed": 5})
+    data = load_data(config)
+    assert data.train.shape == (64, 3) and int(data.train_labels.max()) <= 1
+    mixture = gmm_mixture(5, 3, 2, "full")
+    assert not torch.allclose(mixture.covs, torch.diag_embed(torch.diagonal(mixture.covs, dim1=1, dim2=2)))
+    assert torch.equal(gmm_mixture(5, 3, 2, "diagonal").covs,
+                       torch.diag_embed(torch.diagonal(gmm_mixture(5, 3, 2).covs, dim1=1, dim2=2)))
+
+
+def test_gmm_bad_covariance_is_one_line() -> None:
+    from frugaldiff.errors import FrugalError
+
+    with pytest.raises(FrugalError, match="covariance 'dense'.*diagonal, full"):
+        gmm_mixture(0, covariance="dense")

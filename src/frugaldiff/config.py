@@ -19,6 +19,7 @@ from typing import Any
 from .checkpoint import atomic_write_text
 from .datasets import dataset_names
 from .errors import FrugalError
+from .gmm import GMM_COMPONENTS, GMM_COVARIANCES, GMM_DIM
 from .networks import NETWORKS
 from .noise import PROCESSES, NoiseProcess
 from .prediction import PREDICTIONS
@@ -101,6 +102,10 @@ OPTIONS: list[Option] = [
     Option("data.heldout_fraction", 0.2, "held-out share where a dataset has no official split", low=0.01,
            high=0.9),
     Option("data.num_samples", 8000, "number of training points of generated data (2-D toys, gmm)", low=16),
+    Option("data.gmm_dim", GMM_DIM, "dimension of dataset gmm", low=1, high=4096),
+    Option("data.gmm_components", GMM_COMPONENTS, "number of mixture components of dataset gmm", low=1, high=1024),
+    Option("data.gmm_covariance", "diagonal", "component covariances of dataset gmm",
+           choices=lambda: list(GMM_COVARIANCES)),
     Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0),
     Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
            choices=lambda: ["auto", *NETWORKS.names()]),

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .errors import FrugalError
-from .gmm import gmm_mixture
+from .gmm import GMM_COMPONENTS, GMM_DIM, gmm_mixture
 from .registry import Registry
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -62,6 +62,9 @@ class LoadOptions:
     heldout_fraction: float = 0.2
     num_samples: int = 8000
     seed: int = 0
+    gmm_dim: int = GMM_DIM
+    gmm_components: int = GMM_COMPONENTS
+    gmm_covariance: str = "diagonal"
 
 
 DATASETS: Registry[Data] = Registry("dataset")  # name -> loader(opts: LoadOptions) -> Data
@@ -82,13 +85,16 @@ def load_dataset(
     heldout_fraction: float = 0.2,
     num_samples: int = 8000,
     seed: int = 0,
+    gmm_dim: int = GMM_DIM,
+    gmm_components: int = GMM_COMPONENTS,
+    gmm_covariance: str = "diagonal",
 ) -> Data:
     """Load dataset ``name`` (see :func:`dataset_names`).
 
     ``image_size`` 0 keeps the native size, otherwise images are centre-cropped to square and resized.
     ``color`` is "auto" (the dataset's own channels), "grey" or "rgb". ``heldout_fraction`` and ``seed``
     set the held-out split where a dataset has no official one; ``num_samples`` is the size of generated
-    data (2-D toys, gmm).
+    data (2-D toys, gmm); ``gmm_*`` shape the mixture of dataset "gmm".
     """
     if color not in COLORS:
         raise FrugalError(f"unknown color {color!r}; choose one of: {', '.join(COLORS)}")
@@ -98,7 +104,7 @@ def load_dataset(
         raise FrugalError(f"heldout_fraction is {heldout_fraction}; use a fraction between 0 and 1, e.g. 0.2")
     if num_samples < 1:
         raise FrugalError(f"num_samples is {num_samples}; use a positive number of points, e.g. 8000")
-    opts = LoadOptions(image_size, color, heldout_fraction, num_samples, seed)
+    opts = LoadOptions(image_size, color, heldout_fraction, num_samples, seed, gmm_dim, gmm_components, gmm_covariance)
     prefix, sep, path = name.partition(":")
     if sep and prefix in _PATH_LOADERS:
         if not path:
@@ -442,7 +448,7 @@ def _eight_gaussians(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.n
 def _load_gmm(opts: LoadOptions) -> Data:
     """``num_samples`` points of :func:`gmm_mixture` (label = component) and an independent held-out draw,
     unscaled so that the mixture stays the exact data distribution."""
-    mixture = gmm_mixture(opts.seed)
+    mixture = gmm_mixture(opts.seed, opts.gmm_dim, opts.gmm_components, opts.gmm_covariance)
     sizes = (opts.num_samples, max(1, int(opts.num_samples * opts.heldout_fraction)))
     streams = np.random.SeedSequence(opts.seed).spawn(2)
     (train, train_labels), (heldout, heldout_labels) = (

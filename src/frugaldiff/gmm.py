@@ -20,6 +20,7 @@ from .noise import NoiseProcess
 
 GMM_DIM = 16  # dimension and components of the registered "gmm" dataset
 GMM_COMPONENTS = 8
+GMM_COVARIANCES = ("diagonal", "full")
 
 
 @dataclass
@@ -98,9 +99,13 @@ class GaussianMixture:
         return (self.posterior_mean(x_t, alpha, sigma) - x0.to(torch.float64)).pow(2).mean(-1)
 
 
-def gmm_mixture(seed: int) -> GaussianMixture:
-    """The mixture behind dataset "gmm" for data seed ``seed``."""
-    return GaussianMixture.random(GMM_DIM, GMM_COMPONENTS, seed)
+def gmm_mixture(seed: int, dim: int = GMM_DIM, components: int = GMM_COMPONENTS,
+                covariance: str = "diagonal") -> GaussianMixture:
+    """The mixture behind dataset "gmm" (``data.seed``, ``data.gmm_dim``, ``data.gmm_components``,
+    ``data.gmm_covariance``)."""
+    if covariance not in GMM_COVARIANCES:
+        raise FrugalError(f"unknown gmm covariance {covariance!r}; choose one of: {', '.join(GMM_COVARIANCES)}")
+    return GaussianMixture.random(dim, components, seed, diagonal=covariance == "diagonal")
 
 
 def excess_x0_error(
