@@ -4,10 +4,10 @@ import torch
 from frugaldiff.config import Config
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import PROCESSES, Flow, VPLinear
-from frugaldiff.prediction import PREDICTIONS, Denoiser, LinearPrediction, register_linear_prediction
+from frugaldiff.prediction import LINEAR_TYPES, PREDICTIONS, Denoiser, LinearPrediction, register_linear_prediction
 
 DEGENERATE = {("flow", "acceleration"), ("vp-cosine", "acceleration")}
-PAIRS = [(p, k) for p in PROCESSES.names() for k in PREDICTIONS.names() if (p, k) not in DEGENERATE]
+PAIRS = [(p, k) for p in PROCESSES.names() for k in LINEAR_TYPES if (p, k) not in DEGENERATE]
 
 
 def _batch(process, n=256, seed=0):
@@ -109,6 +109,7 @@ def test_user_registered_pair_works_everywhere():
         torch.testing.assert_close(pred.to_x0(pred.target(x0, eps, t), x_t, t), x0, rtol=0, atol=1e-11)
     finally:
         PREDICTIONS._entries.pop("half_x0_half_eps")
+        LINEAR_TYPES.remove("half_x0_half_eps")
 
 
 def test_denoiser_scales_input_to_unit_variance():

@@ -164,10 +164,12 @@ def test_combine_loss_is_the_product_of_the_three_factors():
 
     prediction = PREDICTIONS.create("eps", VPLinear(), 0.5)
     t = torch.tensor([0.3, 0.6])
-    error, importance = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0])
-    objective, optimised = combine_loss(error, t, importance, WEIGHTINGS.create("none"), prediction)
-    assert torch.equal(objective, error) and torch.equal(optimised, torch.tensor([0.5, 4.0]))
-    objective, optimised = combine_loss(error, t, importance, Fixed(), prediction)
+    x0, eps, out = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    x_t = prediction.process.add_noise(x0, eps, t)
+    error, importance = prediction.error(out, x0, eps, t), torch.tensor([0.5, 2.0])
+    objective, optimised = combine_loss(prediction, out, x_t, x0, eps, t, importance, WEIGHTINGS.create("none"))
+    assert torch.equal(objective, error) and torch.equal(optimised, error * importance)
+    objective, optimised = combine_loss(prediction, out, x_t, x0, eps, t, importance, Fixed())
     expected = error * torch.tensor([3.0, 1.0]) * prediction.amplification(t) ** 2
     torch.testing.assert_close(objective, expected)
     torch.testing.assert_close(optimised, expected * importance)

@@ -107,12 +107,15 @@ def _plot_timesteps(args: argparse.Namespace) -> int:
 def _plot_amplification(args: argparse.Namespace) -> int:
     from .noise import PROCESSES
     from .plots import plot_amplification
-    from .prediction import PREDICTIONS
+    from .prediction import LINEAR_TYPES, PREDICTIONS
 
-    types = args.types or PREDICTIONS.names()
+    types = args.types or LINEAR_TYPES
     processes = args.processes or PROCESSES.names()
     for name in types:
         PREDICTIONS.get(name)  # one-line errors for unknown names
+        if name not in LINEAR_TYPES:
+            raise FrugalError(f"{name!r} has no single A(t); plot the types it mixes, e.g. --types "
+                              f"{' '.join(LINEAR_TYPES)}")
     for name in processes:
         PROCESSES.get(name)
     args.out.parent.mkdir(parents=True, exist_ok=True)

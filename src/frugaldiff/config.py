@@ -22,7 +22,7 @@ from .errors import FrugalError
 from .gmm import GMM_COMPONENTS, GMM_COVARIANCES, GMM_DIM
 from .networks import NETWORKS
 from .noise import PROCESSES, NoiseProcess
-from .prediction import PREDICTIONS
+from .prediction import PREDICTIONS, PredictionType
 from .registry import Registry
 from .solvers import SCHEDULES, SOLVERS
 from .timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
@@ -170,7 +170,8 @@ def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
     return options
 
 
-OPTIONS += parameter_options("timestep_sampler", TIMESTEP_SAMPLERS) + parameter_options("weighting", WEIGHTINGS)
+OPTIONS += (parameter_options("diffusion", PREDICTIONS) + parameter_options("timestep_sampler", TIMESTEP_SAMPLERS)
+            + parameter_options("weighting", WEIGHTINGS))
 OPTION_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
 
 
@@ -240,7 +241,7 @@ class Config:
                 f"train.batch_size ({self['train.batch_size']}) must be divisible by train.grad_accum "
                 f"({self['train.grad_accum']}); change one of them"
             )
-        PREDICTIONS.create(self["diffusion.prediction"], self.process(), self["diffusion.sigma_data"])
+        self.prediction()
         for name in TIMESTEP_SAMPLERS.names():  # parameters of every component, used or not, must be valid
             self.timestep_sampler(name=name)
         for name in WEIGHTINGS.names():
@@ -249,6 +250,12 @@ class Config:
     def process(self) -> NoiseProcess:
         """The configured noise process."""
         return PROCESSES.create(self["diffusion.process"])
+
+    def prediction(self) -> PredictionType:
+        """The configured prediction type (with its ``diffusion.<name>.*`` parameters, e.g. diffusion.mixed.types)."""
+        name = self["diffusion.prediction"]
+        return PREDICTIONS.create(name, self.process(), self["diffusion.sigma_data"],
+                                  **component_params(self, "diffusion", name))
 
     def timestep_sampler(self, rank: int = 0, world_size: int = 1, name: str | None = None) -> TimestepSampler:
         """The configured timestep sampler (or sampler ``name``), seeded with ``train.seed`` on every rank."""

@@ -8,6 +8,7 @@ unweighted F-space loss equals an x0-space loss weighted by 1/A².
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -37,12 +38,10 @@ class PredictionType:
         """x̂0 from the raw network output."""
         raise NotImplementedError
 
-    def error(self, out: Tensor, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """Per-sample squared error [B] in this type's own training space."""
-        raise NotImplementedError
-
-    def x0_factor(self, t: Tensor) -> Tensor:
-        """Factor turning an x0-space loss weight into a weight on :meth:`error` [B]."""
+    def objective(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
+                  x0_weight: Tensor | None) -> Tensor:
+        """Per-sample training loss [B]: unweighted in the type's own space when ``x0_weight`` is None,
+        otherwise the x0-space error weighted by ``x0_weight``."""
         raise NotImplementedError
 
     def to_eps(self, x0_hat: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -117,13 +116,21 @@ class LinearPrediction(PredictionType):
         return (bcast(b, x_t) * x_t - bcast(sigma * c, x_t) * out) / bcast(d, x_t)
 
     def error(self, out: Tensor, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """Per-sample squared error [B] of the unit-scale output against :meth:`target`."""
         return (out.float() - self.target(x0, eps, t)).pow(2).flatten(1).mean(1)
 
     def x0_factor(self, t: Tensor) -> Tensor:
+        """A(t)²: turns an x0-space loss weight into a weight on :meth:`error`."""
         return self.amplification(t) ** 2
+
+    def objective(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
+                  x0_weight: Tensor | None) -> Tensor:
+        error = self.error(out, x0, eps, t)
+        return error if x0_weight is None else error * x0_weight * self.x0_factor(t)
 
 
 PREDICTIONS: Registry[PredictionType] = Registry("diffusion.prediction")
+LINEAR_TYPES: list[str] = []  # names registered through register_linear_prediction, in order
 
 
 def register_linear_prediction(name: str, coefficients: Coefficients) -> None:
@@ -135,7 +142,9 @@ def register_linear_prediction(name: str, coefficients: Coefficients) -> None:
     def factory(process: NoiseProcess, sigma_data: float) -> LinearPrediction:
         return LinearPrediction(process, sigma_data, coefficients, name=name)
 
+    factory.__doc__ = f"Linear target {name!r}."
     PREDICTIONS.register(name)(factory)
+    LINEAR_TYPES.append(name)
 
 
 def _eps(p: NoiseProcess, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,6 +174,105 @@ register_linear_prediction("x0", _x0)
 register_linear_prediction("v", _v)
 register_linear_prediction("velocity", _velocity)
 register_linear_prediction("acceleration", _acceleration)
+
+GATES = ("timestep", "pixel")
+STRATEGIES = ("joint", "heads", "heads+joint")
+
+
+class MixedPrediction(PredictionType, nn.Module):
+    """K heads, one per linear type, mixed in x0 by gate weights π = softmax(logits).
+
+    The ``timestep`` gate is a small MLP on features of t (its parameters live here, so they are part of the
+    denoiser, its EMA and its checkpoints); the ``pixel`` gate reads K extra logits per output element from the
+    network. ``strategy`` is the loss: ``joint`` (x0 error of the mixture only), ``heads`` (each head on its
+    own target, the gate on the mixture's x0 error with the heads detached) or ``heads+joint`` (their sum).
+    """
+
+    name = "mixed"
+    frequencies = 8  # sin/cos features of t for the timestep gate
+
+    def __init__(self, process: NoiseProcess, sigma_data: float, types: list[str], gate: str,
+                 strategy: str) -> None:
+        nn.Module.__init__(self)
+        PredictionType.__init__(self, process, sigma_data)
+        bad = [n for n in types if n not in LINEAR_TYPES]
+        if bad or not types or len(set(types)) != len(types):
+            raise FrugalError(f"diffusion.mixed.types = {types} must list distinct linear types; choose from: "
+                              f"{', '.join(LINEAR_TYPES)}")
+        if gate not in GATES:
+            raise FrugalError(f"unknown diffusion.mixed.gate {gate!r}; choose one of: {', '.join(GATES)}")
+        if strategy not in STRATEGIES:
+            raise FrugalError(f"unknown diffusion.mixed.strategy {strategy!r}; choose one of: "
+                              f"{', '.join(STRATEGIES)}")
+        self.types, self.gate, self.strategy = list(types), gate, strategy
+        self.heads: list[LinearPrediction] = [PREDICTIONS.create(n, process, sigma_data) for n in types]
+        self.gate_net = None
+        if gate == "timestep":
+            k = len(types)
+            self.gate_net = nn.Sequential(nn.Linear(2 * self.frequencies + 1, 64), nn.SiLU(), nn.Linear(64, k))
+            nn.init.zeros_(self.gate_net[-1].weight)  # start from equal weights
+            nn.init.zeros_(self.gate_net[-1].bias)
+
+    def out_channels(self, data_channels: int) -> int:
+        """One block of ``data_channels`` per head, and one per head for the pixel gate's logits."""
+        return data_channels * len(self.heads) * (2 if self.gate == "pixel" else 1)
+
+    def _time_features(self, t: Tensor) -> Tensor:
+        """t and sin/cos(kπt), k = 1..frequencies, in the gate's dtype and device [B, 2F + 1]."""
+        weight = self.gate_net[0].weight
+        t = t.to(weight)[:, None]
+        angle = t * torch.arange(1, self.frequencies + 1, device=weight.device, dtype=weight.dtype) * math.pi
+        return torch.cat([t, angle.sin(), angle.cos()], 1)
+
+    def _chunks(self, out: Tensor) -> tuple[Tensor, ...]:
+        """The network output split into the heads' outputs, then (pixel gate) the heads' gate logits."""
+        k = len(self.heads)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
+        return out.chunk(2 * k if self.gate == "pixel" else k, dim=1)
+
+    def heads_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """Each head's x̂0, stacked [B, K, ...]."""
+        return torch.stack([h.to_x0(c, x_t, t) for h, c in zip(self.heads, self._chunks(out), strict=False)], 1)
+
+    def gate_weights(self, out: Tensor, t: Tensor) -> Tensor:
+        """π [B, K] for the timestep gate, [B, K, ...] (one per output element) for the pixel gate."""
+        if self.gate_net is not None:
+            return torch.softmax(self.gate_net(self._time_features(t)), dim=1)
+        return torch.softmax(torch.stack(self._chunks(out)[len(self.heads):], 1), dim=1)
+
+    def _mix(self, x0s: Tensor, weights: Tensor) -> Tensor:
+        return (weights.reshape(*weights.shape, *[1] * (x0s.dim() - weights.dim())) * x0s).sum(1)
+
+    def to_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return self._mix(self.heads_x0(out, x_t, t), self.gate_weights(out, t))
+
+    def x0_factor(self, t: Tensor) -> Tensor:
+        """min_k A_k(t)²: without a weighting, the mixture's x0 error is measured in its best head's scale."""
+        return torch.stack([h.x0_factor(t) for h in self.heads]).min(0).values
+
+    def objective(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
+                  x0_weight: Tensor | None) -> Tensor:
+        x0s, weights = self.heads_x0(out, x_t, t), self.gate_weights(out, t)
+        w = 1 / self.x0_factor(t) if x0_weight is None else x0_weight
+
+        def mixture_error(heads: Tensor) -> Tensor:
+            return (self._mix(heads, weights) - x0).pow(2).flatten(1).mean(1) * w
+
+        loss = torch.zeros_like(w)
+        if self.strategy in ("heads", "heads+joint"):
+            heads = zip(self.heads, self._chunks(out), strict=False)
+            loss = loss + sum(h.objective(c, x_t, x0, eps, t, x0_weight) for h, c in heads)
+            loss = loss + mixture_error(x0s.detach())
+        if self.strategy in ("joint", "heads+joint"):
+            loss = loss + mixture_error(x0s)
+        return loss
+
+
+@PREDICTIONS.register("mixed")
+def _mixed(process: NoiseProcess, sigma_data: float, *, types: list[str] = ["x0", "velocity", "acceleration"],  # noqa: B006
+           gate: str = "timestep", strategy: str = "heads") -> MixedPrediction:
+    """K heads of linear types mixed by a learned gate (timestep or pixel); strategy joint, heads or heads+joint."""
+    return MixedPrediction(process, sigma_data, types, gate, strategy)
 
 
 class Denoiser(nn.Module):

@@ -29,7 +29,7 @@ from .config import Config
 from .datasets import Data, load_dataset
 from .errors import FrugalError
 from .networks import NETWORKS
-from .prediction import PREDICTIONS, Denoiser, PredictionType
+from .prediction import Denoiser, PredictionType
 from .timestep_samplers import TimestepSampler
 from .weighting import Weighting
 
@@ -93,7 +93,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 
 def build_denoiser(config: Config, sample_shape: tuple[int, ...]) -> Denoiser:
     """Network + prediction type for data of ``sample_shape`` ((C, H, W) images or (D,) vectors)."""
-    prediction = PREDICTIONS.create(config["diffusion.prediction"], config.process(), config["diffusion.sigma_data"])
+    prediction = config.prediction()
     name = config["model.name"]
     if name == "auto":
         name = "unet" if len(sample_shape) == 3 else "mlp"
@@ -163,16 +163,16 @@ class EMA:
             ema_b.copy_(b)
 
 
-def combine_loss(error: Tensor, t: Tensor, importance: Tensor, weighting: Weighting,
-                 prediction: PredictionType) -> tuple[Tensor, Tensor]:
-    """The one place where sampler weight × weighting × prediction-type factor meet.
+def combine_loss(prediction: PredictionType, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
+                 importance: Tensor, weighting: Weighting) -> tuple[Tensor, Tensor]:
+    """The one place where sampler weight × weighting × prediction type meet.
 
-    ``error`` is the prediction type's own per-sample loss. Returns (objective, optimised): the
-    per-sample loss of the chosen objective (fed back to the timestep sampler) and the loss that is
-    minimised, i.e. the objective (adjusted by a learned weighting) times the importance weight.
+    ``out`` is the network's raw output for ``x_t`` = α·``x0`` + σ·``eps``. Returns (objective, optimised):
+    the per-sample loss of the chosen objective (the prediction type's loss under the weighting's x0 weight,
+    fed back to the timestep sampler) and the loss that is minimised, i.e. the objective (adjusted by a
+    learned weighting) times the importance weight.
     """
-    x0_weight = weighting.x0_weight(prediction.process, t)
-    objective = error if x0_weight is None else error * x0_weight * prediction.x0_factor(t)
+    objective = prediction.objective(out, x_t, x0, eps, t, weighting.x0_weight(prediction.process, t))
     return objective, weighting.adjust(objective, t) * importance
 
 
@@ -339,8 +339,7 @@ class Trainer:
         x_t = self.process.add_noise(x0, eps, t)
         with autocast(self.device, self.amp_dtype):
             out = self.denoiser(x_t, t)
-        error = self.prediction.error(out, x0, eps, t)
-        objective, optimised = combine_loss(error, t, importance, self.weighting, self.prediction)
+        objective, optimised = combine_loss(self.prediction, out, x_t, x0, eps, t, importance, self.weighting)
         return optimised.mean(), t, objective.detach()
 
     def train_step(self) -> tuple[float, float]:

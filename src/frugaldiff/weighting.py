@@ -1,7 +1,8 @@
 """Loss weightings: how much each time t counts, expressed as a weight on the x0-space error.
 
 Because a weighting lives in x0 space (a function of t through α, σ and the SNR), it composes with
-every prediction type: the trainer multiplies it by the prediction type's ``x0_factor`` (A(t)²).
+every prediction type: ``PredictionType.objective`` applies it (a linear type multiplies its own error by
+the weight times A(t)²; the mixed type weights the mixture's x0 error directly).
 ``none`` keeps the prediction type's own unit-variance loss.
 
 All weights are computed from λ = log SNR (``process.log_snr``), SNR = α²/σ², so they stay finite over

@@ -1,0 +1,214 @@
+"""The mixed prediction: K linear heads gated in x0 (timestep or pixel gate; joint, heads, heads+joint)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from frugaldiff.cli import main
+from frugaldiff.config import Config
+from frugaldiff.errors import FrugalError
+from frugaldiff.generate import generate, load_run
+from frugaldiff.noise import PROCESSES, VPLinear
+from frugaldiff.prediction import PREDICTIONS, MixedPrediction
+from frugaldiff.solvers import SOLVERS
+from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
+from frugaldiff.trainer import Trainer, combine_loss
+from frugaldiff.weighting import WEIGHTINGS
+from tests.conftest import TINY_UNET
+
+TYPES = ["x0", "velocity", "acceleration"]
+TOY = {"data.name": "moons", "data.num_samples": 512, "model.hidden": 32, "model.depth": 2, "train.batch_size": 32,
+       "train.images_seen": 32 * 6, "train.warmup_images": 0, "train.log_every": 3, "train.checkpoint_every": 0,
+       "diffusion.prediction": "mixed", "sample.n": 16, "sample.steps": 8}
+
+
+def _mixed(gate="timestep", strategy="heads", types=TYPES, process=None) -> MixedPrediction:
+    return PREDICTIONS.create("mixed", process or VPLinear(), 0.5, types=types, gate=gate, strategy=strategy)
+
+
+def _batch(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0, eps = 0.5 * torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g,
+                                                                                      dtype=torch.float64)
+    t = torch.linspace(0.02, 0.98, shape[0], dtype=torch.float64)
+    return t, x0, eps, VPLinear().add_noise(x0, eps, t)
+
+
+def _true_output(pred: MixedPrediction, x0, eps, t, gate_logits=None):
+    """The network output whose every head is exactly its target (and, for the pixel gate, given logits)."""
+    parts = [h.target(x0, eps, t) for h in pred.heads]
+    if pred.gate == "pixel":
+        parts += list(gate_logits)
+    return torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("gate", ["timestep", "pixel"])
+def test_exact_heads_give_exact_x0_whatever_the_gate(gate):
+    pred = _mixed(gate).double()
+    t, x0, eps, x_t = _batch((40, 2, 3, 3))
+    logits = torch.randn(3, 40, 2, 3, 3, dtype=torch.float64) * 3
+    out = _true_output(pred, x0, eps, t, logits)
+    assert out.shape[1] == pred.out_channels(2) == (2 if gate == "pixel" else 1) * 3 * 2
+    torch.testing.assert_close(pred.heads_x0(out, x_t, t), x0[:, None].expand(-1, 3, -1, -1, -1), rtol=0,
+                               atol=1e-11)
+    with torch.no_grad():
+        pred.gate_net is None or pred.gate_net[-1].bias.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    torch.testing.assert_close(pred.to_x0(out, x_t, t), x0, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("gate", ["timestep", "pixel"])
+def test_gate_weights_are_a_distribution(gate):
+    pred = _mixed(gate)
+    t = torch.rand(16)
+    out = 4 * torch.randn(16, pred.out_channels(5))
+    weights = pred.gate_weights(out, t)
+    assert weights.shape == ((16, 3) if gate == "timestep" else (16, 3, 5))
+    assert bool((weights >= 0).all())
+    torch.testing.assert_close(weights.sum(1), torch.ones(weights.sum(1).shape))
+    if gate == "timestep":  # zero-initialised last layer: equal weights at the start
+        torch.testing.assert_close(weights, torch.full_like(weights, 1 / 3))
+
+
+def test_strategies_route_the_gradients():
+    """heads: head outputs get only their own targets' gradient, the gate only the mixture's;
+    joint: the mixture's x0 error alone; heads+joint: the sum of both."""
+    t, x0, eps, x_t = _batch((8, 4))
+    x0, eps, x_t, t = x0.float(), eps.float(), x_t.float(), t.float()
+    out0 = torch.randn(8, 12)
+
+    def grads(strategy):
+        pred = _mixed(strategy=strategy)
+        with torch.no_grad():
+            pred.gate_net[-1].bias.copy_(torch.tensor([0.3, -0.1, 0.2]))
+        out = out0.clone().requires_grad_(True)
+        pred.objective(out, x_t, x0, eps, t, None).sum().backward()
+        return out.grad, pred.gate_net[-1].bias.grad, pred
+
+    g_heads, b_heads, pred = grads("heads")
+    out = out0.clone().requires_grad_(True)
+    sum(h.error(c, x0, eps, t) for h, c in zip(pred.heads, out.chunk(3, 1), strict=True)).sum().backward()
+    torch.testing.assert_close(g_heads, out.grad)
+    g_joint, b_joint, pred = grads("joint")
+    out = out0.clone().requires_grad_(True)
+    bias = pred.gate_net[-1].bias
+    bias.grad = None
+    ((pred.to_x0(out, x_t, t) - x0).pow(2).mean(1) / pred.x0_factor(t)).sum().backward()
+    torch.testing.assert_close(g_joint, out.grad)
+    torch.testing.assert_close(b_joint, bias.grad)
+    torch.testing.assert_close(b_heads, b_joint)  # the gate sees the same mixture error either way
+    g_both, b_both, _ = grads("heads+joint")
+    torch.testing.assert_close(g_both, g_heads + g_joint)
+    torch.testing.assert_close(b_both, b_heads + b_joint)
+
+
+def test_unweighted_mixture_is_measured_in_its_best_heads_scale():
+    pred, t = _mixed(), torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
+    factors = torch.stack([h.amplification(t) ** 2 for h in pred.heads])
+    torch.testing.assert_close(pred.x0_factor(t), factors.min(0).values)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"diffusion.process": "flow"}, "'acceleration' cannot recover x0 on process 'flow'"),
+    ({"diffusion.mixed.types": ["x0", "score"]}, r"distinct linear types; choose from: eps, x0"),
+    ({"diffusion.mixed.types": ["x0", "x0"]}, "distinct linear types"),
+    ({"diffusion.mixed.types": []}, "distinct linear types"),
+    ({"diffusion.mixed.gate": "channel"}, "unknown diffusion.mixed.gate 'channel'; choose one of: timestep, pixel"),
+    ({"diffusion.mixed.strategy": "both"}, "unknown diffusion.mixed.strategy 'both'"),
+])
+def test_bad_mixture_is_refused_at_config_time(values, message):
+    with pytest.raises(FrugalError, match=message) as e:
+        Config({"diffusion.prediction": "mixed", **values})
+    assert "\n" not in str(e.value)
+
+
+def test_mixture_without_acceleration_works_on_every_process():
+    for name in PROCESSES.names():
+        Config({"diffusion.prediction": "mixed", "diffusion.process": name,
+                "diffusion.mixed.types": ["x0", "velocity"]})
+
+
+def test_config_lists_the_mixture_keys(capsys):
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    assert 'types = ["x0", "velocity", "acceleration"]' in text and 'strategy = "heads"' in text
+
+
+def _heldout_loss(trainer: Trainer) -> float:
+    """The strategy's own loss on a fixed held-out batch."""
+    g = torch.Generator().manual_seed(123)
+    x0 = trainer.data.heldout
+    t = trainer.process.clamp(torch.rand(len(x0), generator=g))
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = trainer.process.add_noise(x0, eps, t)
+    with torch.no_grad():
+        return float(trainer.prediction.objective(trainer.denoiser(x_t, t), x_t, x0, eps, t, None).mean())
+
+
+@pytest.mark.parametrize("gate", ["timestep", "pixel"])
+@pytest.mark.parametrize("strategy", ["joint", "heads", "heads+joint"])
+def test_each_strategy_learns_on_a_toy_and_checkpoints_its_gate(tmp_path, strategy, gate):
+    values = {**TOY, "train.images_seen": 32 * 60, "train.lr": 3e-3, "diffusion.mixed.strategy": strategy,
+              "diffusion.mixed.gate": gate}
+    trainer = Trainer(Config(values), tmp_path / "run", progress=False)
+    before = _heldout_loss(trainer)
+    trainer.fit()
+    after = _heldout_loss(trainer)
+    assert after < 0.9 * before, (before, after)
+    _, ema, _ = load_run(tmp_path / "run")
+    saved, live = ema.state_dict(), trainer.ema.model.state_dict()
+    assert saved.keys() == live.keys()
+    assert all(torch.equal(saved[k], live[k]) for k in saved)
+    if gate == "timestep":
+        assert any(k.startswith("prediction.gate_net.") for k in saved)
+        assert saved["prediction.gate_net.2.weight"].abs().sum() > 0  # the gate moved away from equal weights
+
+
+@pytest.mark.parametrize("name", TIMESTEP_SAMPLERS.names())
+def test_mixed_trains_with_every_timestep_sampler(tmp_path, name):
+    Trainer(Config({**TOY, "diffusion.timestep_sampler": name}), tmp_path / "run", progress=False).fit()
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+@pytest.mark.parametrize("strategy", ["joint", "heads"])
+def test_mixed_trains_with_every_weighting(tmp_path, name, strategy):
+    trainer = Trainer(Config({**TOY, "diffusion.weighting": name, "diffusion.mixed.strategy": strategy}),
+                      tmp_path / "run", progress=False)
+    trainer.fit()
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        assert all(np.isfinite(float(r["loss"])) for r in csv.DictReader(f))
+
+
+def test_weighting_reaches_the_mixture_loss():
+    class Fixed(WEIGHTINGS.get("none")):
+        def x0_weight(self, process, t):
+            return torch.full_like(t, 2.0)
+
+    pred = _mixed(strategy="joint")
+    t, x0, eps, x_t = (v.float() for v in _batch((6, 4)))
+    out = torch.randn(6, 12)
+    unweighted, _ = combine_loss(pred, out, x_t, x0, eps, t, torch.ones(6), WEIGHTINGS.create("none"))
+    weighted, _ = combine_loss(pred, out, x_t, x0, eps, t, torch.ones(6), Fixed())
+    torch.testing.assert_close(weighted, unweighted * 2 * pred.x0_factor(t))
+
+
+@pytest.mark.parametrize("solver", SOLVERS.names())
+def test_every_solver_generates_from_a_mixed_model(tmp_path, solver):
+    trainer = Trainer(Config(TOY), tmp_path / "run", progress=False)
+    trainer.fit()
+    x = generate(trainer.ema.model, trainer.config, 32, (2,), steps=6, solver=solver)
+    assert x.shape == (32, 2) and bool(torch.isfinite(x).all())
+
+
+def test_sample_command_works_from_a_mixed_image_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = [f"{k}={json.dumps(v)}" for k, v in {**TINY_UNET, "train.images_seen": 32, "diffusion.prediction": "mixed",
+                                                  "diffusion.mixed.gate": "pixel"}.items()]
+    assert main(["train", "--out", str(run), "--no-progress", *sum((["--set", s] for s in sets), [])]) == 0
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(run), "--n", "4", "--steps", "3", "--out", str(out)]) == 0
+    with np.load(out) as f:
+        images = f[f.files[0]]
+    assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
