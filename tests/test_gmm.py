@@ -5,7 +5,8 @@ import torch
 from scipy.stats import multivariate_normal
 
 from frugaldiff.datasets import load_dataset
-from frugaldiff.gmm import GMM_COMPONENTS, GMM_DIM, GaussianMixture, excess_x0_error, gmm_mixture
+from frugaldiff.diagnostics import excess_x0_error
+from frugaldiff.gmm import GMM_COMPONENTS, GMM_DIM, GaussianMixture, gmm_mixture
 from frugaldiff.noise import PROCESSES
 
 F64 = torch.float64

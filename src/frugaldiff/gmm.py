@@ -8,7 +8,6 @@ posterior means need one eigendecomposition per component, computed once, and no
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -16,7 +15,6 @@ import torch
 from torch import Tensor
 
 from .errors import FrugalError
-from .noise import NoiseProcess
 
 GMM_DIM = 16  # dimension and components of the registered "gmm" dataset
 GMM_COMPONENTS = 8
@@ -106,38 +104,3 @@ def gmm_mixture(seed: int, dim: int = GMM_DIM, components: int = GMM_COMPONENTS,
     if covariance not in GMM_COVARIANCES:
         raise FrugalError(f"unknown gmm covariance {covariance!r}; choose one of: {', '.join(GMM_COVARIANCES)}")
     return GaussianMixture.random(dim, components, seed, diagonal=covariance == "diagonal")
-
-
-def excess_x0_error(
-    denoise: Callable[[Tensor, Tensor], Tensor],
-    mixture: GaussianMixture,
-    process: NoiseProcess,
-    x0: Tensor,
-    bins: int = 10,
-    per_bin: int | None = None,
-    generator: torch.Generator | None = None,
-    model_dtype: torch.dtype = torch.float32,
-) -> dict[str, list[float]]:
-    """Mean x0 error of ``denoise(x_t, t)`` against the Bayes error, per equal-width bin of t in [0, 1].
-
-    Each bin draws t uniformly inside it (clamped to the process's [t_min, t_max]) and fresh noise, for every
-    row of ``x0`` or, with ``per_bin``, for that many rows drawn with replacement. The model sees x_t and t in
-    ``model_dtype``; errors are computed in float64. Returns bin ``edges`` and per-bin ``model``, ``bayes`` and
-    ``excess`` (model − bayes) errors, each ‖x̂0 − x0‖² / D averaged over the bin's samples.
-    """
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    x0 = x0.to(torch.float64)
-    result: dict[str, list[float]] = {"edges": torch.linspace(0, 1, bins + 1).tolist(), "model": [], "bayes": []}
-    for b in range(bins):
-        rows = x0 if per_bin is None else x0[torch.randint(len(x0), (per_bin,), generator=generator)]
-        n = len(rows)
-        t = process.clamp((b + torch.rand(n, generator=generator, dtype=torch.float64)) / bins)
-        eps = torch.randn(rows.shape, generator=generator, dtype=torch.float64)
-        alpha, sigma = process.alpha(t), process.sigma(t)
-        x_t = alpha[:, None] * rows + sigma[:, None] * eps
-        with torch.no_grad():
-            x0_hat = denoise(x_t.to(model_dtype), t.to(model_dtype)).to(torch.float64)
-        result["model"].append((x0_hat - rows).pow(2).mean().item())
-        result["bayes"].append(mixture.bayes_error(rows, x_t, alpha, sigma).mean().item())
-    result["excess"] = [m - b for m, b in zip(result["model"], result["bayes"], strict=True)]
-    return result

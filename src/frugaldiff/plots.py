@@ -37,6 +37,21 @@ def plot_metrics(metrics_csv: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_eval(metrics_csv: Path, column: str, out: Path) -> None:
+    """One evaluation column of metrics.csv (empty in rows without an evaluation) against images seen."""
+    with metrics_csv.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get(column)]
+    if not rows:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([float(r["images_seen"]) for r in rows], [float(r[column]) for r in rows], marker="o")
+    ax.set(xlabel="images seen", ylabel=column, title=f"{column} of EMA samples (docs/metrics.md)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def plot_points(samples: np.ndarray, out: Path, reference: np.ndarray | None = None) -> None:
     """Scatter of 2-D samples (first two coordinates), over reference points if given."""
     plt = pyplot()
@@ -117,3 +132,42 @@ def plot_amplification(types: list[str], process_names: list[str], out: Path, si
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
+
+
+def _bin_centres(edges: list[float]) -> np.ndarray:
+    e = np.asarray(edges)
+    return (e[:-1] + e[1:]) / 2
+
+
+def plot_error_by_bin(results: dict[str, Any], out: Path) -> None:
+    """A study's x0 error (or excess error) per t bin: one line per model, mixed heads dashed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    centres = _bin_centres(results["edges"])
+    for name, values in results["models"].items():
+        ax.plot(centres, np.maximum(values, 1e-12), marker="o", ms=3, ls="--" if " head:" in name else "-",
+                lw=1 if " head:" in name else 2, label=name)
+    if "bayes" in results:
+        ax.plot(centres, results["bayes"], color="black", lw=1, ls=":", label="Bayes error itself")
+    ax.set(xlabel="t (bin centre)", ylabel=results["measure"], yscale="log",
+           title=f"{results['dataset']}: {results['measure']} per t bin")
+    ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_gate_weights(results: dict[str, Any], out: Path) -> None:
+    """Learned gate weight of each head over t, one panel per mixed model."""
+    plt = pyplot()
+    gates = results["gates"]
+    fig, axes = plt.subplots(1, len(gates), figsize=(4.5 * len(gates), 3.5), squeeze=False)
+    centres = _bin_centres(results["edges"])
+    for ax, (model, weights) in zip(axes[0], gates.items(), strict=True):
+        for head, values in weights.items():
+            ax.plot(centres, values, marker="o", ms=3, label=head)
+        ax.set(xlabel="t (bin centre)", ylabel="mean gate weight", ylim=(0, 1), title=model)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

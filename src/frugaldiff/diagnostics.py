@@ -1,0 +1,248 @@
+"""Diagnostics: x0 error per timestep bin on a fixed held-out grid, and the prediction-type study.
+
+The held-out grid fixes (sample, t, noise) per bin from a seed, so errors are comparable across models,
+checkpoints and runs. For data drawn from a Gaussian mixture the Bayes error E‖E[x0 | x_t] − x0‖² is known
+and each model's error is also reported in excess of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import atomic_write_text
+from .config import Config
+from .errors import FrugalError
+from .gmm import GaussianMixture, gmm_mixture
+from .noise import NoiseProcess
+from .prediction import Denoiser, MixedPrediction
+
+Predict = Callable[[Tensor, Tensor], dict[str, Tensor]]  # (x_t, t) -> named x̂0 predictions
+
+
+@dataclass
+class GridBin:
+    """One bin of the held-out grid: clean samples, their t, noise and noisy inputs (float64)."""
+
+    x0: Tensor
+    t: Tensor
+    eps: Tensor
+    x_t: Tensor
+
+
+@dataclass
+class HeldoutGrid:
+    """Fixed (sample, t, noise) triples in equal-width bins of t over [0, 1]."""
+
+    edges: list[float]
+    bins: list[GridBin]
+
+
+def heldout_grid(process: NoiseProcess, x0: Tensor, bins: int = 10, per_bin: int | None = None,
+                 generator: torch.Generator | None = None) -> HeldoutGrid:
+    """Each bin draws t uniformly inside it (clamped to [t_min, t_max]) and fresh noise for every row of ``x0``
+    or, with ``per_bin``, for that many rows drawn with replacement. Same generator state, same grid."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    x0 = x0.to(torch.float64)
+    cells = []
+    for b in range(bins):
+        rows = x0 if per_bin is None else x0[torch.randint(len(x0), (per_bin,), generator=generator)]
+        t = process.clamp((b + torch.rand(len(rows), generator=generator, dtype=torch.float64)) / bins)
+        eps = torch.randn(rows.shape, generator=generator, dtype=torch.float64)
+        cells.append(GridBin(rows, t, eps, process.add_noise(rows, eps, t)))
+    return HeldoutGrid(torch.linspace(0, 1, bins + 1).tolist(), cells)
+
+
+def x0_error_by_bin(predict: Predict, grid: HeldoutGrid, mixture: GaussianMixture | None = None,
+                    process: NoiseProcess | None = None, model_dtype: torch.dtype = torch.float32,
+                    batch: int = 512) -> dict[str, Any]:
+    """Mean ‖x̂0 − x0‖² / D per bin for every prediction ``predict(x_t, t)`` returns (inputs in ``model_dtype``).
+
+    With a ``mixture`` (and its ``process``) also the per-bin ``bayes`` error and each prediction's
+    ``excess`` over it. Returns {"edges", "error": {name: [...]}, ["bayes", "excess": {name: [...]}]}.
+    """
+    error: dict[str, list[float]] = {}
+    bayes: list[float] = []
+    for cell in grid.bins:
+        sums: dict[str, float] = {}
+        for start in range(0, len(cell.x0), batch):
+            part = slice(start, start + batch)
+            with torch.no_grad():
+                outputs = predict(cell.x_t[part].to(model_dtype), cell.t[part].to(model_dtype))
+            for name, x0_hat in outputs.items():
+                err = (x0_hat.to(torch.float64) - cell.x0[part]).pow(2).flatten(1).mean(1).sum().item()
+                sums[name] = sums.get(name, 0.0) + err
+        for name, total in sums.items():
+            error.setdefault(name, []).append(total / len(cell.x0))
+        if mixture is not None and process is not None:
+            alpha, sigma = process.alpha(cell.t), process.sigma(cell.t)
+            bayes.append(mixture.bayes_error(cell.x0, cell.x_t, alpha, sigma).mean().item())
+    result: dict[str, Any] = {"edges": grid.edges, "error": error}
+    if bayes:
+        result["bayes"] = bayes
+        result["excess"] = {n: [m - b for m, b in zip(v, bayes, strict=True)] for n, v in error.items()}
+    return result
+
+
+def excess_x0_error(denoise: Callable[[Tensor, Tensor], Tensor], mixture: GaussianMixture, process: NoiseProcess,
+                    x0: Tensor, bins: int = 10, per_bin: int | None = None,
+                    generator: torch.Generator | None = None,
+                    model_dtype: torch.dtype = torch.float32) -> dict[str, list[float]]:
+    """Per-bin ``model``, ``bayes`` and ``excess`` (model − bayes) x0 error of one denoiser on a mixture's data."""
+    grid = heldout_grid(process, x0, bins, per_bin, generator)
+    result = x0_error_by_bin(lambda x_t, t: {"model": denoise(x_t, t)}, grid, mixture, process, model_dtype)
+    return {"edges": result["edges"], "model": result["error"]["model"], "bayes": result["bayes"],
+            "excess": result["excess"]["model"]}
+
+
+def denoiser_predictions(denoiser: Denoiser) -> Predict:
+    """x̂0 of a denoiser as {"model": ...}; a mixed one also gives each head's x̂0 as "head:<type>"."""
+    prediction = denoiser.prediction
+
+    def predict(x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
+        out = denoiser(x_t, t).float()
+        outputs = {"model": prediction.to_x0(out, x_t, t)}
+        if isinstance(prediction, MixedPrediction):
+            heads = prediction.heads_x0(out, x_t, t)
+            outputs |= {f"head:{name}": heads[:, k] for k, name in enumerate(prediction.types)}
+        return outputs
+
+    return predict
+
+
+def gate_weights_by_bin(denoiser: Denoiser, grid: HeldoutGrid) -> dict[str, list[float]]:
+    """Mean gate weight of each head per bin (averaged over samples and, for the pixel gate, elements)."""
+    prediction = denoiser.prediction
+    if not isinstance(prediction, MixedPrediction):
+        raise FrugalError("gate weights exist only for diffusion.prediction = mixed")
+    means: list[Tensor] = []
+    for cell in grid.bins:
+        x_t, t = cell.x_t.float(), cell.t.float()
+        with torch.no_grad():
+            weights = prediction.gate_weights(denoiser(x_t, t).float(), t)
+        means.append(weights.transpose(0, 1).flatten(1).mean(1))
+    return {name: [m[k].item() for m in means] for k, name in enumerate(prediction.types)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The prediction-type study (issue: prediction types and the mixed prediction)
+
+STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gmm": {"diffusion.sigma_data": 0.8, "train.images_seen": 200_000, "train.batch_size": 32,
+            "train.warmup_images": 2000, "sample.n": 512},
+    "mnist5000": {"train.images_seen": 20_000, "train.batch_size": 32},
+}
+
+
+def study_models(types: Sequence[str], strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Model name → config changes: one model per single type, one per mixed strategy over ``types``."""
+    models: dict[str, dict[str, Any]] = {t: {"diffusion.prediction": t} for t in types}
+    for strategy in strategies:
+        models[f"mixed-{strategy}"] = {"diffusion.prediction": "mixed", "diffusion.mixed.types": list(types),
+                                       "diffusion.mixed.strategy": strategy}
+    return models
+
+
+def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", "velocity", "acceleration"),
+                     strategies: Sequence[str] = ("joint", "heads", "heads+joint"), bins: int = 10,
+                     per_bin: int = 512, progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse, when finished) one run per model of :func:`study_models` under ``out_dir`` at equal
+    budget and batch, then measure each model's (and each mixed head's) x0 error per t bin on a fixed held-out
+    grid, and the gate weights over t. Writes ``results.json``, ``table.md``, ``x0_error.png``, ``gates.png``.
+    """
+    from .plots import plot_error_by_bin, plot_gate_weights
+    from .trainer import Trainer, load_data
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_data(base)
+    mixture = _true_mixture(base)
+    results: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
+                               "batch_size": base["train.batch_size"], "process": base["diffusion.process"],
+                               "models": {}, "gates": {}}
+    for name, changes in study_models(types, strategies).items():
+        config = base.updated({**changes, "train.name": name})
+        run = out_dir / name
+        trainer = Trainer(config, run, resume=_finished_or_started(run, config), progress=progress)
+        if trainer.images_seen < config["train.images_seen"]:
+            trainer.fit()
+        denoiser = trainer.ema.model.eval()
+        grid = heldout_grid(denoiser.process, data.heldout, bins, per_bin, torch.Generator().manual_seed(1234))
+        errors = x0_error_by_bin(denoiser_predictions(denoiser), grid, mixture, denoiser.process)
+        results["edges"] = errors["edges"]
+        if "bayes" in errors:
+            results["bayes"] = errors["bayes"]
+        key = "excess" if mixture is not None else "error"
+        for output, values in errors[key].items():
+            results["models"][name if output == "model" else f"{name} {output}"] = values
+        if isinstance(denoiser.prediction, MixedPrediction):
+            results["gates"][name] = gate_weights_by_bin(denoiser, grid)
+    results["measure"] = "excess x0 error over Bayes" if mixture is not None else "x0 error"
+    results["claims"] = study_claims(results, types)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out_dir / "table.md", study_table(results))
+    plot_error_by_bin(results, out_dir / "x0_error.png")
+    if results["gates"]:
+        plot_gate_weights(results, out_dir / "gates.png")
+    return results
+
+
+def _true_mixture(config: Config) -> GaussianMixture | None:
+    if config["data.name"] != "gmm":
+        return None
+    return gmm_mixture(config["data.seed"], config["data.gmm_dim"], config["data.gmm_components"],
+                       config["data.gmm_covariance"])
+
+
+def _finished_or_started(run: Path, config: Config) -> bool:
+    """Whether ``run`` holds a run of ``config`` to continue or reuse; a run of another config is an error."""
+    if not (run / "config.toml").is_file():
+        return False
+    if Config.load(run / "config.toml") != config:
+        raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
+    return True
+
+
+def study_claims(results: dict[str, Any], types: Sequence[str]) -> dict[str, Any]:
+    """The study's questions, answered from its numbers: which single type is best per bin, and whether each
+    mixture is ever worse than its own best head or than the best single-type model (bins where it is)."""
+    models = results["models"]
+    singles = {t: models[t] for t in types if t in models}
+    bins = len(results["edges"]) - 1
+    best_single = [min(singles, key=lambda t: singles[t][b]) for b in range(bins)] if singles else []
+    claims: dict[str, Any] = {"best_single_type_per_bin": best_single, "mixtures": {}}
+    for name, values in models.items():
+        if not name.startswith("mixed-") or " " in name:
+            continue
+        heads = [models[f"{name} head:{t}"] for t in types if f"{name} head:{t}" in models]
+        claims["mixtures"][name] = {
+            "bins_worse_than_own_best_head": [b for b in range(bins) if values[b] > min(h[b] for h in heads)],
+            "bins_worse_than_best_single_model": [b for b in range(bins) if singles and
+                                                  values[b] > min(s[b] for s in singles.values())],
+            "mean": sum(values) / bins,
+        }
+    return claims
+
+
+def study_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per model (and mixed head), one column per t bin, plus the mean."""
+    edges = results["edges"]
+    head = [f"{lo:.1f}–{hi:.1f}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    lines = [f"{results['measure']} per t bin ({results['dataset']}, {results['images_seen']} images, "
+             f"batch {results['batch_size']}, {results['process']})", "",
+             "| model | " + " | ".join(head) + " | mean |", "|---|" + "---:|" * (len(head) + 1)]
+    rows = dict(results["models"])
+    if "bayes" in results:
+        rows = {"(Bayes error itself)": results["bayes"], **rows}
+    for name, values in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(sum(values) / len(values))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
