@@ -8,6 +8,7 @@ and each model's error is also reported in excess of it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,79 @@ def gate_weights_by_bin(denoiser: Denoiser, grid: HeldoutGrid) -> dict[str, list
     return {name: [m[k].item() for m in means] for k, name in enumerate(prediction.types)}
 
 
+class LossLedger:
+    """Per-bin count, mean and variance (ddof = 1) of per-sample training losses since the last :meth:`reset`.
+
+    Bins are equal-width in t over [0, 1]; batches are merged with Chan et al.'s parallel update, so the
+    statistics equal a direct computation over every loss seen, whatever the batch sizes.
+    """
+
+    def __init__(self, bins: int = 20) -> None:
+        if bins < 1:
+            raise FrugalError(f"the loss ledger needs at least 1 bin, got {bins}; set train.ledger_bins >= 1")
+        self.bins = bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = torch.zeros(self.bins, dtype=torch.float64)
+        self.mean = torch.zeros(self.bins, dtype=torch.float64)
+        self.m2 = torch.zeros(self.bins, dtype=torch.float64)
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Add per-sample ``losses`` [n] at times ``t`` [n]."""
+        t, losses = t.detach().to("cpu", torch.float64).flatten(), losses.detach().to("cpu", torch.float64).flatten()
+        index = (t * self.bins).long().clamp(0, self.bins - 1)
+        count = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(losses))
+        total = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, index, losses)
+        mean = total / count.clamp(min=1)
+        m2 = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, index, (losses - mean[index]) ** 2)
+        merged = self.count + count
+        delta = mean - self.mean
+        safe = merged.clamp(min=1)
+        self.m2 = self.m2 + m2 + delta**2 * self.count * count / safe
+        self.mean = self.mean + delta * count / safe
+        self.count = merged
+
+    def variance(self) -> Tensor:
+        """Per-bin sample variance (NaN where a bin has fewer than 2 losses)."""
+        return torch.where(self.count > 1, self.m2 / (self.count - 1).clamp(min=1), torch.nan)
+
+    def columns(self, prefix: str = "loss") -> list[str]:
+        """Column names ``<prefix>_t<bin>`` (mean) and ``<prefix>var_t<bin>`` (variance), bin zero-padded."""
+        width = len(str(self.bins - 1))
+        return [f"{prefix}{kind}_t{b:0{width}d}" for kind in ("", "var") for b in range(self.bins)]
+
+    def row(self, prefix: str = "loss") -> dict[str, str]:
+        """The current statistics as metrics.csv cells (empty where a bin saw no loss)."""
+        means = torch.where(self.count > 0, self.mean, torch.nan)
+        values = [*means.tolist(), *self.variance().tolist()]
+        return {c: ("" if math.isnan(v) else f"{v:.6g}") for c, v in zip(self.columns(prefix), values, strict=True)}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"count": self.count.clone(), "mean": self.mean.clone(), "m2": self.m2.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.count, self.mean, self.m2 = state["count"].clone(), state["mean"].clone(), state["m2"].clone()
+
+
+def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Any = None,
+                        batch: int = 512) -> list[float]:
+    """Mean training objective (``prediction.objective`` with ``weighting``'s x0 weight, none = unweighted) per
+    bin of a fixed held-out grid: comparable across steps and runs of the same config."""
+    prediction = denoiser.prediction
+    losses = []
+    for cell in grid.bins:
+        total = 0.0
+        for start in range(0, len(cell.x0), batch):
+            part = slice(start, start + batch)
+            x0, eps, x_t, t = (v[part].float() for v in (cell.x0, cell.eps, cell.x_t, cell.t))
+            with torch.no_grad():
+                x0_weight = None if weighting is None else weighting.x0_weight(prediction.process, t)
+                total += prediction.objective(denoiser(x_t, t), x_t, x0, eps, t, x0_weight).sum().item()
+        losses.append(total / len(cell.x0))
+    return losses
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The prediction-type study (issue: prediction types and the mixed prediction)
 
@@ -161,7 +235,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(base)
-    mixture = _true_mixture(base)
+    mixture = true_mixture(base)
     results: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
                                "batch_size": base["train.batch_size"], "process": base["diffusion.process"],
                                "models": {}, "gates": {}}
@@ -192,7 +266,8 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
     return results
 
 
-def _true_mixture(config: Config) -> GaussianMixture | None:
+def true_mixture(config: Config) -> GaussianMixture | None:
+    """The mixture a gmm run's data is drawn from (its data.* keys), None for other datasets."""
     if config["data.name"] != "gmm":
         return None
     return gmm_mixture(config["data.seed"], config["data.gmm_dim"], config["data.gmm_components"],
