@@ -142,6 +142,9 @@ OPTIONS: list[Option] = [
     Option("train.checkpoint_every", 10000, "checkpoint interval in images (0 = only at the end)", low=0),
     Option("train.keep_checkpoints", 3, "how many checkpoints to keep", low=1),
     Option("train.log_every", 20, "optimizer steps between rows of metrics.csv", low=1),
+    Option("train.eval_every", 0, "images between evaluations of EMA samples (eval_<metric> in metrics.csv, "
+           "eval.png; 0 = off)", low=0),
+    Option("train.eval_samples", 256, "samples generated (seed sample.seed) for each evaluation", low=10),
     Option("train.device", "auto", "auto, cpu, cuda or mps", choices=lambda: ["auto", "cpu", "cuda", "mps"]),
     Option("sample.solver", "ddpm", "generation solver", choices=SOLVERS.names),
     Option("sample.steps", 100, "solver steps", low=1, high=10000),

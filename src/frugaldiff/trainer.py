@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import math
 import signal
 import time
@@ -28,7 +29,9 @@ from .checkpoint import (
 from .config import Config
 from .datasets import Data, load_dataset
 from .errors import FrugalError
+from .images import to_uint8
 from .networks import NETWORKS
+from .plots import plot_eval
 from .prediction import Denoiser, PredictionType
 from .timestep_samplers import TimestepSampler
 from .weighting import Weighting
@@ -202,6 +205,10 @@ class RunFiles:
     def loss_plot(self) -> Path:
         return self.root / "loss.png"
 
+    @property
+    def eval_plot(self) -> Path:
+        return self.root / "eval.png"
+
 
 def read_run_config(run_dir: Path, overrides: Iterable[str] = ()) -> Config:
     """The config.toml of a run folder (with ``KEY=VALUE`` overrides), or a one-line error if it is none."""
@@ -318,9 +325,44 @@ class Trainer:
         if not self.files.metrics.exists():
             return
         with self.files.metrics.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-        text = ",".join(METRIC_FIELDS) + "\n" + "".join(",".join(r[k] for k in METRIC_FIELDS) + "\n" for r in rows)
-        atomic_write_text(self.files.metrics, text)
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if int(r["step"]) <= self.step]
+        # the file's columns, then any this run adds (e.g. eval_<metric>); cells a row lacks stay empty
+        fields = list(dict.fromkeys([*(reader.fieldnames or []), *self._metric_fields()]))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.files.metrics, text.getvalue())
+
+    def _eval_column(self) -> str | None:
+        """The metrics.csv column of ``train.eval_every``'s metric, ``eval_<name>`` (None while it is 0)."""
+        if not self.config["train.eval_every"]:
+            return None
+        from .metrics import headline_metric  # metrics imports this module
+
+        name = headline_metric(self.data)
+        if name is None:
+            raise FrugalError(f"train.eval_every needs a dataset with a quality metric and {self.data.name!r} has "
+                              "no class labels; set train.eval_every=0")
+        return f"eval_{name}"
+
+    def _metric_fields(self) -> list[str]:
+        """The columns of a new metrics.csv."""
+        column = self._eval_column()
+        return [*METRIC_FIELDS, column] if column else METRIC_FIELDS
+
+    def _evaluate(self, evaluator: Any) -> float:
+        """The headline metric of ``train.eval_samples`` EMA samples (seed ``sample.seed``), scored as
+        ``frugaldiff eval`` scores what ``frugaldiff sample`` writes."""
+        from .generate import generate  # generate imports this module
+
+        model = self.ema.model.eval()
+        try:
+            x = generate(model, self.config, self.config["train.eval_samples"], self.data.sample_shape)
+        finally:
+            model.train()
+        return evaluator(to_uint8(x) if self.data.kind == "image" else x.numpy())[evaluator.headline]
 
     # ---- training ----------------------------------------------------------------------------
     def lr_at(self, images: int) -> float:
@@ -377,7 +419,8 @@ class Trainer:
             self.sampler.update(t.cpu().double(), objective.cpu().double())
         return total, grad_norm
 
-    def _log(self, loss: float, grad_norm: float, seconds: float, force: bool = False) -> None:
+    def _log(self, loss: float, grad_norm: float, seconds: float, force: bool = False,
+             evaluation: float | None = None) -> None:
         log = self.log
         if math.isfinite(loss):
             log["loss"] += loss
@@ -389,21 +432,35 @@ class Trainer:
             return
         if not log["count"]:
             return
-        row = [self.step, self.images_seen, f"{log['loss'] / log['count']:.6g}", f"{self.lr_at(self.images_seen):.6g}",
-               f"{log['grad_norm'] / log['count']:.6g}", f"{log['images'] / max(log['time'], 1e-9):.1f}",
-               self.nonfinite_total]
+        values = [self.step, self.images_seen, f"{log['loss'] / log['count']:.6g}",
+                  f"{self.lr_at(self.images_seen):.6g}", f"{log['grad_norm'] / log['count']:.6g}",
+                  f"{log['images'] / max(log['time'], 1e-9):.1f}", self.nonfinite_total]
+        row = dict(zip(METRIC_FIELDS, values, strict=True))
+        if evaluation is not None:
+            row[self._eval_column()] = f"{evaluation:.6g}"
         new = not self.files.metrics.exists()
+        if new:
+            fields = self._metric_fields()
+        else:
+            with self.files.metrics.open(newline="") as f:
+                fields = next(csv.reader(f))
         with self.files.metrics.open("a", newline="") as f:
-            writer = csv.writer(f)
+            writer = csv.DictWriter(f, fields, restval="")
             if new:
-                writer.writerow(METRIC_FIELDS)
+                writer.writeheader()
             writer.writerow(row)
         self.log = {"loss": 0.0, "count": 0, "grad_norm": 0.0, "images": 0, "time": 0.0}
 
     def fit(self) -> Path:
         """Train until ``train.images_seen``; checkpoint periodically, at the end and on SIGINT/SIGTERM."""
         c = self.config
-        budget, every = c["train.images_seen"], c["train.checkpoint_every"]
+        budget, every, eval_every = c["train.images_seen"], c["train.checkpoint_every"], c["train.eval_every"]
+        column = self._eval_column()
+        if column:
+            from .metrics import Evaluator  # metrics imports this module
+
+            evaluator = Evaluator(c, data=self.data)
+        shown: dict[str, str] = {}  # the latest evaluation, for the progress bar
         stop: list[int] = []
         bar = tqdm(total=budget, initial=min(self.images_seen, budget), unit="img", unit_scale=True,
                    disable=not self.progress, dynamic_ncols=True, mininterval=1.0)
@@ -413,12 +470,20 @@ class Trainer:
                 before = self.images_seen
                 loss, grad_norm = self.train_step()
                 seconds = time.perf_counter() - start
-                self._log(loss, grad_norm, seconds, force=self.images_seen >= budget)
+                evaluation = None
+                if column and (self.images_seen // eval_every > before // eval_every or self.images_seen >= budget):
+                    evaluation = self._evaluate(evaluator)
+                    shown = {column: f"{evaluation:.4g}"}
+                self._log(loss, grad_norm, seconds, force=self.images_seen >= budget or evaluation is not None,
+                          evaluation=evaluation)
                 bar.update(self.images_seen - before)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{c['train.batch_size'] / seconds:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{c['train.batch_size'] / seconds:.0f}", **shown,
+                                refresh=False)
                 if every and self.images_seen // every > before // every and self.images_seen < budget:
                     self.save()
                 if stop:
                     raise Interrupted(stop[0], self.save())
         self.save()
+        if column:
+            plot_eval(self.files.metrics, column, self.files.eval_plot)
         return self.files.root
