@@ -1,8 +1,9 @@
-"""Command line: ``frugaldiff train | sample | plot-timesteps | plot-amplification | config``."""
+"""Command line: ``frugaldiff train | sample | eval | plot-timesteps | plot-amplification | config``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,58 @@ def _parser() -> argparse.ArgumentParser:
     amp.add_argument("--process", action="append", dest="processes", help="noise process (repeatable; default: all)")
     amp.add_argument("--sigma-data", type=float, default=0.5)
     amp.add_argument("--out", type=Path, required=True, help="output PNG")
+
+    ev = sub.add_parser("eval", help="sample-quality metrics of samples against a dataset (offline)")
+    ev.add_argument("samples", type=Path, help=".npz or .npy of images or vectors, e.g. from frugaldiff sample")
+    ev.add_argument("--dataset", required=True, help="the data the samples imitate, e.g. mnist5000")
+    ev.add_argument("--ref", choices=["heldout", "train"], default="heldout", help="reference split")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="data.* keys the run was trained with, e.g. --set data.seed=1")
+    ev.add_argument("--inception-weights", type=Path, help="torch-fidelity's Inception-v3 weights: adds inception_fid")
+    ev.add_argument("--json", action="store_true", help="print one JSON line")
+
+    analyze = sub.add_parser("analyze", help="diagnostics that train or measure models").add_subparsers(
+        dest="analysis", required=True)
+    study = analyze.add_parser("prediction-types", help="train one model per prediction type and per mixed "
+                               "strategy at equal budget; x0 error per t bin and gate weights (table + PNGs)")
+    study.add_argument("--dataset", default="gmm", help="dataset (default: gmm; e.g. mnist5000)")
+    study.add_argument("--types", nargs="+", default=["x0", "velocity", "acceleration"], help="single types")
+    study.add_argument("--strategies", nargs="+", default=["joint", "heads", "heads+joint"],
+                       help="mixed strategies to train (default: all three)")
+    study.add_argument("--bins", type=int, default=10, help="equal-width bins of t")
+    study.add_argument("--per-bin", type=int, default=512, help="held-out (sample, t, noise) draws per bin")
+    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="change a key of every model, e.g. --set train.images_seen=50000")
+    study.add_argument("--out", type=Path, required=True, help="study folder (rerun to reuse finished runs)")
+    study.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    dis = analyze.add_parser("disruption", help="from a run's newest checkpoint, k steps on t in one bin: relative "
+                             "change of the held-out loss in every bin (JSON + heat maps)")
+    dis.add_argument("run_dir", type=Path)
+    dis.add_argument("--bins", type=int, default=10, help="equal-width bins of t")
+    dis.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="optimizer steps per trial")
+    dis.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64])
+    dis.add_argument("--per-bin", type=int, default=256, help="held-out (sample, t, noise) draws per bin")
+    dis.add_argument("--seed", type=int, default=0, help="seed of the batches, noise and t of every trial")
+    dis.add_argument("--lr", type=float, help="learning rate (default: the run's at its newest checkpoint)")
+    dis.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis/disruption)")
+    dis.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    imp = analyze.add_parser("importance", help="degrade x̂0 only while the solver is in one t bin: cost in "
+                             "sample quality per bin (JSON + bar chart)")
+    imp.add_argument("run_dir", type=Path)
+    imp.add_argument("--bins", type=int, default=10, help="equal-width bins of t")
+    imp.add_argument("--degrade", choices=["noise", "checkpoint"], default="noise",
+                     help="noise: x̂0 + error·z; checkpoint: the oldest kept checkpoint's EMA x̂0")
+    imp.add_argument("--error", type=float, default=0.1, help="standard deviation of the added x̂0 error")
+    imp.add_argument("--n", type=int, default=256, help="samples per trial")
+    imp.add_argument("--steps", type=int, help="solver steps (default: the run's sample.steps)")
+    imp.add_argument("--solver", help="solver (default: the run's sample.solver)")
+    imp.add_argument("--seed", type=int, help="generation seed (default: the run's sample.seed)")
+    imp.add_argument("--metric", choices=["auto", "displacement", "loglik", "fid"], default="auto",
+                     help="score besides sample displacement: auto (loglik on gmm), loglik, fid (labelled images)")
+    imp.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis/importance)")
+    imp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     config = sub.add_parser("config", help="print the fully resolved config with every key")
     config.add_argument("--config", type=Path, help="TOML file to resolve")
@@ -124,6 +177,76 @@ def _plot_amplification(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .metrics import evaluate
+
+    config = Config.load(None, args.overrides).updated({"data.name": args.dataset})
+    result = evaluate(args.samples, config, args.ref, args.inception_weights)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.samples}: {result['n_samples']} samples against {result['dataset']} "
+          f"({result['ref']} split, {result['n_ref']} reference samples; evaluator v{result['evaluator_version']})")
+    for key, value in result.items():
+        if isinstance(value, float):
+            print(f"  {key:<22}{value:.6g}")
+    for key, reason in result.get("skipped", {}).items():
+        print(f"  {key:<22}skipped: {reason}")
+    return 0
+
+
+def _prediction_types(args: argparse.Namespace) -> int:
+    from .config import Config, parse_override
+    from .diagnostics import STUDY_DEFAULTS, prediction_study
+
+    if args.bins < 1 or args.per_bin < 1:
+        raise FrugalError("--bins and --per-bin must be at least 1")
+    values = {"data.name": args.dataset, **STUDY_DEFAULTS.get(args.dataset, {})}
+    base = Config(values).updated(dict(parse_override(o) for o in args.overrides))
+    results = prediction_study(base, args.out, args.types, args.strategies, args.bins, args.per_bin,
+                               progress=not args.no_progress)
+    print((args.out / "table.md").read_text(), end="")
+    print(json.dumps(results["claims"]))
+    print(f"wrote {args.out}/results.json, table.md, x0_error.png" + (", gates.png" if results["gates"] else ""))
+    return 0
+
+
+def _disruption(args: argparse.Namespace) -> int:
+    from .analysis import disruption
+
+    result = disruption(args.run_dir, args.out, args.bins, args.steps, args.batch_sizes, args.per_bin, args.seed,
+                        args.lr, progress=not args.no_progress)
+    print(f"disruption of {result['checkpoint']} ({result['images_seen']} images, lr {result['lr']:.3g}):")
+    for m in result["matrices"]:
+        share = "n/a" if m["off_diagonal_share"] is None else f"{m['off_diagonal_share']:.3f}"
+        print(f"  batch {m['batch_size']:>4}, {m['steps']:>3} step(s): off-diagonal share of the increase {share}, "
+              f"mean off-diagonal ΔL {m['mean_off_diagonal']:+.4f}, mean diagonal ΔL {m['mean_diagonal']:+.4f}")
+    out = args.out or args.run_dir / "analysis" / "disruption"
+    print(f"wrote {out}/disruption.json, disruption_b*_k*.png, off_diagonal_share.png")
+    return 0
+
+
+def _importance(args: argparse.Namespace) -> int:
+    from .analysis import run_importance
+
+    result = run_importance(args.run_dir, args.out, args.bins, args.error, args.n, args.steps, args.solver,
+                            args.degrade, args.metric, args.seed, progress=not args.no_progress)
+    name = result["headline"]
+    cost = ", ".join(f"{c:.4g}" for c in result["metrics"][name]["cost"])
+    edges = result["edges"]
+    worst = result["costliest_bin"]
+    print(f"cost in {name} per t bin: {cost}; costliest bin {edges[worst]:.2g}–{edges[worst + 1]:.2g}")
+    out = args.out or args.run_dir / "analysis" / "importance"
+    print(f"wrote {out}/importance.json, importance.png")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    analyses = {"prediction-types": _prediction_types, "disruption": _disruption, "importance": _importance}
+    return analyses[args.analysis](args)
+
+
 def _config(args: argparse.Namespace) -> int:
     from .config import Config
 
@@ -136,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "sample": _sample, "plot-timesteps": _plot_timesteps,
-                    "plot-amplification": _plot_amplification, "config": _config}
+                    "plot-amplification": _plot_amplification, "analyze": _analyze, "config": _config, "eval": _eval}
         return commands[args.command](args)
     except FrugalError as e:
         print(f"frugaldiff: error: {e}", file=sys.stderr)

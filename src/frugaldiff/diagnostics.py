@@ -26,6 +26,9 @@ from .prediction import Denoiser, MixedPrediction
 
 Predict = Callable[[Tensor, Tensor], dict[str, Tensor]]  # (x_t, t) -> named x̂0 predictions
 
+#: Seed of the held-out grid, so that every analysis of every run measures on the same (sample, t, noise).
+GRID_SEED = 1234
+
 
 @dataclass
 class GridBin:
@@ -66,25 +69,26 @@ def x0_error_by_bin(predict: Predict, grid: HeldoutGrid, mixture: GaussianMixtur
     """Mean ‖x̂0 − x0‖² / D per bin for every prediction ``predict(x_t, t)`` returns (inputs in ``model_dtype``).
 
     With a ``mixture`` (and its ``process``) also the per-bin ``bayes`` error and each prediction's
-    ``excess`` over it. Returns {"edges", "error": {name: [...]}, ["bayes", "excess": {name: [...]}]}.
+    ``excess`` over it. Returns {"edges", "error": {name: [...]}, "samples": {name: [per-sample errors of each
+    bin]}, ["bayes", "excess": {name: [...]}]}.
     """
-    error: dict[str, list[float]] = {}
+    samples: dict[str, list[Tensor]] = {}
     bayes: list[float] = []
     for cell in grid.bins:
-        sums: dict[str, float] = {}
+        parts: dict[str, list[Tensor]] = {}
         for start in range(0, len(cell.x0), batch):
             part = slice(start, start + batch)
             with torch.no_grad():
                 outputs = predict(cell.x_t[part].to(model_dtype), cell.t[part].to(model_dtype))
             for name, x0_hat in outputs.items():
-                err = (x0_hat.to(torch.float64) - cell.x0[part]).pow(2).flatten(1).mean(1).sum().item()
-                sums[name] = sums.get(name, 0.0) + err
-        for name, total in sums.items():
-            error.setdefault(name, []).append(total / len(cell.x0))
+                parts.setdefault(name, []).append((x0_hat.to(torch.float64) - cell.x0[part]).pow(2).flatten(1).mean(1))
+        for name, chunks in parts.items():
+            samples.setdefault(name, []).append(torch.cat(chunks))
         if mixture is not None and process is not None:
             alpha, sigma = process.alpha(cell.t), process.sigma(cell.t)
             bayes.append(mixture.bayes_error(cell.x0, cell.x_t, alpha, sigma).mean().item())
-    result: dict[str, Any] = {"edges": grid.edges, "error": error}
+    error = {name: [e.mean().item() for e in per_bin] for name, per_bin in samples.items()}
+    result: dict[str, Any] = {"edges": grid.edges, "error": error, "samples": samples}
     if bayes:
         result["bayes"] = bayes
         result["excess"] = {n: [m - b for m, b in zip(v, bayes, strict=True)] for n, v in error.items()}
@@ -189,14 +193,16 @@ class LossLedger:
 def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Any = None,
                         batch: int = 512) -> list[float]:
     """Mean training objective (``prediction.objective`` with ``weighting``'s x0 weight, none = unweighted) per
-    bin of a fixed held-out grid: comparable across steps and runs of the same config."""
+    bin of a fixed held-out grid: comparable across steps and runs of the same config. Runs on the denoiser's
+    device."""
     prediction = denoiser.prediction
+    device = next(denoiser.parameters()).device
     losses = []
     for cell in grid.bins:
         total = 0.0
         for start in range(0, len(cell.x0), batch):
             part = slice(start, start + batch)
-            x0, eps, x_t, t = (v[part].float() for v in (cell.x0, cell.eps, cell.x_t, cell.t))
+            x0, eps, x_t, t = (v[part].to(device, torch.float32) for v in (cell.x0, cell.eps, cell.x_t, cell.t))
             with torch.no_grad():
                 x0_weight = None if weighting is None else weighting.x0_weight(prediction.process, t)
                 total += prediction.objective(denoiser(x_t, t), x_t, x0, eps, t, x0_weight).sum().item()
@@ -239,6 +245,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
     results: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
                                "batch_size": base["train.batch_size"], "process": base["diffusion.process"],
                                "models": {}, "gates": {}}
+    samples: dict[str, list[Tensor]] = {}
     for name, changes in study_models(types, strategies).items():
         config = base.updated({**changes, "train.name": name})
         run = out_dir / name
@@ -246,18 +253,19 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
         if trainer.images_seen < config["train.images_seen"]:
             trainer.fit()
         denoiser = trainer.ema.model.eval()
-        grid = heldout_grid(denoiser.process, data.heldout, bins, per_bin, torch.Generator().manual_seed(1234))
+        grid = heldout_grid(denoiser.process, data.heldout, bins, per_bin, torch.Generator().manual_seed(GRID_SEED))
         errors = x0_error_by_bin(denoiser_predictions(denoiser), grid, mixture, denoiser.process)
         results["edges"] = errors["edges"]
         if "bayes" in errors:
             results["bayes"] = errors["bayes"]
         key = "excess" if mixture is not None else "error"
         for output, values in errors[key].items():
-            results["models"][name if output == "model" else f"{name} {output}"] = values
+            label = name if output == "model" else f"{name} {output}"
+            results["models"][label], samples[label] = values, errors["samples"][output]
         if isinstance(denoiser.prediction, MixedPrediction):
             results["gates"][name] = gate_weights_by_bin(denoiser, grid)
     results["measure"] = "excess x0 error over Bayes" if mixture is not None else "x0 error"
-    results["claims"] = study_claims(results, types)
+    results["claims"] = study_claims(results, samples, types)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out_dir / "table.md", study_table(results))
     plot_error_by_bin(results, out_dir / "x0_error.png")
@@ -283,22 +291,34 @@ def _finished_or_started(run: Path, config: Config) -> bool:
     return True
 
 
-def study_claims(results: dict[str, Any], types: Sequence[str]) -> dict[str, Any]:
-    """The study's questions, answered from its numbers: which single type is best per bin, and whether each
-    mixture is ever worse than its own best head or than the best single-type model (bins where it is)."""
+def study_claims(results: dict[str, Any], samples: dict[str, list[Tensor]], types: Sequence[str]) -> dict[str, Any]:
+    """The study's questions, answered from its numbers: which single type is best per bin, and in which bins
+    each mixture is worse than its own best head or than the best single-type model. "Worse" means the paired
+    per-sample difference on the same grid points exceeds two standard errors (``samples``: per-sample errors of
+    each model and bin), so noise alone is not reported as a loss."""
     models = results["models"]
-    singles = {t: models[t] for t in types if t in models}
+    singles = [t for t in types if t in models]
     bins = len(results["edges"]) - 1
-    best_single = [min(singles, key=lambda t: singles[t][b]) for b in range(bins)] if singles else []
-    claims: dict[str, Any] = {"best_single_type_per_bin": best_single, "mixtures": {}}
+
+    def worse_bins(name: str, rivals: list[str]) -> list[int]:
+        found = []
+        for b in range(bins):
+            best = min(rivals, key=lambda r: models[r][b])
+            diff = samples[name][b] - samples[best][b]
+            if diff.mean() > 2 * diff.std() / math.sqrt(len(diff)):
+                found.append(b)
+        return found
+
+    claims: dict[str, Any] = {"best_single_type_per_bin": [min(singles, key=lambda t: models[t][b])
+                                                           for b in range(bins)] if singles else [],
+                              "mixtures": {}}
     for name, values in models.items():
         if not name.startswith("mixed-") or " " in name:
             continue
-        heads = [models[f"{name} head:{t}"] for t in types if f"{name} head:{t}" in models]
+        heads = [f"{name} head:{t}" for t in types if f"{name} head:{t}" in models]
         claims["mixtures"][name] = {
-            "bins_worse_than_own_best_head": [b for b in range(bins) if values[b] > min(h[b] for h in heads)],
-            "bins_worse_than_best_single_model": [b for b in range(bins) if singles and
-                                                  values[b] > min(s[b] for s in singles.values())],
+            "bins_worse_than_own_best_head": worse_bins(name, heads),
+            "bins_worse_than_best_single_model": worse_bins(name, singles) if singles else [],
             "mean": sum(values) / bins,
         }
     return claims

@@ -171,3 +171,63 @@ def plot_gate_weights(results: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_disruption(delta: list[list[float]], edges: list[float], title: str, out: Path) -> None:
+    """Heat map of ΔL[A][B] (rows: bin trained on, columns: held-out bin), diverging colours centred at 0."""
+    plt = pyplot()
+    values = np.asarray(delta, dtype=float)
+    limit = float(np.nanmax(np.abs(values))) or 1e-12
+    labels = [f"{lo:.2g}–{hi:.2g}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    fig.colorbar(image, ax=ax, label="relative change of held-out loss ΔL")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set(xlabel="held-out bin B (t)", ylabel="trained on bin A (t)", title=f"disruption: {title}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_disruption_scaling(scaling: list[dict[str, Any]], out: Path) -> None:
+    """Off-diagonal share of the ΔL increase and mean off-diagonal ΔL against batch size, one line per k."""
+    plt = pyplot()
+    fig, (ax_share, ax_mean) = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = scaling[0]["batch_sizes"]
+    x = np.log2(sizes)  # evenly spaced doublings; a log axis fails on a panel without finite values
+    for row in scaling:
+        share = [np.nan if v is None else v for v in row["off_diagonal_share"]]
+        ax_share.plot(x, share, marker="o", label=f"{row['steps']} step(s)")
+        ax_mean.plot(x, row["mean_off_diagonal"], marker="o", label=f"{row['steps']} step(s)")
+    ax_share.set(ylabel="off-diagonal share of the ΔL increase", ylim=(0, 1.05),
+                 title="how much of the damage lands in other bins")
+    ax_mean.axhline(0, color="grey", lw=0.8)
+    ax_mean.set(ylabel="mean off-diagonal ΔL", title="mean change in other bins")
+    for ax in (ax_share, ax_mean):
+        ax.set_xticks(x, [str(b) for b in sizes])
+        ax.set_xlabel("batch size")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_importance(result: dict[str, Any], out: Path) -> None:
+    """Bars of each metric's cost per t bin when x̂0 is degraded only inside that bin."""
+    plt = pyplot()
+    metrics = result["metrics"]
+    edges = np.asarray(result["edges"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for ax, (name, values) in zip(axes[0], metrics.items(), strict=True):
+        ax.bar(_bin_centres(result["edges"]), values["cost"], width=np.diff(edges) * 0.9)
+        ax.axhline(0, color="grey", lw=0.8)
+        worse = "drop" if values["higher_is_better"] else "increase"
+        ax.set(xlabel="t (bin where x̂0 is degraded)", ylabel=f"{name} {worse}", xlim=(0, 1),
+               title=f"cost per bin: {name}")
+    what = f"error {result['error']}" if result["degrade"] == "noise" else f"x̂0 of {result['degrade_checkpoint']}"
+    fig.suptitle(f"timestep importance ({what}; {result['solver']}, {result['steps']} steps, n = {result['n']})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,153 @@
+"""Held-out grid, per-bin x0 errors and the prediction-type study."""
+
+import json
+
+import pytest
+import torch
+
+from frugaldiff.cli import main
+from frugaldiff.config import Config
+from frugaldiff.diagnostics import (
+    denoiser_predictions,
+    gate_weights_by_bin,
+    heldout_grid,
+    prediction_study,
+    study_claims,
+    x0_error_by_bin,
+)
+from frugaldiff.errors import FrugalError
+from frugaldiff.noise import VPLinear
+from frugaldiff.trainer import build_denoiser
+
+TINY_GMM = {"data.name": "gmm", "data.gmm_dim": 3, "data.gmm_components": 2, "data.num_samples": 256,
+            "model.hidden": 16, "model.depth": 1, "train.batch_size": 16, "train.images_seen": 64,
+            "train.warmup_images": 0, "train.checkpoint_every": 0, "diffusion.sigma_data": 0.8}
+
+
+def _grid(seed=5):
+    x0 = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    return heldout_grid(VPLinear(), x0, bins=4, per_bin=6, generator=torch.Generator().manual_seed(seed))
+
+
+def test_grid_is_fixed_by_its_seed_and_binned():
+    a, b = _grid(), _grid()
+    assert a.edges == [0, 0.25, 0.5, 0.75, 1]
+    for k, (ca, cb) in enumerate(zip(a.bins, b.bins, strict=True)):
+        assert all(torch.equal(getattr(ca, f), getattr(cb, f)) for f in ("x0", "t", "eps", "x_t"))
+        assert ca.x0.shape == (6, 3) and bool(((ca.t >= k / 4) & (ca.t <= (k + 1) / 4)).all())
+        torch.testing.assert_close(ca.x_t, VPLinear().add_noise(ca.x0, ca.eps, ca.t))
+    assert not torch.equal(a.bins[0].t, _grid(6).bins[0].t)
+
+
+def test_errors_equal_a_direct_computation():
+    grid = _grid()
+    result = x0_error_by_bin(lambda x_t, t: {"half": 0.5 * x_t, "zero": torch.zeros_like(x_t)}, grid,
+                             model_dtype=torch.float64, batch=4)
+    for k, cell in enumerate(grid.bins):
+        assert result["error"]["half"][k] == pytest.approx(float((0.5 * cell.x_t - cell.x0).pow(2).mean()), rel=1e-12)
+        assert result["error"]["zero"][k] == pytest.approx(float(cell.x0.pow(2).mean()), rel=1e-12)
+    assert "bayes" not in result
+
+
+def test_mixed_denoiser_reports_heads_and_gates():
+    config = Config({**TINY_GMM, "diffusion.prediction": "mixed", "diffusion.mixed.gate": "pixel"})
+    denoiser = build_denoiser(config, (3,))
+    grid = _grid()
+    outputs = denoiser_predictions(denoiser)(grid.bins[0].x_t.float(), grid.bins[0].t.float())
+    assert set(outputs) == {"model", "head:x0", "head:velocity", "head:acceleration"}
+    gates = gate_weights_by_bin(denoiser, grid)
+    assert list(gates) == ["x0", "velocity", "acceleration"]
+    for k in range(4):
+        assert sum(g[k] for g in gates.values()) == pytest.approx(1, abs=1e-6)
+    with pytest.raises(FrugalError, match="only for diffusion.prediction = mixed"):
+        gate_weights_by_bin(build_denoiser(Config(TINY_GMM), (3,)), grid)
+
+
+def test_claims_flag_exactly_the_bins_where_a_mixture_is_significantly_worse():
+    noise = 0.01 * torch.randn(5, 2, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def errors(means, k):
+        return [m + noise[k, b] for b, m in enumerate(means)]
+
+    # bin 0: the mixture's best head is 1e-4 better than the mixture, far inside the paired noise (SE ~ 7e-4)
+    samples = {"x0": errors([1.0, 4.0], 0), "velocity": errors([2.0, 3.0], 1), "mixed-heads": errors([0.5, 3.5], 2),
+               "mixed-heads head:x0": errors([1.0, 3.0], 3), "mixed-heads head:velocity": errors([0.4999, 5.0], 4)}
+    results = {"edges": [0, 0.5, 1], "models": {k: [float(v.mean()) for v in bins] for k, bins in samples.items()}}
+    claims = study_claims(results, samples, ["x0", "velocity"])
+    assert claims["best_single_type_per_bin"] == ["x0", "velocity"]
+    assert claims["mixtures"]["mixed-heads"]["bins_worse_than_own_best_head"] == [1]
+    assert claims["mixtures"]["mixed-heads"]["bins_worse_than_best_single_model"] == [1]
+
+
+def test_study_writes_its_outputs_and_reuses_finished_runs(tmp_path):
+    base = Config(TINY_GMM)
+    results = prediction_study(base, tmp_path, types=["x0", "velocity"], strategies=["joint", "heads"], bins=3,
+                               per_bin=8, progress=False)
+    assert {p.name for p in tmp_path.iterdir()} >= {"x0", "velocity", "mixed-joint", "mixed-heads", "results.json",
+                                                     "table.md", "x0_error.png", "gates.png"}
+    assert set(results["models"]) == {"x0", "velocity", "mixed-joint", "mixed-joint head:x0",
+                                      "mixed-joint head:velocity", "mixed-heads", "mixed-heads head:x0",
+                                      "mixed-heads head:velocity"}
+    assert results["measure"] == "excess x0 error over Bayes" and len(results["bayes"]) == 3
+    assert json.loads((tmp_path / "results.json").read_text())["claims"] == results["claims"]
+    assert "| mixed-heads head:velocity |" in (tmp_path / "table.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
+    again = prediction_study(base, tmp_path, types=["x0", "velocity"], strategies=["joint", "heads"], bins=3,
+                             per_bin=8, progress=False)
+    assert again["models"] == results["models"]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")} == stamps
+    with pytest.raises(FrugalError, match="holds a run of another config"):
+        prediction_study(base.updated({"train.lr": 5e-4}), tmp_path, types=["x0"], strategies=[], progress=False)
+
+
+def test_analyze_command(tmp_path, capsys):
+    sets = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY_GMM.items()), [])
+    assert main(["analyze", "prediction-types", "--types", "x0", "eps", "--strategies", "heads", "--bins", "2",
+                 "--per-bin", "4", "--out", str(tmp_path / "s"), "--no-progress", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "| mixed-heads head:eps |" in out and "bins_worse_than_own_best_head" in out
+    assert main(["analyze", "prediction-types", "--bins", "0", "--out", str(tmp_path / "t")]) == 2
+
+
+def test_ledger_equals_a_direct_computation_over_uneven_batches():
+    from frugaldiff.diagnostics import LossLedger
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.rand(300, generator=g, dtype=torch.float64)
+    losses = torch.exp(3 * t) * torch.rand(300, generator=g, dtype=torch.float64)
+    ledger = LossLedger(bins=7)
+    for lo, hi in [(0, 1), (1, 40), (40, 41), (41, 300)]:
+        ledger.update(t[lo:hi], losses[lo:hi])
+    index = (t * 7).long()
+    for b in range(7):
+        chunk = losses[index == b]
+        assert ledger.count[b] == len(chunk)
+        assert float(ledger.mean[b]) == pytest.approx(float(chunk.mean()), rel=1e-12)
+        assert float(ledger.variance()[b]) == pytest.approx(float(chunk.var()), rel=1e-10)
+    row = ledger.row()
+    assert list(row) == ledger.columns() and row["loss_t0"] == f"{float(losses[index == 0].mean()):.6g}"
+    restored = LossLedger(bins=7)
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.row() == row
+    ledger.reset()
+    assert set(ledger.row().values()) == {""}
+
+
+def test_heldout_loss_is_the_training_objective_on_the_grid():
+    from frugaldiff.diagnostics import heldout_loss_by_bin
+    from frugaldiff.weighting import WEIGHTINGS
+
+    config = Config(TINY_GMM)
+    denoiser = build_denoiser(config, (3,))
+    grid = _grid()
+    weighting = WEIGHTINGS.create("snr").bind(denoiser.process)
+    for w in (None, weighting):
+        losses = heldout_loss_by_bin(denoiser, grid, w, batch=4)
+        assert losses == heldout_loss_by_bin(denoiser, grid, w, batch=4)  # same grid, same numbers
+        assert heldout_loss_by_bin(denoiser, grid, w) == pytest.approx(losses, rel=1e-6)
+        cell = grid.bins[2]
+        x0, eps, x_t, t = (v.float() for v in (cell.x0, cell.eps, cell.x_t, cell.t))
+        with torch.no_grad():
+            x0_weight = None if w is None else w.x0_weight(denoiser.process, t)
+            direct = denoiser.prediction.objective(denoiser(x_t, t), x_t, x0, eps, t, x0_weight).mean()
+        assert losses[2] == pytest.approx(float(direct), rel=1e-5)
