@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, parse_override
+from .distributed import close_distributed, init_distributed
 from .errors import FrugalError
 from .generate import generate, save_samples
 from .images import to_uint8
@@ -27,7 +28,8 @@ def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path 
     """Train a run and return its folder.
 
     ``resume``: a run folder, or True for the newest one under ``runs/``; its config.toml is used,
-    with ``overrides`` (``KEY=VALUE``) applied, e.g. a larger ``train.images_seen``.
+    with ``overrides`` (``KEY=VALUE``) applied, e.g. a larger ``train.images_seen``. Under torchrun every
+    process calls this; rank 0 alone writes files and the samples.
     """
     if resume:
         if config is not None:
@@ -38,12 +40,19 @@ def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path 
         config = config if isinstance(config, Config) else Config(config)
         config = config.updated(dict(parse_override(o) for o in overrides))
         root = Path(run_dir) if run_dir is not None else new_run_dir(config)
-    trainer = Trainer(config, root, resume=bool(resume), progress=progress)
-    trainer.fit()
-    x = generate(trainer.ema.model.eval(), config, config["sample.n"], trainer.data.sample_shape, progress=progress)
-    images = to_uint8(x) if trainer.data.kind == "image" else x.numpy()
-    reference = None if trainer.data.kind == "image" else trainer.data.heldout.numpy()
-    save_samples(images, trainer.files.samples, reference)
-    plot_metrics(trainer.files.metrics, trainer.files.loss_plot)
+    world, _ = init_distributed(config["train.device"])
+    root = world.broadcast(root)  # rank 0's timestamped folder on every rank
+    try:
+        trainer = Trainer(config, root, resume=bool(resume), progress=progress)
+        trainer.fit()
+        if world.is_main:
+            x = generate(trainer.ema.model.eval(), config, config["sample.n"], trainer.data.sample_shape,
+                         progress=progress)
+            images = to_uint8(x) if trainer.data.kind == "image" else x.numpy()
+            reference = None if trainer.data.kind == "image" else trainer.data.heldout.numpy()
+            save_samples(images, trainer.files.samples, reference)
+            plot_metrics(trainer.files.metrics, trainer.files.loss_plot)
+    finally:
+        close_distributed()
     return root
 

@@ -49,11 +49,16 @@ def _state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+def checkpoint_path(folder: Path, step: int) -> Path:
+    """Where checkpoint ``step`` lives under ``folder``."""
+    return folder / f"{PREFIX}{step:08d}"
+
+
 def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], trainer_state: dict[str, Any],
                     info: dict[str, Any], keep: int) -> Path:
     """Write checkpoint ``step`` under ``folder`` atomically and keep only the newest ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{PREFIX}{step:08d}"
+    final = checkpoint_path(folder, step)
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

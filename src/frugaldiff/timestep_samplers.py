@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .distributed import rank_share
 from .errors import FrugalError
 from .noise import NoiseProcess
 from .registry import Registry
@@ -79,12 +80,12 @@ class TimestepSampler:
     def _uniform(self, n: int) -> Tensor:
         """n draws from U(0, 1) for this rank: draws for every rank, keeps this rank's share."""
         u = torch.rand(n * self.world_size, generator=self.generator, dtype=F64)
-        return u[self.rank * n:(self.rank + 1) * n]
+        return rank_share(u, self.rank, self.world_size)
 
     def _normal(self, n: int) -> Tensor:
         """n draws from N(0, 1) for this rank, as :meth:`_uniform`."""
         z = torch.randn(n * self.world_size, generator=self.generator, dtype=F64)
-        return z[self.rank * n:(self.rank + 1) * n]
+        return rank_share(z, self.rank, self.world_size)
 
     def _stratified(self, n: int, micro_step: int) -> Tensor:
         """n points of [0, 1), one in each of the strata g, g + G, g + 2G, … of n·G equal strata.
@@ -252,7 +253,7 @@ class BetaSampler(TimestepSampler):
     def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
         seed = int(torch.randint(2**63 - 1, (1,), generator=self.generator))
         draws = np.random.default_rng(seed).beta(self.a, self.b, size=n * self.world_size)
-        t = torch.from_numpy(draws[self.rank * n:(self.rank + 1) * n]).to(F64)
+        t = torch.from_numpy(rank_share(draws, self.rank, self.world_size)).to(F64)
         return t, torch.ones_like(t)
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     atomic_write_text,
+    checkpoint_path,
     latest_checkpoint,
     load_trainer_state,
     load_weights,
@@ -28,6 +29,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .datasets import Data, load_dataset
+from .distributed import SINGLE_PROCESS, World, init_distributed
 from .errors import FrugalError
 from .images import to_uint8
 from .networks import NETWORKS
@@ -40,6 +42,11 @@ METRIC_FIELDS = ["step", "images_seen", "loss", "lr", "grad_norm", "images_per_s
 MAX_NONFINITE_IN_A_ROW = 10
 
 
+def empty_log() -> dict[str, float]:
+    """Running sums of one logging period of metrics.csv."""
+    return {"loss": 0.0, "count": 0, "grad_norm": 0.0, "images": 0, "time": 0.0}
+
+
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
 
@@ -49,11 +56,11 @@ class Interrupted(Exception):
 
 
 def select_device(name: str) -> torch.device:
-    """``auto`` → cuda, then mps, then cpu; an explicit device that is missing is an error."""
+    """``auto`` → cuda, then mps, then cpu; an explicit device (``cuda:1`` too) that is missing is an error."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         name = next(d for d in ("cuda", "mps", "cpu") if available[d])
-    if not available[name]:
+    if not available.get(name.split(":")[0], False):
         raise FrugalError(f"train.device={name} is not available on this machine; use train.device=auto or cpu")
     return torch.device(name)
 
@@ -127,7 +134,11 @@ def load_data(config: Config) -> Data:
 
 
 class BatchStream:
-    """Batches in shuffled epochs; the order is a function of (seed, position) alone, so resuming is exact."""
+    """Batches in shuffled epochs; the order is a function of (seed, position) alone, so resuming is exact.
+
+    Under torchrun every rank walks the same global order and keeps its share of each global batch: a
+    distributed sampler that needs no state of its own, whatever the number of processes.
+    """
 
     def __init__(self, data: Tensor, seed: int) -> None:
         self.data, self.seed, self.position = data, seed, 0
@@ -139,7 +150,9 @@ class BatchStream:
             self._order = (epoch, torch.randperm(len(self.data), generator=generator))
         return self._order[1]
 
-    def next(self, n: int) -> Tensor:
+    def next(self, n: int, world: World = SINGLE_PROCESS) -> Tensor:
+        """This rank's share of the next ``n`` × ``world.size`` samples."""
+        n *= world.size
         idx: list[Tensor] = []
         while n:
             epoch, offset = divmod(self.position, len(self.data))
@@ -147,7 +160,7 @@ class BatchStream:
             idx.append(self._epoch_order(epoch)[offset:offset + take])
             self.position += take
             n -= take
-        return self.data[torch.cat(idx)]
+        return self.data[world.share(torch.cat(idx))]
 
 
 class EMA:
@@ -240,15 +253,27 @@ def _signals_to_flag(flag: list[int]) -> Iterator[None]:
 
 
 class Trainer:
-    """Trains one run folder; ``resume`` continues from its newest checkpoint."""
+    """Trains one run folder; ``resume`` continues from its newest checkpoint.
+
+    Under torchrun (RANK/WORLD_SIZE set) each process trains its share of every global batch with
+    DistributedDataParallel; every rank draws the same global data order, times and noise and keeps its
+    share, so sampler state and checkpoints do not depend on the number of processes. Only rank 0 writes.
+    """
 
     def __init__(self, config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
-        self.config, self.files, self.progress = config, RunFiles(Path(run_dir)), progress
+        c = config
+        self.world, device_name = init_distributed(c["train.device"])
+        self.config, self.files, self.progress = config, RunFiles(Path(run_dir)), progress and self.world.is_main
         if not resume and self.files.root.exists() and any(self.files.root.iterdir()):
             raise FrugalError(f"run folder {run_dir} is not empty; resume it with --resume {run_dir} or choose "
                               "another --out")
-        c = config
-        self.device = select_device(c["train.device"])
+        parts = c["train.grad_accum"] * self.world.size
+        if c["train.batch_size"] % parts:
+            raise FrugalError(f"train.batch_size ({c['train.batch_size']}) must be divisible by train.grad_accum × "
+                              f"processes ({c['train.grad_accum']} × {self.world.size}); change one of them")
+        self.micro_batch = c["train.batch_size"] // parts
+        self.world.barrier()  # every rank has checked the folder before rank 0 writes to it
+        self.device = select_device(device_name)
         self.amp_dtype = autocast_dtype(c["train.precision"], self.device)
         torch.manual_seed(c["train.seed"])
         self.data = load_data(c)
@@ -257,7 +282,7 @@ class Trainer:
         self.ema = EMA(self.denoiser, c["train.ema_decay"])
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=c["train.lr"],
                                            weight_decay=c["train.weight_decay"])
-        self.sampler: TimestepSampler = c.timestep_sampler()
+        self.sampler: TimestepSampler = c.timestep_sampler(self.world.rank, self.world.size)
         self.weighting: Weighting = c.weighting()
         if isinstance(self.weighting, nn.Module):  # learned weighting: its own parameter group
             self.weighting.to(self.device)
@@ -265,12 +290,18 @@ class Trainer:
         self.stream = BatchStream(self.data.train, c["train.seed"])
         self.noise = torch.Generator().manual_seed(c["train.seed"] + 1)
         self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
-        self.log: dict[str, float] = {"loss": 0.0, "count": 0, "grad_norm": 0.0, "images": 0, "time": 0.0}
+        self.log = empty_log()
         if resume:
             self._restore(latest_checkpoint(self.files.root))
-        else:
+        if self.world.is_main:
             self.files.root.mkdir(parents=True, exist_ok=True)
-        config.save(self.files.config)
+            config.save(self.files.config)
+        if self.world.rank:  # other ranks: their own dropout stream, derived from the seed, rank and step
+            torch.manual_seed(c["train.seed"] + 1_000_003 * self.world.rank + self.step)
+        self.model: nn.Module = self.denoiser
+        if self.world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.denoiser, device_ids=ids)
 
     # ---- state -------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
@@ -293,9 +324,12 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step."""
-        return save_checkpoint(self.files.checkpoints, self.step, self._modules(), self._trainer_state(), self.info(),
-                               keep=self.config["train.keep_checkpoints"])
+        """Write a checkpoint of the current step (rank 0 writes; every rank waits for it)."""
+        if self.world.is_main:
+            save_checkpoint(self.files.checkpoints, self.step, self._modules(), self._trainer_state(), self.info(),
+                            keep=self.config["train.keep_checkpoints"])
+        self.world.barrier()
+        return checkpoint_path(self.files.checkpoints, self.step)
 
     def _modules(self) -> dict[str, nn.Module]:
         """Everything with weights: the model, its EMA and a learned weighting."""
@@ -321,8 +355,8 @@ class Trainer:
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
-        """Drop metric rows written after the checkpoint we resume from."""
-        if not self.files.metrics.exists():
+        """Drop metric rows written after the checkpoint we resume from (rank 0's file)."""
+        if not self.world.is_main or not self.files.metrics.exists():
             return
         with self.files.metrics.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -372,33 +406,46 @@ class Trainer:
             factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, images / c["train.images_seen"])))
         return c["train.lr"] * factor
 
-    def _micro_batch_loss(self, n: int, micro_step: int) -> tuple[Tensor, Tensor, Tensor]:
-        x0 = self.stream.next(n).to(self.device)
+    def draw(self, micro_step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """This rank's (x0, t, importance, eps) of micro-step ``micro_step``, on the device."""
+        n = self.micro_batch
+        x0 = self.stream.next(n, self.world).to(self.device)
         t, importance = self.sampler.sample(n, micro_step)
-        t = self.process.clamp(t).to(self.device, torch.float32)
-        importance = importance.to(self.device, torch.float32)
-        eps = torch.randn(x0.shape, generator=self.noise).to(self.device)
+        eps = self.world.share(torch.randn((n * self.world.size, *x0.shape[1:]), generator=self.noise))
+        return (x0, self.process.clamp(t).to(self.device, torch.float32),
+                importance.to(self.device, torch.float32), eps.to(self.device))
+
+    def _micro_batch_loss(self, micro_step: int) -> tuple[Tensor, Tensor, Tensor]:
+        x0, t, importance, eps = self.draw(micro_step)
         x_t = self.process.add_noise(x0, eps, t)
         with autocast(self.device, self.amp_dtype):
-            out = self.denoiser(x_t, t)
+            out = self.model(x_t, t)
         objective, optimised = combine_loss(self.prediction, out, x_t, x0, eps, t, importance, self.weighting)
         return optimised.mean(), t, objective.detach()
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
         c = self.config
-        accum, micro = c["train.grad_accum"], c["train.batch_size"] // c["train.grad_accum"]
+        accum = c["train.grad_accum"]
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.images_seen)
         self.sampler.set_progress(self.images_seen / c["train.images_seen"])
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         feedback = []
         for k in range(accum):
-            loss, t, objective = self._micro_batch_loss(micro, k)
-            (loss / accum).backward()
-            total += loss.item() / accum
-            feedback.append((t, objective))
+            # DDP averages gradients over ranks once per optimizer step, at the last micro-step
+            sync = k == accum - 1 or not self.world.distributed
+            with nullcontext() if sync else self.model.no_sync():
+                loss, t, objective = self._micro_batch_loss(k)
+                (loss / accum).backward()
+            total += loss.detach() / accum
+            feedback.append(self.world.all_gather(torch.stack([t, objective.float()], dim=1)))
+        if self.world.distributed and isinstance(self.weighting, nn.Module):  # outside DDP: average by hand
+            for p in self.weighting.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(self.world.mean(p.grad))
+        total = float(self.world.mean(total))
         clip = c["train.grad_clip"] or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), clip))
         self.images_seen += c["train.batch_size"]
@@ -415,8 +462,9 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.ema.update(self.denoiser, self.step)
-        for t, objective in feedback:
-            self.sampler.update(t.cpu().double(), objective.cpu().double())
+        for gathered in feedback:  # every rank's (t, objective), the same on every rank
+            t, objective = gathered.cpu().double().unbind(1)
+            self.sampler.update(t, objective)
         return total, grad_norm
 
     def _log(self, loss: float, grad_norm: float, seconds: float, force: bool = False,
@@ -432,6 +480,13 @@ class Trainer:
             return
         if not log["count"]:
             return
+        if self.world.is_main:
+            self._write_metrics_row(evaluation)
+        self.log = empty_log()
+
+    def _write_metrics_row(self, evaluation: float | None) -> None:
+        """Append the row of the current logging period to metrics.csv."""
+        log = self.log
         values = [self.step, self.images_seen, f"{log['loss'] / log['count']:.6g}",
                   f"{self.lr_at(self.images_seen):.6g}", f"{log['grad_norm'] / log['count']:.6g}",
                   f"{log['images'] / max(log['time'], 1e-9):.1f}", self.nonfinite_total]
@@ -449,13 +504,12 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(row)
-        self.log = {"loss": 0.0, "count": 0, "grad_norm": 0.0, "images": 0, "time": 0.0}
 
     def fit(self) -> Path:
         """Train until ``train.images_seen``; checkpoint periodically, at the end and on SIGINT/SIGTERM."""
         c = self.config
         budget, every, eval_every = c["train.images_seen"], c["train.checkpoint_every"], c["train.eval_every"]
-        column = self._eval_column()
+        column = self._eval_column() if self.world.is_main else None  # rank 0 evaluates
         if column:
             from .metrics import Evaluator  # metrics imports this module
 
@@ -481,8 +535,8 @@ class Trainer:
                                 refresh=False)
                 if every and self.images_seen // every > before // every and self.images_seen < budget:
                     self.save()
-                if stop:
-                    raise Interrupted(stop[0], self.save())
+                if self.world.any(bool(stop), self.device):  # a signal stops every rank at the same step
+                    raise Interrupted(stop[0] if stop else signal.SIGTERM, self.save())
         self.save()
         if column:
             plot_eval(self.files.metrics, column, self.files.eval_plot)
