@@ -17,7 +17,8 @@ from frugaldiff.diagnostics import (
 )
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import VPLinear
-from frugaldiff.trainer import build_denoiser
+from frugaldiff.plots import read_metrics
+from frugaldiff.trainer import Trainer, build_denoiser
 
 TINY_GMM = {"data.name": "gmm", "data.gmm_dim": 3, "data.gmm_components": 2, "data.num_samples": 256,
             "model.hidden": 16, "model.depth": 1, "train.batch_size": 16, "train.images_seen": 64,
@@ -151,3 +152,66 @@ def test_heldout_loss_is_the_training_objective_on_the_grid():
             x0_weight = None if w is None else w.x0_weight(denoiser.process, t)
             direct = denoiser.prediction.objective(denoiser(x_t, t), x_t, x0, eps, t, x0_weight).mean()
         assert losses[2] == pytest.approx(float(direct), rel=1e-5)
+
+
+LEDGER_RUN = {"data.name": "8gaussians", "data.num_samples": 512, "model.hidden": 16, "model.depth": 1,
+              "train.batch_size": 16, "train.images_seen": 16 * 6, "train.warmup_images": 0, "train.log_every": 3,
+              "train.ledger_bins": 4, "train.heldout_every": 48, "train.heldout_per_bin": 8,
+              "train.tensorboard": False}
+
+
+def _ledger_run(tmp_path, **changes):
+    trainer = Trainer(Config({**LEDGER_RUN, **changes}), tmp_path / "run", progress=False)
+    recorded = []
+    update = trainer.sampler.update
+
+    def recording_update(t, losses):
+        recorded.append((trainer.step, t.clone(), losses.clone()))
+        update(t, losses)
+
+    trainer.sampler.update = recording_update
+    trainer.fit()
+    return trainer, recorded, read_metrics(trainer.files.metrics)
+
+
+def test_metrics_csv_ledger_and_heldout_columns_equal_a_direct_computation(tmp_path):
+    trainer, recorded, rows = _ledger_run(tmp_path)
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    previous = 0
+    for row in rows:  # each row: the per-bin mean and variance of every loss fed back since the previous row
+        step = int(row["step"])
+        t = torch.cat([t for s, t, _ in recorded if previous < s <= step])
+        losses = torch.cat([v for s, _, v in recorded if previous < s <= step])
+        index = (t * 4).long().clamp(max=3)
+        for b in range(4):
+            mine = losses[index == b]
+            assert float(row[f"loss_t{b}"]) == pytest.approx(mine.mean().item(), rel=1e-5)
+            assert float(row[f"lossvar_t{b}"]) == pytest.approx(mine.var().item(), rel=1e-5)
+        previous = step
+    # held-out losses at 48 and 96 images; the last one is the final model's on the fixed grid
+    assert all(row["heldout_t0"] for row in rows)
+    final = trainer.heldout_losses()
+    assert {k: float(v) for k, v in final.items()} == pytest.approx(
+        {k: float(rows[-1][k]) for k in final}, rel=1e-5)
+
+
+def test_tensorboard_gets_the_same_numbers_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, rows = _ledger_run(tmp_path, **{"train.tensorboard": True})
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert {"train/loss", "loss/loss_t0", "lossvar/lossvar_t3", "heldout/heldout_t2"} <= set(events.Tags()["scalars"])
+    logged = [(e.step, e.value) for e in events.Scalars("loss/loss_t1")]
+    assert logged == [(int(r["images_seen"]), pytest.approx(float(r["loss_t1"]), rel=1e-5)) for r in rows]
+
+
+def test_analyze_ledger_draws_the_heat_map_and_curves(tmp_path, capsys):
+    _ledger_run(tmp_path)
+    assert main(["analyze", "ledger", str(tmp_path / "run")]) == 0
+    out = tmp_path / "run" / "analysis" / "ledger"
+    assert (out / "ledger_heatmap.png").stat().st_size > 10_000 and (out / "ledger_curves.png").is_file()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.csv").write_text("step,images_seen,loss\n1,16,0.5\n")
+    assert main(["analyze", "ledger", str(tmp_path / "old")]) == 2
+    assert "predates the loss ledger" in capsys.readouterr().err

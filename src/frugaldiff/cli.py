@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     dis.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis/disruption)")
     dis.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    ledger = analyze.add_parser("ledger", help="heat map (t bin × images seen) and per-bin curves of the training "
+                                "and held-out loss a run logged in metrics.csv (PNGs)")
+    ledger.add_argument("run_dir", type=Path)
+    ledger.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis/ledger)")
+
     imp = analyze.add_parser("importance", help="degrade x̂0 only while the solver is in one t bin: cost in "
                              "sample quality per bin (JSON + bar chart)")
     imp.add_argument("run_dir", type=Path)
@@ -242,8 +247,24 @@ def _importance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger(args: argparse.Namespace) -> int:
+    from .plots import plot_ledger
+    from .trainer import RunFiles
+
+    metrics = RunFiles(args.run_dir).metrics
+    if not metrics.is_file():
+        raise FrugalError(f"{args.run_dir} has no metrics.csv; pass a run folder that `frugaldiff train` wrote")
+    written = plot_ledger(metrics, args.out or args.run_dir / "analysis" / "ledger")
+    if not written:
+        raise FrugalError(f"{metrics} has no per-bin columns (loss_t*, heldout_t*); it predates the loss ledger, "
+                          "train a new run")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
-    analyses = {"prediction-types": _prediction_types, "disruption": _disruption, "importance": _importance}
+    analyses = {"prediction-types": _prediction_types, "disruption": _disruption, "importance": _importance,
+                "ledger": _ledger}
     return analyses[args.analysis](args)
 
 

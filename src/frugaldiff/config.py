@@ -142,6 +142,13 @@ OPTIONS: list[Option] = [
     Option("train.checkpoint_every", 10000, "checkpoint interval in images (0 = only at the end)", low=0),
     Option("train.keep_checkpoints", 3, "how many checkpoints to keep", low=1),
     Option("train.log_every", 20, "optimizer steps between rows of metrics.csv", low=1),
+    Option("train.ledger_bins", 20, "equal-width t bins of the loss ledger (per-bin mean and variance of the "
+           "training loss in metrics.csv) and of the held-out grid", low=1, high=1000),
+    Option("train.heldout_every", 4000, "images between held-out losses per t bin on a fixed (image, t, noise) "
+           "grid (heldout_t<bin> in metrics.csv; 0 = off)", low=0),
+    Option("train.heldout_per_bin", 32, "held-out grid draws per t bin", low=1),
+    Option("train.tensorboard", True, "also log metrics.csv's numbers to RUN/tensorboard when the tensorboard "
+           "package is installed (pip install 'frugaldiff[tensorboard]')"),
     Option("train.eval_every", 0, "images between evaluations of EMA samples (eval_<metric> in metrics.csv, "
            "eval.png; 0 = off)", low=0),
     Option("train.eval_samples", 256, "samples generated (seed sample.seed) for each evaluation", low=10),

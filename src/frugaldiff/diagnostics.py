@@ -135,6 +135,17 @@ def gate_weights_by_bin(denoiser: Denoiser, grid: HeldoutGrid) -> dict[str, list
     return {name: [m[k].item() for m in means] for k, name in enumerate(prediction.types)}
 
 
+def bin_columns(prefix: str, bins: int) -> list[str]:
+    """metrics.csv column names ``<prefix>_t<bin>`` of ``bins`` t bins, the bin zero-padded."""
+    width = len(str(bins - 1))
+    return [f"{prefix}_t{b:0{width}d}" for b in range(bins)]
+
+
+def csv_cells(columns: Sequence[str], values: Sequence[float]) -> dict[str, str]:
+    """metrics.csv cells: 6 significant digits, empty for NaN."""
+    return {c: ("" if math.isnan(v) else f"{v:.6g}") for c, v in zip(columns, values, strict=True)}
+
+
 class LossLedger:
     """Per-bin count, mean and variance (ddof = 1) of per-sample training losses since the last :meth:`reset`.
 
@@ -173,15 +184,13 @@ class LossLedger:
         return torch.where(self.count > 1, self.m2 / (self.count - 1).clamp(min=1), torch.nan)
 
     def columns(self, prefix: str = "loss") -> list[str]:
-        """Column names ``<prefix>_t<bin>`` (mean) and ``<prefix>var_t<bin>`` (variance), bin zero-padded."""
-        width = len(str(self.bins - 1))
-        return [f"{prefix}{kind}_t{b:0{width}d}" for kind in ("", "var") for b in range(self.bins)]
+        """Column names ``<prefix>_t<bin>`` (mean) and ``<prefix>var_t<bin>`` (variance)."""
+        return bin_columns(prefix, self.bins) + bin_columns(f"{prefix}var", self.bins)
 
     def row(self, prefix: str = "loss") -> dict[str, str]:
         """The current statistics as metrics.csv cells (empty where a bin saw no loss)."""
         means = torch.where(self.count > 0, self.mean, torch.nan)
-        values = [*means.tolist(), *self.variance().tolist()]
-        return {c: ("" if math.isnan(v) else f"{v:.6g}") for c, v in zip(self.columns(prefix), values, strict=True)}
+        return csv_cells(self.columns(prefix), [*means.tolist(), *self.variance().tolist()])
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"count": self.count.clone(), "mean": self.mean.clone(), "m2": self.m2.clone()}

@@ -19,10 +19,15 @@ def pyplot() -> Any:
     return plt
 
 
+def read_metrics(metrics_csv: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv."""
+    with metrics_csv.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def plot_metrics(metrics_csv: Path, out: Path) -> None:
     """Loss and learning rate against images seen."""
-    with metrics_csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(metrics_csv)
     if not rows:
         return
     images = np.array([float(r["images_seen"]) for r in rows])
@@ -39,8 +44,7 @@ def plot_metrics(metrics_csv: Path, out: Path) -> None:
 
 def plot_eval(metrics_csv: Path, column: str, out: Path) -> None:
     """One evaluation column of metrics.csv (empty in rows without an evaluation) against images seen."""
-    with metrics_csv.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get(column)]
+    rows = [r for r in read_metrics(metrics_csv) if r.get(column)]
     if not rows:
         return
     plt = pyplot()
@@ -231,3 +235,62 @@ def plot_importance(result: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def bin_series(rows: list[dict[str, str]], prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images seen [n], values [bins, n]) of the ``<prefix>_t<bin>`` columns over the rows that have any
+    (NaN where a bin is empty)."""
+    columns = sorted(k for k in (rows[0] if rows else {}) if k.startswith(f"{prefix}_t"))
+    kept = [r for r in rows if any(r.get(c) for c in columns)]
+    values = np.array([[float(r[c]) if r.get(c) else np.nan for r in kept] for c in columns], dtype=float)
+    return np.array([float(r["images_seen"]) for r in kept]), values
+
+
+def plot_ledger(metrics_csv: Path, out_dir: Path) -> list[Path]:
+    """From metrics.csv: ``ledger_heatmap.png`` (t bin × images seen: training loss per bin, and held-out loss
+    relative to its first evaluation) and ``ledger_curves.png`` (one curve per bin). Returns the files written."""
+    rows = read_metrics(metrics_csv)
+    panels = [(name, *bin_series(rows, prefix)) for name, prefix in
+              (("training loss (ledger)", "loss"), ("held-out loss (fixed grid)", "heldout"))]
+    panels = [p for p in panels if p[2].size]
+    if not panels:
+        return []
+    plt = pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heat, curves = out_dir / "ledger_heatmap.png", out_dir / "ledger_curves.png"
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, images, values) in zip(axes[0], panels, strict=True):
+        bins = len(values)
+        if name.startswith("held-out"):
+            shown, label = np.log2(values / values[:, :1]), "log2(loss / first evaluation)"
+            limit = np.nanmax(np.abs(shown)) or 1.0
+            image = ax.pcolormesh(_edges_of(images), np.linspace(0, 1, bins + 1), shown, cmap="RdBu_r",
+                                  vmin=-limit, vmax=limit, shading="flat")
+        else:
+            shown, label = np.log10(values), "log10(mean loss)"
+            image = ax.pcolormesh(_edges_of(images), np.linspace(0, 1, bins + 1), shown, cmap="viridis",
+                                  shading="flat")
+        fig.colorbar(image, ax=ax, label=label)
+        ax.set(xlabel="images seen", ylabel="t", title=name)
+    fig.tight_layout()
+    fig.savefig(heat, dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (name, images, values) in zip(axes[0], panels, strict=True):
+        colours = plt.cm.viridis(np.linspace(0, 1, len(values)))
+        for b, (series, colour) in enumerate(zip(values, colours, strict=True)):
+            ax.plot(images, series, color=colour, lw=1, label=f"t≈{(b + 0.5) / len(values):.2f}")
+        ax.set(xlabel="images seen", ylabel="loss", yscale="log", title=f"{name} per t bin")
+    axes[0][-1].legend(fontsize=6, ncol=2, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(curves, dpi=100)
+    plt.close(fig)
+    return [heat, curves]
+
+
+def _edges_of(x: np.ndarray) -> np.ndarray:
+    """Cell edges around the points ``x`` for pcolormesh (midpoints; the ends mirrored)."""
+    if len(x) == 1:
+        return np.array([x[0] - 0.5, x[0] + 0.5])
+    mid = (x[1:] + x[:-1]) / 2
+    return np.concatenate([[2 * x[0] - mid[0]], mid, [2 * x[-1] - mid[-1]]])

@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .datasets import Data, load_dataset
+from .diagnostics import GRID_SEED, HeldoutGrid, LossLedger, bin_columns, csv_cells, heldout_grid, heldout_loss_by_bin
 from .distributed import SINGLE_PROCESS, World, init_distributed
 from .errors import FrugalError
 from .images import to_uint8
@@ -45,6 +46,11 @@ MAX_NONFINITE_IN_A_ROW = 10
 def empty_log() -> dict[str, float]:
     """Running sums of one logging period of metrics.csv."""
     return {"loss": 0.0, "count": 0, "grad_norm": 0.0, "images": 0, "time": 0.0}
+
+
+def _crossed(before: int, now: int, every: int, budget: int) -> bool:
+    """Whether a step from ``before`` to ``now`` images passed a multiple of ``every`` or reached the budget."""
+    return now // every > before // every or now >= budget
 
 
 class Interrupted(Exception):
@@ -291,6 +297,9 @@ class Trainer:
         self.noise = torch.Generator().manual_seed(c["train.seed"] + 1)
         self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
         self.log = empty_log()
+        self.ledger = LossLedger(c["train.ledger_bins"])  # this logging period's losses per t bin, all ranks
+        self._grid: HeldoutGrid | None = None
+        self._tensorboard: Any = None
         if resume:
             self._restore(latest_checkpoint(self.files.root))
         if self.world.is_main:
@@ -313,6 +322,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "stream_position": self.stream.position,
             "log": dict(self.log),
+            "ledger": self.ledger.state_dict(),
         }
 
     def info(self) -> dict[str, Any]:
@@ -350,6 +360,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.stream.position = state["stream_position"]
         self.log = state["log"]
+        if "ledger" in state:  # checkpoints from before the ledger start it empty
+            self.ledger.load_state_dict(state["ledger"])
         self.step, self.images_seen = info["step"], info["images_seen"]
         self.nonfinite_total, self.nonfinite_in_a_row = info["nonfinite_skipped"], info["nonfinite_in_a_row"]
         self._truncate_metrics()
@@ -382,9 +394,24 @@ class Trainer:
         return f"eval_{name}"
 
     def _metric_fields(self) -> list[str]:
-        """The columns of a new metrics.csv."""
+        """The columns of a new metrics.csv: the basics, the evaluation metric, the ledger, the held-out grid."""
         column = self._eval_column()
-        return [*METRIC_FIELDS, column] if column else METRIC_FIELDS
+        heldout = bin_columns("heldout", self.ledger.bins) if self.config["train.heldout_every"] else []
+        return [*METRIC_FIELDS, *([column] if column else []), *self.ledger.columns(), *heldout]
+
+    def heldout_losses(self) -> dict[str, str]:
+        """The training objective (weighting included, importance weights not) of the current model per t bin
+        on a fixed held-out (image, t, noise) grid, as metrics.csv cells: comparable across steps and runs."""
+        if self._grid is None:
+            c = self.config
+            self._grid = heldout_grid(self.process, self.data.heldout, c["train.ledger_bins"],
+                                      c["train.heldout_per_bin"], torch.Generator().manual_seed(GRID_SEED))
+        self.denoiser.eval()
+        try:
+            losses = heldout_loss_by_bin(self.denoiser, self._grid, self.weighting)
+        finally:
+            self.denoiser.train()
+        return csv_cells(bin_columns("heldout", self.ledger.bins), losses)
 
     def _evaluate(self, evaluator: Any) -> float:
         """The headline metric of ``train.eval_samples`` EMA samples (seed ``sample.seed``), scored as
@@ -465,10 +492,11 @@ class Trainer:
         for gathered in feedback:  # every rank's (t, objective), the same on every rank
             t, objective = gathered.cpu().double().unbind(1)
             self.sampler.update(t, objective)
+            self.ledger.update(t, objective)
         return total, grad_norm
 
     def _log(self, loss: float, grad_norm: float, seconds: float, force: bool = False,
-             evaluation: float | None = None) -> None:
+             extra: dict[str, str] | None = None) -> None:
         log = self.log
         if math.isfinite(loss):
             log["loss"] += loss
@@ -481,18 +509,18 @@ class Trainer:
         if not log["count"]:
             return
         if self.world.is_main:
-            self._write_metrics_row(evaluation)
+            self._write_metrics_row(extra or {})
         self.log = empty_log()
+        self.ledger.reset()
 
-    def _write_metrics_row(self, evaluation: float | None) -> None:
-        """Append the row of the current logging period to metrics.csv."""
+    def _write_metrics_row(self, extra: dict[str, str]) -> None:
+        """Append the row of the current logging period (with ``extra`` cells) to metrics.csv and TensorBoard."""
         log = self.log
         values = [self.step, self.images_seen, f"{log['loss'] / log['count']:.6g}",
                   f"{self.lr_at(self.images_seen):.6g}", f"{log['grad_norm'] / log['count']:.6g}",
                   f"{log['images'] / max(log['time'], 1e-9):.1f}", self.nonfinite_total]
-        row = dict(zip(METRIC_FIELDS, values, strict=True))
-        if evaluation is not None:
-            row[self._eval_column()] = f"{evaluation:.6g}"
+        row = {**dict(zip(METRIC_FIELDS, values, strict=True)), **self.ledger.row(), **extra}
+        self._write_tensorboard(row)
         new = not self.files.metrics.exists()
         if new:
             fields = self._metric_fields()
@@ -505,10 +533,29 @@ class Trainer:
                 writer.writeheader()
             writer.writerow(row)
 
+    def _write_tensorboard(self, row: dict[str, Any]) -> None:
+        """Numbers of a metrics.csv row as TensorBoard scalars (x: images seen), when tensorboard is installed."""
+        if not self.config["train.tensorboard"]:
+            return
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the optional extra is not installed
+                self._tensorboard = False
+                return
+            self._tensorboard = SummaryWriter(str(self.files.root / "tensorboard"))
+        if self._tensorboard:
+            for key, value in row.items():
+                if key not in ("step", "images_seen") and value != "":
+                    group = key.split("_t")[0] if "_t" in key else "train"
+                    self._tensorboard.add_scalar(f"{group}/{key}", float(value), self.images_seen)
+            self._tensorboard.flush()
+
     def fit(self) -> Path:
         """Train until ``train.images_seen``; checkpoint periodically, at the end and on SIGINT/SIGTERM."""
         c = self.config
-        budget, every, eval_every = c["train.images_seen"], c["train.checkpoint_every"], c["train.eval_every"]
+        budget, every = c["train.images_seen"], c["train.checkpoint_every"]
+        eval_every, heldout_every = c["train.eval_every"], c["train.heldout_every"]
         column = self._eval_column() if self.world.is_main else None  # rank 0 evaluates
         if column:
             from .metrics import Evaluator  # metrics imports this module
@@ -524,12 +571,17 @@ class Trainer:
                 before = self.images_seen
                 loss, grad_norm = self.train_step()
                 seconds = time.perf_counter() - start
-                evaluation = None
-                if column and (self.images_seen // eval_every > before // eval_every or self.images_seen >= budget):
+                # rows with an evaluation end a logging period on every rank; rank 0 alone computes them
+                due_eval = bool(eval_every) and _crossed(before, self.images_seen, eval_every, budget)
+                due_heldout = bool(heldout_every) and _crossed(before, self.images_seen, heldout_every, budget)
+                extra: dict[str, str] = {}
+                if due_eval and column:
                     evaluation = self._evaluate(evaluator)
-                    shown = {column: f"{evaluation:.4g}"}
-                self._log(loss, grad_norm, seconds, force=self.images_seen >= budget or evaluation is not None,
-                          evaluation=evaluation)
+                    extra[column], shown = f"{evaluation:.6g}", {column: f"{evaluation:.4g}"}
+                if due_heldout and self.world.is_main:
+                    extra.update(self.heldout_losses())
+                self._log(loss, grad_norm, seconds, force=self.images_seen >= budget or due_eval or due_heldout,
+                          extra=extra)
                 bar.update(self.images_seen - before)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{c['train.batch_size'] / seconds:.0f}", **shown,
                                 refresh=False)
@@ -540,4 +592,6 @@ class Trainer:
         self.save()
         if column:
             plot_eval(self.files.metrics, column, self.files.eval_plot)
+        if self._tensorboard:
+            self._tensorboard.close()
         return self.files.root
