@@ -170,9 +170,31 @@ def test_analyze_errors(run, tmp_path, capsys):
     assert "--bins must be at least 2" in error("disruption", str(run), "--bins", "1")
     assert "--bins must be at least 1" in error("importance", str(run), "--bins", "0")
     assert "--metric fid needs an image run" in error("importance", str(run), "--metric", "fid")
+    assert "--batch-sizes must be positive" in error("batch-sweep", "--batch-sizes", "0", "--out", str(tmp_path / "s"))
     finished = tmp_path / "cosine"
     (finished / "checkpoints").mkdir(parents=True)
     checkpoint = latest_checkpoint(run)
     (finished / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
     Config({**TINY_RUN, "train.lr_schedule": "cosine"}).save(finished / "config.toml")
     assert "pass --lr" in error("disruption", str(finished))
+
+
+def test_batch_sweep_trains_each_batch_size_at_equal_images_and_reuses_runs(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["analyze", "batch-sweep", "--batch-sizes", "4", "16", "--bins", "2", "--per-bin", "8", "--samples", "32",
+            "--out", str(out), "--no-progress",
+            *[a for k, v in TINY_RUN.items() if k != "train.batch_size" for a in ("--set", f"{k}={json.dumps(v)}")]]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "best loglik: batch" in printed
+    result = json.loads((out / "batch_sweep.json").read_text())
+    assert result["metric"] == "loglik" and result["higher_is_better"]
+    assert [(r["batch_size"], r["steps"]) for r in result["runs"]] == [(4, 160), (16, 40)]  # 640 images each
+    assert all(len(r["heldout"]) == 2 and r["train_seconds"] > 0 for r in result["runs"])
+    assert (out / "batch_sweep.png").stat().st_size > 10_000
+    assert "| 4 | 160 |" in (out / "table.md").read_text()
+    checkpoints = sorted((out / "batch-4" / "checkpoints").iterdir())
+    assert main(argv) == 0  # a rerun reuses the finished runs (nothing retrained) and scores the same samples
+    assert sorted((out / "batch-4" / "checkpoints").iterdir()) == checkpoints
+    again = json.loads((out / "batch_sweep.json").read_text())
+    assert [r["metric"] for r in again["runs"]] == [r["metric"] for r in result["runs"]]

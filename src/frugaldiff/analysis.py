@@ -3,7 +3,8 @@
 *Disruption* (``frugaldiff analyze disruption``): from the run's newest checkpoint, take k optimizer steps on
 batches whose t all lie in one bin A and measure the relative change ΔL[A, B] of the held-out loss in every
 bin B. *Timestep importance* (``frugaldiff analyze importance``): degrade x̂0 only while the solver is inside
-one bin and measure how much the samples change or get worse.
+one bin and measure how much the samples change or get worse. *Batch sweep* (``frugaldiff analyze
+batch-sweep``): the same budget in images at several batch sizes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints
 from .config import Config
-from .diagnostics import GRID_SEED, heldout_grid, heldout_loss_by_bin, true_mixture
+from .diagnostics import GRID_SEED, heldout_grid, heldout_loss_by_bin, train_or_reuse, true_mixture
 from .errors import FrugalError
 from .generate import generate, load_run
 from .images import to_uint8
@@ -349,3 +350,71 @@ def run_importance(run_dir: str | Path, out_dir: str | Path | None = None, bins:
     _write_json(out / "importance.json", result)
     plot_importance(result, out / "importance.png")
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch-size study
+
+SWEEP_BATCH_SIZES = (4, 8, 16, 64)
+
+
+def _training_seconds(metrics_csv: Path) -> float:
+    """Seconds spent in optimizer steps, from metrics.csv's images and images/s per row."""
+    from .plots import read_metrics
+
+    total, previous = 0.0, 0
+    for row in read_metrics(metrics_csv):
+        images = int(row["images_seen"])
+        total += (images - previous) / max(float(row["images_per_s"]), 1e-9)
+        previous = images
+    return total
+
+
+def batch_sweep(base: Config, out_dir: str | Path, batch_sizes: Sequence[int] = SWEEP_BATCH_SIZES, bins: int = 10,
+                per_bin: int = 256, samples: int = 512, progress: bool = True) -> dict[str, Any]:
+    """Train (or reuse) one run of ``base`` per batch size at the same budget in images seen; for each, the
+    headline metric of ``samples`` EMA samples, the EMA model's held-out loss per t bin on a fixed grid,
+    optimizer steps and training seconds. Writes ``batch_sweep.json``, ``table.md`` and ``batch_sweep.png``."""
+    from .metrics import HIGHER_IS_BETTER, Evaluator
+    from .plots import plot_batch_sweep
+    from .trainer import load_data
+
+    _require(len(batch_sizes) >= 1 and all(b >= 1 for b in batch_sizes),
+             f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
+    _require(bins >= 1 and per_bin >= 1 and samples >= 2, "--bins and --per-bin must be at least 1, --samples 2")
+    out_dir = Path(out_dir)
+    data = load_data(base)
+    evaluator = Evaluator(base, data=data)
+    _require(evaluator.headline is not None, f"{base['data.name']!r} has no quality metric (images without "
+                                             "class labels); sweep a labelled dataset such as mnist5000 or digits")
+    grid = heldout_grid(base.process(), data.heldout, bins, per_bin, torch.Generator().manual_seed(GRID_SEED))
+    result: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
+                              "metric": evaluator.headline, "higher_is_better": evaluator.headline in HIGHER_IS_BETTER,
+                              "samples": samples, "edges": grid.edges, "runs": []}
+    for size in batch_sizes:
+        trainer = train_or_reuse(base.updated({"train.batch_size": size, "train.name": f"batch-{size}"}),
+                                 out_dir / f"batch-{size}", progress)
+        result["runs"].append({
+            "batch_size": size, "steps": trainer.step, "metric": trainer.evaluate(evaluator, samples),
+            "heldout": heldout_loss_by_bin(trainer.ema.model.eval(), grid, trainer.weighting),
+            "train_seconds": _training_seconds(trainer.files.metrics)})
+    _write_json(out_dir / "batch_sweep.json", result)
+    atomic_write_text(out_dir / "table.md", sweep_table(result))
+    plot_batch_sweep(result, out_dir / "batch_sweep.png")
+    return result
+
+
+def sweep_table(result: dict[str, Any]) -> str:
+    """Markdown table of a batch sweep: one row per batch size."""
+    edges = result["edges"]
+    near, far = f"{edges[0]:.2g}–{edges[1]:.2g}", f"{edges[-2]:.2g}–{edges[-1]:.2g}"
+    lines = [f"{result['dataset']}, {result['images_seen']} images seen per run, {result['metric']} of "
+             f"{result['samples']} EMA samples\n",
+             f"| batch | steps | {result['metric']} | held-out loss, mean over t | t {near} | t {far} | train s |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in result["runs"]:
+        heldout = run["heldout"]
+        lines.append(f"| {run['batch_size']} | {run['steps']} | {run['metric']:.4g} | "
+                     f"{sum(heldout) / len(heldout):.4g} | {heldout[0]:.4g} | {heldout[-1]:.4g} | "
+                     f"{run['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"

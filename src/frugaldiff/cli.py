@@ -104,6 +104,18 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis/importance)")
     imp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    sweep = analyze.add_parser("batch-sweep", help="the same budget in images at several batch sizes: final "
+                               "metric and held-out loss per t bin (table + PNG)")
+    sweep.add_argument("--config", type=Path, help="TOML file of the recipe (default: the default config)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="change a key of every run, e.g. --set train.images_seen=20000")
+    sweep.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 64])
+    sweep.add_argument("--bins", type=int, default=10, help="equal-width bins of t")
+    sweep.add_argument("--per-bin", type=int, default=256, help="held-out (sample, t, noise) draws per bin")
+    sweep.add_argument("--samples", type=int, default=512, help="EMA samples scored per run")
+    sweep.add_argument("--out", type=Path, required=True, help="sweep folder (rerun to reuse finished runs)")
+    sweep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     config = sub.add_parser("config", help="print the fully resolved config with every key")
     config.add_argument("--config", type=Path, help="TOML file to resolve")
     config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -262,9 +274,23 @@ def _ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_sweep(args: argparse.Namespace) -> int:
+    from .analysis import batch_sweep
+    from .config import Config
+
+    result = batch_sweep(Config.load(args.config, args.overrides), args.out, args.batch_sizes, args.bins,
+                         args.per_bin, args.samples, progress=not args.no_progress)
+    print((args.out / "table.md").read_text(), end="")
+    pick = max if result["higher_is_better"] else min
+    best = pick(result["runs"], key=lambda r: r["metric"])
+    print(f"best {result['metric']}: batch {best['batch_size']}")
+    print(f"wrote {args.out}/batch_sweep.json, table.md, batch_sweep.png")
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     analyses = {"prediction-types": _prediction_types, "disruption": _disruption, "importance": _importance,
-                "ledger": _ledger}
+                "ledger": _ledger, "batch-sweep": _batch_sweep}
     return analyses[args.analysis](args)
 
 

@@ -28,7 +28,7 @@ from .registry import Registry
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 COLORS = ("auto", "grey", "rgb")
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 weights, as Pillow's "L"
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 weights, as Pillow's "L"
 _IMAGE_KEYS = ("images", "x")  # .npz array names taken as the data when a file holds several
 _LABEL_KEYS = ("labels", "y")  # .npz array names taken as integer class labels
 _REINSTALL_FASHION = "reinstall it: apt-get install -y dataset-fashion-mnist"
@@ -182,7 +182,7 @@ def _finish_images(x: np.ndarray, color: str, image_size: int) -> torch.Tensor:
     """Float images [N, H, W, C] in [-1, 1] → float32 [N, C, H, W] in ``color``, resized to image_size."""
     x = np.asarray(x, dtype=np.float32)
     if color == "grey" and x.shape[-1] == 3:
-        x = x @ _LUMA[:, None]
+        x = x @ LUMA[:, None]
     if image_size:  # after greying and before repeating to RGB: fewer channels to resize
         x = np.stack([_resize_float(image, image_size) for image in x])
     if color == "rgb" and x.shape[-1] == 1:
@@ -190,7 +190,7 @@ def _finish_images(x: np.ndarray, color: str, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).clamp_(-1, 1)
 
 
-def _image_layout(a: np.ndarray, source: str) -> np.ndarray:
+def image_layout(a: np.ndarray, source: str) -> np.ndarray:
     """Images [N, H, W], [N, H, W, C] or [N, C, H, W] (C = 1 or 3; uint8 0–255, float in [0, 1] or [-1, 1])
     → float32 [N, H, W, C] in [-1, 1]. A 4-D array is channels-first when its dim 1 is 1 or 3."""
     accepted = "images [N,H,W], [N,H,W,C] or [N,C,H,W] with C = 1 or 3, or vectors [N,D]"
@@ -373,7 +373,7 @@ def _load_npz(name: str, path: Path, opts: LoadOptions) -> Data:
             raise FrugalError(f"{source} holds {a.dtype} vectors; save numeric vectors [N, D]")
         vectors = torch.from_numpy(a.astype(np.float32))
         return _split_data(name, "vector", vectors, labels, opts, stratify=False)
-    x = _finish_images(_image_layout(a, source), opts.color, opts.image_size)
+    x = _finish_images(image_layout(a, source), opts.color, opts.image_size)
     return _split_data(name, "image", x, labels, opts, stratify=False)
 
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ from .errors import FrugalError
 from .gmm import GaussianMixture, gmm_mixture
 from .noise import NoiseProcess
 from .prediction import Denoiser, MixedPrediction
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 Predict = Callable[[Tensor, Tensor], dict[str, Tensor]]  # (x_t, t) -> named x̂0 predictions
 
@@ -246,7 +249,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
     grid, and the gate weights over t. Writes ``results.json``, ``table.md``, ``x0_error.png``, ``gates.png``.
     """
     from .plots import plot_error_by_bin, plot_gate_weights
-    from .trainer import Trainer, load_data
+    from .trainer import load_data
 
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(base)
@@ -256,11 +259,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
                                "models": {}, "gates": {}}
     samples: dict[str, list[Tensor]] = {}
     for name, changes in study_models(types, strategies).items():
-        config = base.updated({**changes, "train.name": name})
-        run = out_dir / name
-        trainer = Trainer(config, run, resume=_finished_or_started(run, config), progress=progress)
-        if trainer.images_seen < config["train.images_seen"]:
-            trainer.fit()
+        trainer = train_or_reuse(base.updated({**changes, "train.name": name}), out_dir / name, progress)
         denoiser = trainer.ema.model.eval()
         grid = heldout_grid(denoiser.process, data.heldout, bins, per_bin, torch.Generator().manual_seed(GRID_SEED))
         errors = x0_error_by_bin(denoiser_predictions(denoiser), grid, mixture, denoiser.process)
@@ -291,13 +290,18 @@ def true_mixture(config: Config) -> GaussianMixture | None:
                        config["data.gmm_covariance"])
 
 
-def _finished_or_started(run: Path, config: Config) -> bool:
-    """Whether ``run`` holds a run of ``config`` to continue or reuse; a run of another config is an error."""
-    if not (run / "config.toml").is_file():
-        return False
-    if Config.load(run / "config.toml") != config:
+def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
+    """A trainer of ``config`` in ``run`` trained to its budget: started, continued or, when finished, reused
+    (an experiment rerun skips what is done); a run of another config there is an error."""
+    from .trainer import Trainer
+
+    started = (run / "config.toml").is_file()
+    if started and Config.load(run / "config.toml") != config:
         raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
-    return True
+    trainer = Trainer(config, run, resume=started, progress=progress)
+    if trainer.images_seen < config["train.images_seen"]:
+        trainer.fit()
+    return trainer
 
 
 def study_claims(results: dict[str, Any], samples: dict[str, list[Tensor]], types: Sequence[str]) -> dict[str, Any]:

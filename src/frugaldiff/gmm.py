@@ -71,7 +71,7 @@ class GaussianMixture:
         chol = torch.linalg.cholesky(self.covs)
         return self.means[labels] + (chol[labels] @ z[:, :, None]).squeeze(-1), labels
 
-    def _components(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    def components(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """log w_j + log N(x_t; α·μ_j, α²Σ_j + σ²I) [n, K] and E[x0 | x_t, j] [n, K, D], α and σ per sample."""
         x_t = x_t.to(torch.float64)
         a, s = (v.to(torch.float64).reshape(-1, 1, 1) for v in (alpha, sigma))
@@ -85,11 +85,11 @@ class GaussianMixture:
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact mixture log-density [n] of points ``x`` [n, D]."""
         ones = torch.ones(len(x), dtype=torch.float64)
-        return torch.logsumexp(self._components(x, ones, 0 * ones)[0], dim=1)
+        return torch.logsumexp(self.components(x, ones, 0 * ones)[0], dim=1)
 
     def posterior_mean(self, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         """The Bayes-optimal denoiser E[x0 | x_t] [n, D] (float64) for x_t = α·x0 + σ·ε, α and σ [n]."""
-        log_joint, posterior = self._components(x_t, alpha, sigma)
+        log_joint, posterior = self.components(x_t, alpha, sigma)
         return torch.einsum("nk,nkd->nd", torch.softmax(log_joint, dim=1), posterior)
 
     def bayes_error(self, x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:

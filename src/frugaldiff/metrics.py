@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import Config
-from .datasets import _LUMA, Data, _image_layout, cache_dir
+from .datasets import LUMA, Data, cache_dir, image_layout
+from .diagnostics import true_mixture
 from .errors import FrugalError
-from .gmm import GaussianMixture, gmm_mixture
+from .gmm import GaussianMixture
 from .trainer import BatchStream, load_data
 
 EVALUATOR_VERSION = 1  # bump when the classifier or its training changes: cached weights are then rebuilt
@@ -58,7 +59,7 @@ def canonical_samples(a: np.ndarray, source: str = "samples") -> np.ndarray:
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise FrugalError(f"{source} holds NaN or infinite values; save finite {ACCEPTED}")
     if a.ndim != 2:
-        return np.ascontiguousarray(_image_layout(a, source).transpose(0, 3, 1, 2))
+        return np.ascontiguousarray(image_layout(a, source).transpose(0, 3, 1, 2))
     if a.dtype.kind not in "uif" or a.size == 0:
         raise FrugalError(f"{source} holds an empty or {a.dtype} array of shape {a.shape}; save {ACCEPTED}")
     return a.astype(np.float32)
@@ -90,7 +91,7 @@ def _fit_images(x: Tensor, shape: tuple[int, ...], dataset: str) -> Tensor:
     """Images [N, C, H, W] converted to the dataset's (C, H, W): grey ↔ RGB, then a bilinear resize."""
     channels, height, width = shape
     if x.shape[1] == 3 and channels == 1:
-        x = torch.einsum("nchw,c->nhw", x, torch.from_numpy(_LUMA))[:, None]
+        x = torch.einsum("nchw,c->nhw", x, torch.from_numpy(LUMA))[:, None]
     elif x.shape[1] == 1 and channels == 3:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[2:] != (height, width):
@@ -278,12 +279,16 @@ def mixture_metrics(x: Tensor, mixture: GaussianMixture) -> dict[str, float]:
     assigned histogram from the true weights, and the mean log-likelihood under the true density."""
     x = x.double()
     ones = torch.ones(len(x), dtype=torch.float64)
-    log_joint = mixture._components(x, ones, 0 * ones)[0]  # log w_j + log N(x; μ_j, Σ_j)
+    log_joint = mixture.components(x, ones, 0 * ones)[0]  # log w_j + log N(x; μ_j, Σ_j)
     counts = torch.bincount(log_joint.argmax(1), minlength=len(mixture.weights)).double()
     share = counts / len(x)
     kl = torch.where(share > 0, share * (share / mixture.weights).log(), 0.0).sum()
     return {"mode_coverage": (counts >= COVERAGE_SHARE * len(x) * mixture.weights).double().mean().item(),
             "mode_kl": kl.item(), "loglik": torch.logsumexp(log_joint, 1).mean().item()}
+
+
+#: Metrics where a larger value means better samples (for the rest, smaller is better).
+HIGHER_IS_BETTER = frozenset({"loglik", "mode_coverage", "precision", "recall", "label_entropy", "confidence"})
 
 
 def headline_metric(data: Data) -> str | None:
@@ -315,10 +320,8 @@ class Evaluator:
         self.reference = self.data.heldout if ref == "heldout" else self.data.train
         self.headline = headline_metric(self.data)
         self.skipped: dict[str, str] = {}
-        self.mixture = self.classifier = self.inception = None
-        if self.data.name == "gmm":
-            self.mixture = gmm_mixture(config["data.seed"], config["data.gmm_dim"], config["data.gmm_components"],
-                                       config["data.gmm_covariance"])
+        self.classifier = self.inception = None
+        self.mixture = true_mixture(config)
         if self.data.kind == "vector":
             if inception_weights is not None:
                 raise FrugalError(f"Inception weights score images and {self.data.name} holds vectors; drop them")

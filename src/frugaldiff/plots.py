@@ -294,3 +294,24 @@ def _edges_of(x: np.ndarray) -> np.ndarray:
         return np.array([x[0] - 0.5, x[0] + 0.5])
     mid = (x[1:] + x[:-1]) / 2
     return np.concatenate([[2 * x[0] - mid[0]], mid, [2 * x[-1] - mid[-1]]])
+
+
+def plot_batch_sweep(result: dict[str, Any], out: Path) -> None:
+    """Metric against batch size, and the held-out loss per t bin of each batch size."""
+    plt = pyplot()
+    runs = result["runs"]
+    sizes = [r["batch_size"] for r in runs]
+    fig, (ax_metric, ax_bins) = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.log2(sizes)
+    ax_metric.plot(x, [r["metric"] for r in runs], marker="o")
+    ax_metric.set_xticks(x, [str(b) for b in sizes])
+    ax_metric.set(xlabel="batch size", ylabel=result["metric"],
+                  title=f"{result['metric']} at {result['images_seen']} images seen")
+    centres = _bin_centres(result["edges"])
+    for run, colour in zip(runs, plt.cm.viridis(np.linspace(0, 0.9, len(runs))), strict=True):
+        ax_bins.plot(centres, run["heldout"], marker=".", color=colour, label=f"batch {run['batch_size']}")
+    ax_bins.set(xlabel="t", ylabel="held-out loss (EMA model)", yscale="log", title="held-out loss per t bin")
+    ax_bins.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -413,14 +413,14 @@ class Trainer:
             self.denoiser.train()
         return csv_cells(bin_columns("heldout", self.ledger.bins), losses)
 
-    def _evaluate(self, evaluator: Any) -> float:
-        """The headline metric of ``train.eval_samples`` EMA samples (seed ``sample.seed``), scored as
-        ``frugaldiff eval`` scores what ``frugaldiff sample`` writes."""
+    def evaluate(self, evaluator: Any, n: int | None = None) -> float:
+        """The headline metric of ``n`` (default ``train.eval_samples``) EMA samples (seed ``sample.seed``),
+        scored as ``frugaldiff eval`` scores what ``frugaldiff sample`` writes."""
         from .generate import generate  # generate imports this module
 
         model = self.ema.model.eval()
         try:
-            x = generate(model, self.config, self.config["train.eval_samples"], self.data.sample_shape)
+            x = generate(model, self.config, n or self.config["train.eval_samples"], self.data.sample_shape)
         finally:
             model.train()
         return evaluator(to_uint8(x) if self.data.kind == "image" else x.numpy())[evaluator.headline]
@@ -576,7 +576,7 @@ class Trainer:
                 due_heldout = bool(heldout_every) and _crossed(before, self.images_seen, heldout_every, budget)
                 extra: dict[str, str] = {}
                 if due_eval and column:
-                    evaluation = self._evaluate(evaluator)
+                    evaluation = self.evaluate(evaluator)
                     extra[column], shown = f"{evaluation:.6g}", {column: f"{evaluation:.4g}"}
                 if due_heldout and self.world.is_main:
                     extra.update(self.heldout_losses())
