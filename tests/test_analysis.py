@@ -198,3 +198,21 @@ def test_batch_sweep_trains_each_batch_size_at_equal_images_and_reuses_runs(tmp_
     assert sorted((out / "batch-4" / "checkpoints").iterdir()) == checkpoints
     again = json.loads((out / "batch_sweep.json").read_text())
     assert [r["metric"] for r in again["runs"]] == [r["metric"] for r in result["runs"]]
+
+
+def test_report_renders_every_section_self_contained(run, tmp_path, capsys):
+    from frugaldiff.report import SECTIONS
+
+    assert main(["analyze", "ledger", str(run)]) == 0
+    out = tmp_path / "report.html"
+    assert main(["report", str(run), "--n", "8", "--steps", "4", "--out", str(out)]) == 0
+    page = out.read_text()
+    for name in SECTIONS:
+        assert f"<h2>{name}</h2>" in page
+    assert "http://" not in page and "https://" not in page  # nothing fetched when opened
+    # a sample plot per kept checkpoint (320 and 640 images), the ledger and loss plots, the analyses' plots
+    assert page.count("320 images seen") == 1 and page.count("640 images seen") == 1
+    assert page.count("data:image/png;base64,") >= 2 + 2 + 1 + 1
+    assert "ledger_heatmap.png" in page and "[train]" in page
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err

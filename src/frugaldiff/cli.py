@@ -116,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", type=Path, required=True, help="sweep folder (rerun to reuse finished runs)")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
+    report = sub.add_parser("report", help="one self-contained HTML page of a run: config, curves, ledger, samples "
+                            "over training, metrics, analyses")
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--n", type=int, default=16, help="samples per checkpoint")
+    report.add_argument("--steps", type=int, help="solver steps (default: the run's sample.steps)")
+    report.add_argument("--out", type=Path, help="HTML file (default: RUN_DIR/report.html)")
+
     config = sub.add_parser("config", help="print the fully resolved config with every key")
     config.add_argument("--config", type=Path, help="TOML file to resolve")
     config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -294,6 +301,15 @@ def _analyze(args: argparse.Namespace) -> int:
     return analyses[args.analysis](args)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import render_report
+
+    if args.n < 1 or (args.steps is not None and args.steps < 1):
+        raise FrugalError("--n and --steps must be at least 1")
+    print(f"wrote {render_report(args.run_dir, args.out, args.n, args.steps)}")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from .config import Config
 
@@ -306,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "sample": _sample, "plot-timesteps": _plot_timesteps,
-                    "plot-amplification": _plot_amplification, "analyze": _analyze, "config": _config, "eval": _eval}
+                    "plot-amplification": _plot_amplification, "analyze": _analyze, "config": _config, "eval": _eval,
+                    "report": _report}
         return commands[args.command](args)
     except FrugalError as e:
         print(f"frugaldiff: error: {e}", file=sys.stderr)
