@@ -144,18 +144,25 @@ def _bin_centres(edges: list[float]) -> np.ndarray:
 
 
 def plot_error_by_bin(results: dict[str, Any], out: Path) -> None:
-    """A study's x0 error (or excess error) per t bin: one line per model, mixed heads dashed."""
+    """A study's x0 error (or excess error) per t bin: whole models in one panel, the mixed models' heads in
+    another. Excess errors can be slightly negative (estimation noise): then the axis is symmetric-log."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
     centres = _bin_centres(results["edges"])
-    for name, values in results["models"].items():
-        ax.plot(centres, np.maximum(values, 1e-12), marker="o", ms=3, ls="--" if " head:" in name else "-",
-                lw=1 if " head:" in name else 2, label=name)
-    if "bayes" in results:
-        ax.plot(centres, results["bayes"], color="black", lw=1, ls=":", label="Bayes error itself")
-    ax.set(xlabel="t (bin centre)", ylabel=results["measure"], yscale="log",
-           title=f"{results['dataset']}: {results['measure']} per t bin")
-    ax.legend(fontsize="x-small", ncol=2)
+    groups = [(title, {n: v for n, v in results["models"].items() if (" head:" in n) == heads})
+              for title, heads in (("models", False), ("heads of the mixed models", True))]
+    groups = [g for g in groups if g[1]]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 5), squeeze=False)
+    for ax, (title, models) in zip(axes[0], groups, strict=True):
+        for name, values in models.items():
+            ax.plot(centres, values, marker="o", ms=3, lw=1.5, label=name)
+        if "bayes" in results:
+            ax.plot(centres, results["bayes"], color="black", lw=1, ls=":", label="Bayes error itself")
+        if min(min(v) for v in models.values()) <= 0:
+            ax.set_yscale("symlog", linthresh=1e-4)
+        else:
+            ax.set_yscale("log")
+        ax.set(xlabel="t (bin centre)", ylabel=results["measure"], title=f"{results['dataset']}: {title}")
+        ax.legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
