@@ -204,6 +204,7 @@ def test_report_renders_every_section_self_contained(run, tmp_path, capsys):
     from frugaldiff.report import SECTIONS
 
     assert main(["analyze", "ledger", str(run)]) == 0
+    assert main(["analyze", "importance", str(run), "--bins", "2", "--n", "16", "--steps", "4", "--no-progress"]) == 0
     out = tmp_path / "report.html"
     assert main(["report", str(run), "--n", "8", "--steps", "4", "--out", str(out)]) == 0
     page = out.read_text()
@@ -213,6 +214,6 @@ def test_report_renders_every_section_self_contained(run, tmp_path, capsys):
     # a sample plot per kept checkpoint (320 and 640 images), the ledger and loss plots, the analyses' plots
     assert page.count("320 images seen") == 1 and page.count("640 images seen") == 1
     assert page.count("data:image/png;base64,") >= 2 + 2 + 1 + 1
-    assert "ledger_heatmap.png" in page and "[train]" in page
+    assert page.count("ledger_heatmap.png") == 1 and "[train]" in page and "importance.png" in page
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err

@@ -18,9 +18,9 @@ from .trainer import METRIC_FIELDS, RunFiles, load_data, read_run_config
 SECTIONS = ("Config", "Training curves", "Loss ledger", "Samples over training", "Metrics", "Analyses")
 
 
-def _image(png: Path, caption: str = "") -> str:
+def _image(png: Path, caption: str = "", css: str = "") -> str:
     data = base64.b64encode(png.read_bytes()).decode("ascii")
-    figure = f'<img src="data:image/png;base64,{data}" alt="{html.escape(png.name)}">'
+    figure = f'<img class="{css}" src="data:image/png;base64,{data}" alt="{html.escape(png.name)}">'
     return f"<figure>{figure}<figcaption>{html.escape(caption)}</figcaption></figure>" if caption else figure
 
 
@@ -51,7 +51,8 @@ def _samples_section(run_dir: Path, config: Config, scratch: Path, n: int, steps
         reference = None if info["data_kind"] == "image" else load_data(config).heldout.numpy()
         png = scratch / f"samples-{checkpoint.name}.png"
         save_samples(samples, png, reference)
-        figures.append(_image(png, f"{info['images_seen']} images seen (EMA, seed {config['sample.seed']})"))
+        css = "samples" if info["data_kind"] == "image" else ""
+        figures.append(_image(png, f"{info['images_seen']} images seen (EMA, seed {config['sample.seed']})", css))
     return '<div class="row">' + "".join(figures) + "</div>"
 
 
@@ -71,7 +72,8 @@ def _metrics_section(rows: list[dict[str, str]]) -> str:
 
 
 def _analyses_section(run_dir: Path) -> str:
-    folders = sorted(p for p in (run_dir / "analysis").glob("*") if p.is_dir())
+    # analyze ledger's plots are the Loss ledger section already
+    folders = sorted(p for p in (run_dir / "analysis").glob("*") if p.is_dir() and p.name != "ledger")
     if not folders:
         return _note("no analysis run yet: frugaldiff analyze disruption|importance|ledger RUN_DIR")
     parts = []
@@ -88,7 +90,7 @@ STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#2
 img{max-width:100%}figure{display:inline-block;margin:0.5em}figcaption{font-size:0.85em;color:#555}
 .row{display:flex;flex-wrap:wrap;align-items:flex-start}table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}pre{background:#f6f6f6;padding:1em;overflow:auto}
-.note{color:#777;font-style:italic}"""
+.note{color:#777;font-style:italic}img.samples{width:240px;image-rendering:pixelated}"""
 
 
 def render_report(run_dir: str | Path, out: str | Path | None = None, n: int = 16, steps: int | None = None) -> Path:
@@ -110,7 +112,8 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, n: int = 1
                     curves.append(_image(scratch / f"{column}.png"))
         ledger = plot_ledger(files.metrics, scratch / "ledger") if rows else []
         body = {
-            "Config": f"<pre>{html.escape(files.config.read_text())}</pre>",
+            "Config": f"<details><summary>config.toml (every key)</summary><pre>{html.escape(files.config.read_text())}"
+                      "</pre></details>",
             "Training curves": '<div class="row">' + "".join(curves) + "</div>" if curves else
             _note("metrics.csv has no rows yet"),
             "Loss ledger": "".join(_image(p) for p in ledger) or _note("no per-bin columns in metrics.csv"),
