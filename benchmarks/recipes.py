@@ -1,0 +1,150 @@
+"""Recipe comparison at small batch: frugaldiff's defaults against the recipes people copy.
+
+    python benchmarks/recipes.py --out DIR [--recipes ddpm iddpm min-snr edm sd3 frugal] [--batch-sizes 8 64]
+        [--seeds 0 1 2] [--images 24000] [--eval-every 6000] [--eval-samples 256] [--shard I/N] [--smoke]
+
+Every recipe trains the same network (the default UNet) with the same AdamW settings, warm-up and cosine
+schedule and the same budget in images seen, once per batch size and seed, on mnist5000; the domain FID of
+EMA samples (same solver and steps for all, fixed sample seed) is measured every --eval-every images.
+Runs are folders under DIR and are reused when finished, so an interrupted grid continues where it stopped
+and `--shard 0/2` plus `--shard 1/2` in two shells split the grid over two processes (then run once more
+without --shard to write the report). Writes DIR/results.json, DIR/table.md (mean ± std over seeds, at equal
+images and with the training minutes) and DIR/curves.png (FID against images seen, mean over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from frugaldiff.config import Config
+from frugaldiff.diagnostics import train_or_reuse
+from frugaldiff.plots import pyplot, read_metrics
+
+#: Anchor recipes rebuilt from frugaldiff's components, and frugaldiff's own (its defaults).
+RECIPES: dict[str, dict[str, Any]] = {
+    "ddpm": {"diffusion.process": "vp-linear", "diffusion.prediction": "eps", "diffusion.timestep_sampler": "uniform",
+             "diffusion.weighting": "none"},
+    "iddpm": {"diffusion.process": "vp-cosine", "diffusion.prediction": "eps",
+              "diffusion.timestep_sampler": "loss_second_moment", "diffusion.weighting": "none"},
+    "min-snr": {"diffusion.process": "vp-linear", "diffusion.prediction": "v", "diffusion.timestep_sampler": "uniform",
+                "diffusion.weighting": "min_snr", "weighting.min_snr.gamma": 5.0},
+    "edm": {"diffusion.process": "vp-linear", "diffusion.prediction": "v", "diffusion.timestep_sampler": "lognormal",
+            "diffusion.weighting": "edm"},
+    "sd3": {"diffusion.process": "flow", "diffusion.prediction": "velocity",
+            "diffusion.timestep_sampler": "logit_normal", "diffusion.weighting": "none"},
+    "frugal": {},
+}
+#: What every recipe shares: the evaluation solver and the dataset.
+COMMON = {"data.name": "mnist5000", "sample.solver": "dpm++2m", "sample.steps": 20, "train.heldout_every": 0,
+          "train.tensorboard": False, "train.checkpoint_every": 0}
+METRIC = "eval_domain_fid"
+
+
+def cell_config(recipe: str, batch: int, seed: int, images: int, eval_every: int, eval_samples: int) -> Config:
+    return Config({**COMMON, **RECIPES[recipe], "train.batch_size": batch, "train.seed": seed,
+                   "train.images_seen": images, "train.eval_every": eval_every, "train.eval_samples": eval_samples,
+                   "train.name": f"{recipe}-b{batch}-s{seed}"})
+
+
+def curve(run: Path) -> tuple[list[int], list[float], float]:
+    """(images seen, FID) at each evaluation of a run, and its training seconds."""
+    rows = read_metrics(run / "metrics.csv")
+    points = [(int(r["images_seen"]), float(r[METRIC])) for r in rows if r.get(METRIC)]
+    seconds, previous = 0.0, 0
+    for r in rows:
+        seconds += (int(r["images_seen"]) - previous) / float(r["images_per_s"])
+        previous = int(r["images_seen"])
+    return [p[0] for p in points], [p[1] for p in points], seconds
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    """table.md and curves.png from the finished grid."""
+    lines = [f"domain FID (lower is better) of {results['eval_samples']} EMA samples ({COMMON['sample.solver']}, "
+             f"{COMMON['sample.steps']} steps) after {results['images']} images, mean ± std over seeds "
+             f"{results['seeds']}; train min = training minutes per run (mean)\n",
+             "| recipe | " + " | ".join(f"batch {b} | train min" for b in results["batch_sizes"]) + " |",
+             "|---|" + "---:|---:|" * len(results["batch_sizes"])]
+    for recipe in results["recipes"]:
+        cells = []
+        for b in results["batch_sizes"]:
+            runs = [r for r in results["runs"] if r["recipe"] == recipe and r["batch_size"] == b]
+            cells += [_mean_std([r["fid"][-1] for r in runs]),
+                      f"{statistics.mean(r['train_seconds'] for r in runs) / 60:.1f}"]
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(results["batch_sizes"]), figsize=(6 * len(results["batch_sizes"]), 4),
+                             squeeze=False)
+    for ax, b in zip(axes[0], results["batch_sizes"], strict=True):
+        for recipe in results["recipes"]:
+            runs = [r for r in results["runs"] if r["recipe"] == recipe and r["batch_size"] == b]
+            fid = np.mean([r["fid"] for r in runs], axis=0)
+            ax.plot(runs[0]["images"], fid, marker="o", label=recipe, lw=2.5 if recipe == "frugal" else 1.2)
+        ax.set(xlabel="images seen", ylabel="domain FID (mean over seeds)", yscale="log", title=f"batch {b}")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--images", type=int, default=24_000, help="budget in images seen per run")
+    parser.add_argument("--eval-every", type=int, default=6_000, help="images between evaluations")
+    parser.add_argument("--eval-samples", type=int, default=256, help="samples per evaluation")
+    parser.add_argument("--shard", default="0/1", help="I/N: train only every N-th run, from the I-th")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.recipes, args.batch_sizes, args.seeds = ["ddpm", "frugal"], [8], [0, 1]
+        args.images, args.eval_every, args.eval_samples = 16, 8, 16
+        COMMON.update({"data.name": "digits", "sample.steps": 2, "model.channels": 8, "model.channel_mult": [1, 2],
+                       "model.num_res_blocks": 1, "model.attention_resolutions": [4]})
+    index, count = (int(v) for v in args.shard.split("/"))
+    cells = [(r, b, s) for r in args.recipes for b in args.batch_sizes for s in args.seeds]
+    runs = []
+    for i, (recipe, batch, seed) in enumerate(cells):
+        run = args.out / recipe / f"b{batch}-s{seed}"
+        if i % count != index:
+            continue
+        config = cell_config(recipe, batch, seed, args.images, args.eval_every, args.eval_samples)
+        print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)
+        train_or_reuse(config, run, progress=not args.smoke)
+        images, fid, seconds = curve(run)
+        runs.append({"recipe": recipe, "batch_size": batch, "seed": seed, "images": images, "fid": fid,
+                     "train_seconds": seconds})
+    if count > 1:
+        print("shard done; run again without --shard for the report")
+        return
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    results = {"recipes": args.recipes, "batch_sizes": args.batch_sizes, "seeds": args.seeds, "images": args.images,
+               "eval_every": args.eval_every, "eval_samples": args.eval_samples, "commit": commit,
+               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                          f"{torch.get_num_threads()} threads", "settings": {k: RECIPES[k] for k in args.recipes},
+               "common": COMMON, "runs": runs}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report(results, args.out)
+    print((args.out / "table.md").read_text(), end="")
+    print(f"wrote {args.out}/results.json, table.md, curves.png")
+
+
+if __name__ == "__main__":
+    main()

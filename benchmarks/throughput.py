@@ -1,0 +1,156 @@
+"""Training speed: one `frugaldiff train` step against a bare PyTorch loop, and per-component overheads.
+
+    python benchmarks/throughput.py [--device cpu|cuda] [--batch-sizes 8 64] [--precisions fp32 bf16]
+                                    [--blocks 5] [--steps 10] [--json OUT.json] [--smoke]
+
+For each batch size and precision it times optimizer steps of (a) frugaldiff's Trainer.train_step with the
+loss ledger, the adaptive timestep sampler and EMA switched on, and (b) a bare loop written plainly here:
+the same network, AdamW, autocast and gradient clipping, uniform t, x0 targets, no EMA. Blocks of steps of
+the two alternate (so both see the same machine load) and the median step time of each is reported, with
+their ratio (images/s of frugaldiff ÷ images/s of the bare loop; the target is ≥ 0.95). Then: the cost of
+each timestep sampler's sample + update per step (µs), and the step time of the mixed prediction against x0.
+The model is the default config's UNet on mnist5000 (28×28).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frugaldiff.config import Config
+from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
+from frugaldiff.trainer import Trainer, autocast, autocast_dtype
+
+
+def _median_step(blocks: list[list[float]]) -> float:
+    return statistics.median(t for block in blocks for t in block)
+
+
+def _time_steps(step: Callable[[], Any], steps: int, device: torch.device) -> list[float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class BareLoop:
+    """The plain PyTorch training step frugaldiff is measured against."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.net = trainer.denoiser  # the same network (a fresh copy of its weights would train the same)
+        self.data = trainer.data.train.to(trainer.device)
+        self.device, self.dtype = trainer.device, trainer.amp_dtype
+        self.batch = trainer.config["train.batch_size"]
+        self.clip = trainer.config["train.grad_clip"]
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
+
+    def step(self) -> None:
+        x0 = self.data[torch.randint(len(self.data), (self.batch,), device=self.device)]
+        t = torch.rand(self.batch, device=self.device).clamp(1e-5, 1.0)
+        log_alpha_bar = -(0.1 * t + 0.5 * (20.0 - 0.1) * t**2) / 2  # VP-linear, β from 0.1 to 20
+        alpha = log_alpha_bar.exp().view(-1, 1, 1, 1)
+        sigma = (1 - alpha**2).sqrt()
+        eps = torch.randn_like(x0)
+        x_t = alpha * x0 + sigma * eps
+        with autocast(self.device, self.dtype):
+            out = self.net(x_t, t)
+        loss = (out.float() - x0).pow(2).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
+        self.optimizer.step()
+
+
+def compare(batch: int, precision: str, device: str, blocks: int, steps: int, run_root: Path,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Median step times of frugaldiff and the bare loop, in alternating blocks."""
+    config = Config({"data.name": "mnist5000", "train.batch_size": batch, "train.precision": precision,
+                     "train.device": device, "diffusion.timestep_sampler": "adaptive", "train.heldout_every": 0,
+                     "train.tensorboard": False, "train.images_seen": 10**9, **(extra or {})})
+    trainer = Trainer(config, run_root / f"b{batch}-{precision}-{len(list(run_root.glob('*')))}", progress=False)
+    bare = BareLoop(trainer)
+    for fn in (trainer.train_step, bare.step):  # warm-up
+        _time_steps(fn, 2, trainer.device)
+    ours: list[list[float]] = []
+    theirs: list[list[float]] = []
+    for _ in range(blocks):
+        ours.append(_time_steps(trainer.train_step, steps, trainer.device))
+        theirs.append(_time_steps(bare.step, steps, trainer.device))
+    t_ours, t_bare = _median_step(ours), _median_step(theirs)
+    return {"batch_size": batch, "precision": precision, "autocast": str(autocast_dtype(precision, trainer.device)),
+            "frugaldiff_img_s": batch / t_ours, "bare_img_s": batch / t_bare, "ratio": t_bare / t_ours}
+
+
+def sampler_overheads(batch: int, repeats: int) -> dict[str, float]:
+    """µs per step of each timestep sampler's sample(batch) + update(t, losses) on the CPU."""
+    config = Config({"train.batch_size": batch})
+    result = {}
+    for name in TIMESTEP_SAMPLERS.names():
+        sampler = config.timestep_sampler(name=name)
+        losses = torch.rand(batch, dtype=torch.float64)
+        start = time.perf_counter()
+        for i in range(repeats):
+            sampler.set_progress(i / repeats)
+            t, _ = sampler.sample(batch)
+            sampler.update(t, losses)
+        result[name] = (time.perf_counter() - start) / repeats * 1e6
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--blocks", type=int, default=5, help="alternating blocks per measurement")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per block")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.batch_sizes, args.precisions, args.blocks, args.steps = [4], ["fp32"], 1, 1
+    results: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                               "threads": torch.get_num_threads(), "device": args.device, "steps": []}
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for batch in args.batch_sizes:
+            for precision in args.precisions:
+                row = compare(batch, precision, args.device, args.blocks, args.steps, root)
+                results["steps"].append(row)
+                print(f"batch {batch:>3} {precision}: frugaldiff {row['frugaldiff_img_s']:.1f} img/s, bare loop "
+                      f"{row['bare_img_s']:.1f} img/s, ratio {row['ratio']:.3f}", flush=True)
+        batch = args.batch_sizes[0]
+        mixed = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
+                        {"diffusion.prediction": "mixed"})
+        results["mixed"] = {"batch_size": batch, "x0_over_mixed_step_time": mixed["ratio"],
+                            "mixed_img_s": mixed["frugaldiff_img_s"], "bare_x0_img_s": mixed["bare_img_s"]}
+        print(f"batch {batch} mixed (x0, velocity, acceleration heads): {mixed['frugaldiff_img_s']:.1f} img/s, "
+              f"{mixed['ratio']:.3f} of the bare x0 loop's speed", flush=True)
+    repeats = 20 if args.smoke else 2000
+    results["sampler_us"] = {str(b): sampler_overheads(b, repeats) for b in args.batch_sizes}
+    for b, overheads in results["sampler_us"].items():
+        print(f"timestep sampler µs per step at batch {b}: " +
+              ", ".join(f"{k} {v:.0f}" for k, v in sorted(overheads.items(), key=lambda kv: kv[1])))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    assert all(math.isfinite(r["ratio"]) for r in results["steps"])
+
+
+if __name__ == "__main__":
+    main()
