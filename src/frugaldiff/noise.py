@@ -56,6 +56,18 @@ class NoiseProcess:
         """λ(t) = log(α²/σ²)."""
         return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
 
+    def t_of_log_snr(self, lam: Tensor) -> Tensor:
+        """Times t ∈ [t_min, t_max] with log_snr(t) = ``lam`` (float64); targets beyond λ(t_max), λ(t_min) give
+        the nearer end. This generic version bisects (λ decreases with t); processes override it in closed form.
+        """
+        lam = lam.to(torch.float64)
+        lo, hi = torch.full_like(lam, self.t_min), torch.full_like(lam, self.t_max)
+        for _ in range(BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            later = self.log_snr(mid) > lam  # λ still too high: the root lies after mid
+            lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
+        return 0.5 * (lo + hi)
+
     def clamp(self, t: Tensor) -> Tensor:
         """Times restricted to [t_min, t_max], where α and σ are both usable."""
         return t.clamp(self.t_min, self.t_max)
@@ -71,6 +83,8 @@ def bcast(v: Tensor, like: Tensor) -> Tensor:
 
 
 PROCESSES: Registry[NoiseProcess] = Registry("diffusion.process")
+#: Bisection halvings of the generic :meth:`NoiseProcess.t_of_log_snr`: 2^-60 is far below float64 resolution.
+BISECTIONS = 60
 
 
 class _VPProcess(NoiseProcess):
@@ -114,6 +128,12 @@ class VPLinear(_VPProcess):
         # log(α²/(1 − α²)) = −log(expm1(−2 log α)), stable near t = 0.
         return -torch.log(torch.expm1(-2 * self._log_alpha(t)))
 
+    def t_of_log_snr(self, lam: Tensor) -> Tensor:
+        # α² = sigmoid(λ): solve ¼Δt² + ½β0·t = c with c = −log α = ½·softplus(−λ), in the cancellation-free form
+        c = 0.5 * torch.nn.functional.softplus(-lam.to(torch.float64))
+        t = 2 * c / (0.5 * self.beta0 + torch.sqrt(0.25 * self.beta0**2 + (self.beta1 - self.beta0) * c))
+        return self.clamp(t)
+
 
 @PROCESSES.register("vp-cosine")
 class VPCosine(_VPProcess):
@@ -135,6 +155,11 @@ class VPCosine(_VPProcess):
 
     def dd_alpha(self, t: Tensor) -> Tensor:
         return -(self._k**2) * self.alpha(t)
+
+    def t_of_log_snr(self, lam: Tensor) -> Tensor:
+        # α² = sigmoid(λ)
+        alpha = torch.sigmoid(lam.to(torch.float64)).sqrt() * self._c
+        return self.clamp(torch.arccos(alpha.clamp(max=1.0)) / self._k - self.s)
 
 
 @PROCESSES.register("flow")
@@ -161,6 +186,10 @@ class Flow(NoiseProcess):
 
     def dd_sigma(self, t: Tensor) -> Tensor:
         return torch.zeros_like(t)
+
+    def t_of_log_snr(self, lam: Tensor) -> Tensor:
+        # λ = 2·log((1 − t)/t)
+        return self.clamp(torch.sigmoid(-0.5 * lam.to(torch.float64)))
 
 
 def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:

@@ -23,30 +23,10 @@ from .registry import Registry
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 
-#: Bisection halvings in ``invert_log_snr``: (t_max − t_min)/2^60 is far below float64 resolution.
-_BISECTIONS = 60
-
-
 def _at(process: NoiseProcess, t: float) -> tuple[float, float, float]:
     """(α, σ, λ) at one time, in float64."""
     tt = torch.tensor(t, dtype=torch.float64)
     return float(process.alpha(tt)), float(process.sigma(tt)), float(process.log_snr(tt))
-
-
-def invert_log_snr(process: NoiseProcess, lam: Tensor) -> Tensor:
-    """Times t ∈ [t_min, t_max] with log_snr(t) = ``lam``, by vectorised bisection in float64.
-
-    Works for any process whose λ decreases with t; targets outside [λ(t_max), λ(t_min)] give the
-    nearer end of the interval.
-    """
-    lam = lam.to(torch.float64)
-    lo = torch.full_like(lam, process.t_min)
-    hi = torch.full_like(lam, process.t_max)
-    for _ in range(_BISECTIONS):
-        mid = 0.5 * (lo + hi)
-        later = process.log_snr(mid) > lam  # λ still too high: the root lies after mid
-        lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
-    return 0.5 * (lo + hi)
 
 
 #: Schedules map fractions u ∈ [0, 1] (u = 0 at t_max, u = 1 at t_end) to times:
@@ -64,14 +44,14 @@ def _uniform(process: NoiseProcess, u: Tensor, t_end: float, rho: float) -> Tens
 def _logsnr(process: NoiseProcess, u: Tensor, t_end: float, rho: float) -> Tensor:
     """Uniform in λ = log(α²/σ²)."""
     lam0, lam1 = _at(process, process.t_max)[2], _at(process, t_end)[2]
-    return invert_log_snr(process, lam0 + u * (lam1 - lam0))
+    return process.t_of_log_snr(lam0 + u * (lam1 - lam0))
 
 
 @SCHEDULES.register("karras")
 def _karras(process: NoiseProcess, u: Tensor, t_end: float, rho: float) -> Tensor:
     """EDM's spacing: uniform in s^(1/ρ) for s = σ/α = exp(−λ/2)."""
     r0, r1 = (math.exp(-_at(process, t)[2] / (2 * rho)) for t in (process.t_max, t_end))
-    return invert_log_snr(process, -2 * rho * torch.log(r0 + u * (r1 - r0)))
+    return process.t_of_log_snr(-2 * rho * torch.log(r0 + u * (r1 - r0)))
 
 
 def time_grid(process: NoiseProcess, steps: int, schedule: str = "karras", t_end: float = 1e-3,
@@ -79,7 +59,7 @@ def time_grid(process: NoiseProcess, steps: int, schedule: str = "karras", t_end
     """``steps + 1`` float64 times, strictly decreasing: t_max, ..., t_end, then exactly 0.
 
     ``schedule`` spaces the first ``steps`` times evenly in t ("uniform"), in λ ("logsnr") or in
-    (σ/α)^(1/ρ) ("karras", EDM); λ is turned back into t numerically (:func:`invert_log_snr`).
+    (σ/α)^(1/ρ) ("karras", EDM); λ is turned back into t numerically (:meth:`NoiseProcess.t_of_log_snr`).
     """
     if steps < 1:
         raise FrugalError(f"sample.steps must be at least 1, got {steps}")

@@ -29,7 +29,6 @@ from .distributed import rank_share
 from .errors import FrugalError
 from .noise import NoiseProcess
 from .registry import Registry
-from .solvers import invert_log_snr
 
 F64 = torch.float64
 
@@ -190,7 +189,7 @@ class LogNormalSampler(TimestepSampler):
 
     def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
         log_sigma = self.p_mean + self.p_std * self._normal(n)
-        t = invert_log_snr(self.process, -2 * log_sigma)
+        t = self.process.t_of_log_snr(-2 * log_sigma)
         return t, torch.ones_like(t)
 
 
