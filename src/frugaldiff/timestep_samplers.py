@@ -377,9 +377,11 @@ class LossSecondMomentSampler(_BinnedImportanceSampler):
         return torch.sqrt((self.history**2).mean(dim=1))
 
     def _observe(self, bins: Tensor, losses: Tensor) -> None:
+        history, counts = self.history.tolist(), self.counts.tolist()  # Python floats: 100× faster per loss
         for b, loss in zip(bins.tolist(), losses.tolist(), strict=True):
-            self.history[b, self.counts[b] % self.history.shape[1]] = loss
-            self.counts[b] += 1
+            history[b][counts[b] % len(history[b])] = loss
+            counts[b] += 1
+        self.history, self.counts = torch.tensor(history, dtype=F64), torch.tensor(counts)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "history": self.history.clone(), "counts": self.counts.clone()}
@@ -430,11 +432,14 @@ class AdaptiveSampler(_BinnedImportanceSampler):
         return scores
 
     def _observe(self, bins: Tensor, losses: Tensor) -> None:
-        for b, loss in zip(bins.tolist(), losses.tolist(), strict=True):
-            self.counts[b] += 1
-            rate = max(1 / int(self.counts[b]), 1 - self.decay)
-            self.mean[b] += rate * (loss - self.mean[b])
-            self.second_moment[b] += rate * (loss**2 - self.second_moment[b])
+        counts, mean, second = self.counts.tolist(), self.mean.tolist(), self.second_moment.tolist()
+        for b, loss in zip(bins.tolist(), losses.tolist(), strict=True):  # in order: Python floats, 100× faster
+            counts[b] += 1
+            rate = max(1 / counts[b], 1 - self.decay)
+            mean[b] += rate * (loss - mean[b])
+            second[b] += rate * (loss**2 - second[b])
+        self.counts = torch.tensor(counts)
+        self.mean, self.second_moment = torch.tensor(mean, dtype=F64), torch.tensor(second, dtype=F64)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "mean": self.mean.clone(), "second_moment": self.second_moment.clone(),
