@@ -13,6 +13,12 @@ import numpy as np
 from .errors import FrugalError
 
 
+def _grid_options(parser: argparse.ArgumentParser, per_bin: int) -> None:
+    """--bins and --per-bin of the held-out grid an analysis measures on."""
+    parser.add_argument("--bins", type=int, default=10, help="equal-width bins of t")
+    parser.add_argument("--per-bin", type=int, default=per_bin, help="held-out (sample, t, noise) draws per bin")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frugaldiff", description="Diffusion training on limited compute.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,8 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--types", nargs="+", default=["x0", "velocity", "acceleration"], help="single types")
     study.add_argument("--strategies", nargs="+", default=["joint", "heads", "heads+joint"],
                        help="mixed strategies to train (default: all three)")
-    study.add_argument("--bins", type=int, default=10, help="equal-width bins of t")
-    study.add_argument("--per-bin", type=int, default=512, help="held-out (sample, t, noise) draws per bin")
+    _grid_options(study, per_bin=512)
     study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="change a key of every model, e.g. --set train.images_seen=50000")
     study.add_argument("--out", type=Path, required=True, help="study folder (rerun to reuse finished runs)")
@@ -74,10 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     dis = analyze.add_parser("disruption", help="from a run's newest checkpoint, k steps on t in one bin: relative "
                              "change of the held-out loss in every bin (JSON + heat maps)")
     dis.add_argument("run_dir", type=Path)
-    dis.add_argument("--bins", type=int, default=10, help="equal-width bins of t")
+    _grid_options(dis, per_bin=256)
     dis.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="optimizer steps per trial")
     dis.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16, 64])
-    dis.add_argument("--per-bin", type=int, default=256, help="held-out (sample, t, noise) draws per bin")
     dis.add_argument("--seed", type=int, default=0, help="seed of the batches, noise and t of every trial")
     dis.add_argument("--lr", type=float, help="learning rate (default: the run's at its newest checkpoint)")
     dis.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis/disruption)")
@@ -110,8 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="change a key of every run, e.g. --set train.images_seen=20000")
     sweep.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 64])
-    sweep.add_argument("--bins", type=int, default=10, help="equal-width bins of t")
-    sweep.add_argument("--per-bin", type=int, default=256, help="held-out (sample, t, noise) draws per bin")
+    _grid_options(sweep, per_bin=256)
     sweep.add_argument("--samples", type=int, default=512, help="EMA samples scored per run")
     sweep.add_argument("--out", type=Path, required=True, help="sweep folder (rerun to reuse finished runs)")
     sweep.add_argument("--no-progress", action="store_true", help="hide the progress bars")
