@@ -29,7 +29,10 @@ def test_train_writes_every_file(run_dir):
     assert tomllib.loads((run_dir / "config.toml").read_text())["data"]["name"] == "digits"
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["step", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "nonfinite_skipped"]
+    columns = ["step", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "nonfinite_skipped"]
+    ledger = [f"loss{kind}_t{b:02d}" for kind in ("", "var") for b in range(20)]
+    assert list(rows[0]) == columns + ledger + [f"heldout_t{b:02d}" for b in range(20)]
+    assert rows[0]["heldout_t00"] == "" and rows[-1]["heldout_t00"] != ""  # held-out grid at the end of the budget
     assert [int(r["step"]) for r in rows] == list(range(2, 13, 2))
     assert int(rows[-1]["images_seen"]) == 192
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
