@@ -63,6 +63,7 @@ def test_disruption_matrices_and_outputs(run, tmp_path):
     assert _files(run) == before  # the run folder is only read
     assert result["lr"] == pytest.approx(3e-3) and result["images_seen"] == 640 and len(result["loss_before"]) == 4
     assert [(m["batch_size"], m["steps"]) for m in result["matrices"]] == [(16, 1), (16, 10), (64, 1), (64, 10)]
+    assert result["matrices"][0]["delta"] != result["matrices"][2]["delta"]  # batch 16 and 64 differ
     for m in result["matrices"]:
         assert len(m["delta"]) == 4 and all(len(row) == 4 for row in m["delta"])
         if m["steps"] == 10:  # ten steps on bin A lower the held-out loss in bin A
@@ -88,6 +89,9 @@ def test_trials_start_from_the_checkpoint(run):
     assert state.keys() == saved.keys()
     assert all(torch.equal(state[i][m], saved[i][m]) for i in saved for m in ("exp_avg", "exp_avg_sq", "step"))
     assert probe.heldout_loss() == probe.loss_before
+    for size in (4, 24):  # each trial trains at its own batch size, not the run's (16)
+        probe.trial(1, size, [2])
+        assert probe.trainer.stream.position == 2 * size
 
 
 S = 1.0  # data N(0, S²I)

@@ -277,7 +277,6 @@ class Trainer:
         if c["train.batch_size"] % parts:
             raise FrugalError(f"train.batch_size ({c['train.batch_size']}) must be divisible by train.grad_accum × "
                               f"processes ({c['train.grad_accum']} × {self.world.size}); change one of them")
-        self.micro_batch = c["train.batch_size"] // parts
         self.world.barrier()  # every rank has checked the folder before rank 0 writes to it
         self.device = select_device(device_name)
         self.amp_dtype = autocast_dtype(c["train.precision"], self.device)
@@ -432,6 +431,12 @@ class Trainer:
         if c["train.lr_schedule"] == "cosine":
             factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, images / c["train.images_seen"])))
         return c["train.lr"] * factor
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per rank and micro-step (read from the config, which an analysis may change between steps)."""
+        c = self.config
+        return c["train.batch_size"] // (c["train.grad_accum"] * self.world.size)
 
     def draw(self, micro_step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """This rank's (x0, t, importance, eps) of micro-step ``micro_step``, on the device."""
