@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from frugaldiff.analysis import training_seconds
 from frugaldiff.config import Config
 from frugaldiff.diagnostics import train_or_reuse
 from frugaldiff.plots import pyplot, read_metrics
@@ -59,11 +60,7 @@ def curve(run: Path) -> tuple[list[int], list[float], float]:
     """(images seen, FID) at each evaluation of a run, and its training seconds."""
     rows = read_metrics(run / "metrics.csv")
     points = [(int(r["images_seen"]), float(r[METRIC])) for r in rows if r.get(METRIC)]
-    seconds, previous = 0.0, 0
-    for r in rows:
-        seconds += (int(r["images_seen"]) - previous) / float(r["images_per_s"])
-        previous = int(r["images_seen"])
-    return [p[0] for p in points], [p[1] for p in points], seconds
+    return [p[0] for p in points], [p[1] for p in points], training_seconds(run / "metrics.csv")
 
 
 def _mean_std(values: list[float]) -> str:

@@ -358,7 +358,7 @@ def run_importance(run_dir: str | Path, out_dir: str | Path | None = None, bins:
 SWEEP_BATCH_SIZES = (4, 8, 16, 64)
 
 
-def _training_seconds(metrics_csv: Path) -> float:
+def training_seconds(metrics_csv: Path) -> float:
     """Seconds spent in optimizer steps, from metrics.csv's images and images/s per row."""
     from .plots import read_metrics
 
@@ -397,7 +397,7 @@ def batch_sweep(base: Config, out_dir: str | Path, batch_sizes: Sequence[int] = 
         result["runs"].append({
             "batch_size": size, "steps": trainer.step, "metric": trainer.evaluate(evaluator, samples),
             "heldout": heldout_loss_by_bin(trainer.ema.model.eval(), grid, trainer.weighting),
-            "train_seconds": _training_seconds(trainer.files.metrics)})
+            "train_seconds": training_seconds(trainer.files.metrics)})
     _write_json(out_dir / "batch_sweep.json", result)
     atomic_write_text(out_dir / "table.md", sweep_table(result))
     plot_batch_sweep(result, out_dir / "batch_sweep.png")
