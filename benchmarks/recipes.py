@@ -1,15 +1,19 @@
 """Recipe comparison at small batch: frugaldiff's defaults against the recipes people copy.
 
     python benchmarks/recipes.py --out DIR [--recipes ddpm iddpm min-snr edm sd3 frugal] [--batch-sizes 8 64]
-        [--seeds 0 1 2] [--images 24000] [--eval-every 6000] [--eval-samples 256] [--shard I/N] [--smoke]
+        [--seeds 0 1 2] [--images 8000] [--eval-every 4000] [--eval-samples 256] [--recipe-file JSON]
+        [--shard I/N] [--smoke]
 
 Every recipe trains the same network (the default UNet) with the same AdamW settings, warm-up and cosine
 schedule and the same budget in images seen, once per batch size and seed, on mnist5000; the domain FID of
 EMA samples (same solver and steps for all, fixed sample seed) is measured every --eval-every images.
 Runs are folders under DIR and are reused when finished, so an interrupted grid continues where it stopped
 and `--shard 0/2` plus `--shard 1/2` in two shells split the grid over two processes (then run once more
-without --shard to write the report). Writes DIR/results.json, DIR/table.md (mean ± std over seeds, at equal
-images and with the training minutes) and DIR/curves.png (FID against images seen, mean over seeds).
+without --shard to write the report). ``--recipe-file`` adds recipes (or replaces them) from a JSON object
+{name: {config key: value}}, e.g. candidates for frugaldiff's defaults. Beside the FID, each run's held-out x0
+error (EMA model, mean over a fixed grid of 20 t bins × 32 draws on its own process) is reported: held-out loss
+is not sample quality, so the ranking follows the FID. Writes DIR/results.json, DIR/table.md (mean ± std over
+seeds, at equal images, with the training minutes) and DIR/curves.png (FID against images seen, mean over seeds).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 
 from frugaldiff.analysis import training_seconds
 from frugaldiff.config import Config
-from frugaldiff.diagnostics import train_or_reuse
+from frugaldiff.diagnostics import GRID_SEED, heldout_grid, heldout_loss_by_bin, train_or_reuse
+from frugaldiff.noise import NoiseProcess
 from frugaldiff.plots import pyplot, read_metrics
 
 #: Anchor recipes rebuilt from frugaldiff's components, and frugaldiff's own (its defaults).
@@ -56,6 +61,25 @@ def cell_config(recipe: str, batch: int, seed: int, images: int, eval_every: int
                    "train.name": f"{recipe}-b{batch}-s{seed}"})
 
 
+class _UnitX0Weight:
+    """A weighting of x0 weight 1: with it a prediction type's objective is its x0 squared error."""
+
+    @staticmethod
+    def x0_weight(process: NoiseProcess, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t)
+
+
+def heldout_x0_error(run: Path, config: Config) -> float:
+    """Mean held-out x0 squared error of the run's EMA model over a fixed (image, t, noise) grid, cached in the run."""
+    path = run / "heldout_x0.json"
+    if not path.is_file():
+        trainer = train_or_reuse(config, run, progress=False)
+        grid = heldout_grid(trainer.process, trainer.data.heldout, 20, 32, torch.Generator().manual_seed(GRID_SEED))
+        per_bin = heldout_loss_by_bin(trainer.ema.model.eval(), grid, _UnitX0Weight())
+        path.write_text(json.dumps({"per_bin": per_bin, "mean": statistics.mean(per_bin)}) + "\n")
+    return json.loads(path.read_text())["mean"]
+
+
 def curve(run: Path) -> tuple[list[int], list[float], float]:
     """(images seen, FID) at each evaluation of a run, and its training seconds."""
     rows = read_metrics(run / "metrics.csv")
@@ -64,6 +88,8 @@ def curve(run: Path) -> tuple[list[int], list[float], float]:
 
 
 def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
@@ -71,15 +97,16 @@ def report(results: dict[str, Any], out: Path) -> None:
     """table.md and curves.png from the finished grid."""
     lines = [f"domain FID (lower is better) of {results['eval_samples']} EMA samples ({COMMON['sample.solver']}, "
              f"{COMMON['sample.steps']} steps) after {results['images']} images, mean ± std over seeds "
-             f"{results['seeds']}; train min = training minutes per run (mean)\n",
-             "| recipe | " + " | ".join(f"batch {b} | train min" for b in results["batch_sizes"]) + " |",
-             "|---|" + "---:|---:|" * len(results["batch_sizes"])]
+             f"{results['seeds']}; held-out x0 MSE ×1000 of the EMA model beside it (not a quality ranking); "
+             "train min = training minutes per run (mean)\n",
+             "| recipe | " + " | ".join(f"batch {b} FID | x0 MSE | train min" for b in results["batch_sizes"]) + " |",
+             "|---|" + "---:|---:|---:|" * len(results["batch_sizes"])]
     for recipe in results["recipes"]:
         cells = []
         for b in results["batch_sizes"]:
             runs = [r for r in results["runs"] if r["recipe"] == recipe and r["batch_size"] == b]
-            cells += [_mean_std([r["fid"][-1] for r in runs]),
-                      f"{statistics.mean(r['train_seconds'] for r in runs) / 60:.1f}"]
+            cells += [_mean_std([r["fid"][-1] for r in runs]), _mean_std([1000 * r["heldout_x0"] for r in runs]),
+                      f"{statistics.mean(r['train_seconds'] for r in runs) / 60:.1f}" if runs else "—"]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
@@ -88,6 +115,8 @@ def report(results: dict[str, Any], out: Path) -> None:
     for ax, b in zip(axes[0], results["batch_sizes"], strict=True):
         for recipe in results["recipes"]:
             runs = [r for r in results["runs"] if r["recipe"] == recipe and r["batch_size"] == b]
+            if not runs:
+                continue
             fid = np.mean([r["fid"] for r in runs], axis=0)
             ax.plot(runs[0]["images"], fid, marker="o", label=recipe, lw=2.5 if recipe == "frugal" else 1.2)
         ax.set(xlabel="images seen", ylabel="domain FID (mean over seeds)", yscale="log", title=f"batch {b}")
@@ -97,18 +126,32 @@ def report(results: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def machine() -> str:
+    """The processor (or GPU, when training ran on one), torch version and threads, for the record."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", help=f"recipes to run (default: {' '.join(RECIPES)})")
+    parser.add_argument("--recipe-file", type=Path, help="JSON {name: {config key: value}} of extra recipes")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=24_000, help="budget in images seen per run")
-    parser.add_argument("--eval-every", type=int, default=6_000, help="images between evaluations")
+    parser.add_argument("--images", type=int, default=8_000, help="budget in images seen per run")
+    parser.add_argument("--eval-every", type=int, default=4_000, help="images between evaluations")
     parser.add_argument("--eval-samples", type=int, default=256, help="samples per evaluation")
     parser.add_argument("--shard", default="0/1", help="I/N: train only every N-th run, from the I-th")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
     args = parser.parse_args()
+    if args.recipe_file:
+        RECIPES.update(json.loads(args.recipe_file.read_text()))
+    args.recipes = args.recipes or list(RECIPES)
+    unknown = sorted(set(args.recipes) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)} or add them with --recipe-file")
     if args.smoke:
         args.recipes, args.batch_sizes, args.seeds = ["ddpm", "frugal"], [8], [0, 1]
         args.images, args.eval_every, args.eval_samples = 16, 8, 16
@@ -122,11 +165,14 @@ def main() -> None:
         if i % count != index:
             continue
         config = cell_config(recipe, batch, seed, args.images, args.eval_every, args.eval_samples)
+        if args.report_only and not (run / "heldout_x0.json").is_file():
+            print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}: not finished, left out", flush=True)
+            continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)
         train_or_reuse(config, run, progress=not args.smoke)
         images, fid, seconds = curve(run)
         runs.append({"recipe": recipe, "batch_size": batch, "seed": seed, "images": images, "fid": fid,
-                     "train_seconds": seconds})
+                     "train_seconds": seconds, "heldout_x0": heldout_x0_error(run, config)})
     if count > 1:
         print("shard done; run again without --shard for the report")
         return
@@ -134,9 +180,9 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip()
     results = {"recipes": args.recipes, "batch_sizes": args.batch_sizes, "seeds": args.seeds, "images": args.images,
                "eval_every": args.eval_every, "eval_samples": args.eval_samples, "commit": commit,
-               "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                          f"{torch.get_num_threads()} threads", "settings": {k: RECIPES[k] for k in args.recipes},
+               "machine": machine(), "settings": {k: RECIPES[k] for k in args.recipes},
                "common": COMMON, "runs": runs}
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report(results, args.out)
     print((args.out / "table.md").read_text(), end="")

@@ -104,6 +104,8 @@ KS_CASES = [
     ("lognormal", {"process": "flow"}, lognormal_cdf("flow")),
     ("logit_normal", {}, logistic_normal_cdf(0.0, 1.0)),
     ("logit_normal", {"m": 0.5, "s": 0.7}, logistic_normal_cdf(0.5, 0.7)),
+    ("logit_normal", {"m": -0.5, "stratified": True}, logistic_normal_cdf(-0.5, 1.0)),
+    ("lognormal", {"stratified": True}, lognormal_cdf("vp-linear")),
     ("mode", {}, mode_cdf(1.29)),
     ("mode", {"scale": -0.5}, mode_cdf(-0.5)),
     ("beta", {}, stats.beta(1.0, 1.5).cdf),
@@ -143,16 +145,27 @@ def test_curriculum_moves_from_start_to_end() -> None:
     assert stats.kstest(sampler.sample(20_000)[0].numpy(), mix_cdf).pvalue > 1e-3
 
 
-def test_stratified_puts_one_draw_in_each_stratum_across_ranks_and_micro_steps() -> None:
+STRATIFIED = [  # sampler, its parameters, and the map of its times to the uniform points it stratifies
+    ("stratified", {}, lambda t: t),
+    ("logit_normal", {"m": 0.3, "s": 0.8, "stratified": True},
+     lambda t: torch.special.ndtr((torch.logit(t) - 0.3) / 0.8)),
+    ("lognormal", {"stratified": True, "process": "flow"},
+     lambda t: torch.from_numpy(lognormal_cdf("flow")(t.numpy()))),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "to_uniform"), STRATIFIED)
+def test_stratified_puts_one_draw_in_each_stratum_across_ranks_and_micro_steps(
+        name: str, kwargs: dict, to_uniform: Callable[[Tensor], Tensor]) -> None:
     ranks, accum, n = 2, 3, 4
-    samplers = [make("stratified", seed=5, rank=r, world_size=ranks, accum_steps=accum) for r in range(ranks)]
+    samplers = [make(name, seed=5, rank=r, world_size=ranks, accum_steps=accum, **kwargs) for r in range(ranks)]
     for _ in range(4):  # optimizer steps
         draws = []
         for micro in range(accum):
             for sampler in samplers:
                 draws.append(sampler.sample(n, micro)[0])
             assert torch.equal(samplers[0].generator.get_state(), samplers[1].generator.get_state())
-        strata = (torch.cat(draws) * n * ranks * accum).floor().long()
+        strata = (to_uniform(torch.cat(draws)) * n * ranks * accum).floor().long()
         assert torch.equal(strata.sort().values, torch.arange(n * ranks * accum))
 
 

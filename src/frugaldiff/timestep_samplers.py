@@ -86,6 +86,13 @@ class TimestepSampler:
         z = torch.randn(n * self.world_size, generator=self.generator, dtype=F64)
         return rank_share(z, self.rank, self.world_size)
 
+    def _normal_or_stratified(self, n: int, micro_step: int, stratified: bool) -> Tensor:
+        """n draws from N(0, 1): independent, or the normal quantiles of :meth:`_stratified` points."""
+        if not stratified:
+            return self._normal(n)
+        u = self._stratified(n, micro_step).clamp(1e-12, 1 - 1e-12)
+        return torch.special.ndtri(u)
+
     def _stratified(self, n: int, micro_step: int) -> Tensor:
         """n points of [0, 1), one in each of the strata g, g + G, g + 2G, … of n·G equal strata.
 
@@ -176,37 +183,42 @@ class LogNormalSampler(TimestepSampler):
     """EDM: ln σ̃ ~ N(p_mean, p_std²) for σ̃ = σ/α, mapped to t through the process; changes the objective.
 
     t solves log_snr(t) = −2 ln σ̃ and lies in [t_min, t_max] (draws beyond them land on the ends).
-    EDM uses −1.2/1.2, EDM2 −0.4/1.0.
+    EDM uses −1.2/1.2, EDM2 −0.4/1.0. With ``stratified`` the normal draws are the quantiles of one
+    point per stratum of [0, 1) across batch, ranks and micro-steps (same density, a balanced batch).
     """
 
     keeps_objective = False
 
-    def __init__(self, *, p_mean: float = -1.2, p_std: float = 1.2, **base: Any) -> None:
+    def __init__(self, *, p_mean: float = -1.2, p_std: float = 1.2, stratified: bool = False, **base: Any) -> None:
         super().__init__(**base)
         self._require(math.isfinite(p_mean), "p_mean", p_mean, "a finite number")
         self._require(0 < p_std < math.inf, "p_std", p_std, "a number > 0")
-        self.p_mean, self.p_std = p_mean, p_std
+        self.p_mean, self.p_std, self.stratified = p_mean, p_std, stratified
 
     def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
-        log_sigma = self.p_mean + self.p_std * self._normal(n)
+        log_sigma = self.p_mean + self.p_std * self._normal_or_stratified(n, micro_step, self.stratified)
         t = self.process.t_of_log_snr(-2 * log_sigma)
         return t, torch.ones_like(t)
 
 
 @TIMESTEP_SAMPLERS.register("logit_normal")
 class LogitNormalSampler(TimestepSampler):
-    """SD3: t = sigmoid(m + s·z), z ~ N(0, 1); changes the objective."""
+    """SD3: t = sigmoid(m + s·z), z ~ N(0, 1); changes the objective.
+
+    With ``stratified`` z takes the normal quantiles of one point per stratum of [0, 1) across batch,
+    ranks and micro-steps, as :class:`LogNormalSampler` does.
+    """
 
     keeps_objective = False
 
-    def __init__(self, *, m: float = 0.0, s: float = 1.0, **base: Any) -> None:
+    def __init__(self, *, m: float = 0.0, s: float = 1.0, stratified: bool = False, **base: Any) -> None:
         super().__init__(**base)
         self._require(math.isfinite(m), "m", m, "a finite number")
         self._require(0 < s < math.inf, "s", s, "a number > 0")
-        self.m, self.s = m, s
+        self.m, self.s, self.stratified = m, s, stratified
 
     def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
-        t = torch.sigmoid(self.m + self.s * self._normal(n))
+        t = torch.sigmoid(self.m + self.s * self._normal_or_stratified(n, micro_step, self.stratified))
         return t, torch.ones_like(t)
 
 
