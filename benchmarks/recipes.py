@@ -44,9 +44,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "min-snr": {"diffusion.process": "vp-linear", "diffusion.prediction": "v", "diffusion.timestep_sampler": "uniform",
                 "diffusion.weighting": "min_snr", "weighting.min_snr.gamma": 5.0},
     "edm": {"diffusion.process": "vp-linear", "diffusion.prediction": "v", "diffusion.timestep_sampler": "lognormal",
-            "diffusion.weighting": "edm"},
+            "timestep_sampler.lognormal.stratified": False, "diffusion.weighting": "edm"},
     "sd3": {"diffusion.process": "flow", "diffusion.prediction": "velocity",
-            "diffusion.timestep_sampler": "logit_normal", "diffusion.weighting": "none"},
+            "diffusion.timestep_sampler": "logit_normal", "timestep_sampler.logit_normal.stratified": False,
+            "diffusion.weighting": "none"},
     "frugal": {},
 }
 #: What every recipe shares: the evaluation solver and the dataset.
@@ -56,6 +57,7 @@ METRIC = "eval_domain_fid"
 
 
 def cell_config(recipe: str, batch: int, seed: int, images: int, eval_every: int, eval_samples: int) -> Config:
+    """The config of one run of the grid."""
     return Config({**COMMON, **RECIPES[recipe], "train.batch_size": batch, "train.seed": seed,
                    "train.images_seen": images, "train.eval_every": eval_every, "train.eval_samples": eval_samples,
                    "train.name": f"{recipe}-b{batch}-s{seed}"})
@@ -143,12 +145,20 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=4_000, help="images between evaluations")
     parser.add_argument("--eval-samples", type=int, default=256, help="samples per evaluation")
     parser.add_argument("--shard", default="0/1", help="I/N: train only every N-th run, from the I-th")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config value for every recipe (JSON value or plain string), e.g. train.precision=fp32")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
     args = parser.parse_args()
     if args.recipe_file:
         RECIPES.update(json.loads(args.recipe_file.read_text()))
     args.recipes = args.recipes or list(RECIPES)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            COMMON[key] = json.loads(value)
+        except json.JSONDecodeError:
+            COMMON[key] = value
     unknown = sorted(set(args.recipes) - set(RECIPES))
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)} or add them with --recipe-file")

@@ -51,7 +51,8 @@ def test_errors_equal_a_direct_computation():
 
 
 def test_mixed_denoiser_reports_heads_and_gates():
-    config = Config({**TINY_GMM, "diffusion.prediction": "mixed", "diffusion.mixed.gate": "pixel"})
+    config = Config({**TINY_GMM, "diffusion.process": "vp-linear", "diffusion.prediction": "mixed",
+                     "diffusion.mixed.gate": "pixel"})
     denoiser = build_denoiser(config, (3,))
     grid = _grid()
     outputs = denoiser_predictions(denoiser)(grid.bins[0].x_t.float(), grid.bins[0].t.float())

@@ -22,7 +22,8 @@ from tests.conftest import TINY_UNET
 TYPES = ["x0", "velocity", "acceleration"]
 TOY = {"data.name": "moons", "data.num_samples": 512, "model.hidden": 32, "model.depth": 2, "train.batch_size": 32,
        "train.images_seen": 32 * 6, "train.warmup_images": 0, "train.log_every": 3, "train.checkpoint_every": 0,
-       "diffusion.prediction": "mixed", "sample.n": 16, "sample.steps": 8}
+       "diffusion.process": "vp-linear", "diffusion.timestep_sampler": "uniform", "diffusion.prediction": "mixed",
+       "sample.n": 16, "sample.steps": 8}
 
 
 def _mixed(gate="timestep", strategy="heads", types=TYPES, process=None) -> MixedPrediction:
@@ -111,7 +112,9 @@ def test_unweighted_mixture_is_measured_in_its_best_heads_scale():
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"diffusion.process": "flow"}, "'acceleration' cannot recover x0 on process 'flow'"),
+    ({"diffusion.process": "flow"}, r"includes \['acceleration'\], which cannot recover x0 on process 'flow'; "
+                                    r"set diffusion.mixed.types = \[\"x0\", \"velocity\"\]"),
+    ({"diffusion.process": "vp-cosine", "diffusion.mixed.types": ["acceleration"]}, r"= \[\"x0\", \"velocity\"\]"),
     ({"diffusion.mixed.types": ["x0", "score"]}, r"distinct linear types; choose from: eps, x0"),
     ({"diffusion.mixed.types": ["x0", "x0"]}, "distinct linear types"),
     ({"diffusion.mixed.types": []}, "distinct linear types"),
@@ -120,7 +123,7 @@ def test_unweighted_mixture_is_measured_in_its_best_heads_scale():
 ])
 def test_bad_mixture_is_refused_at_config_time(values, message):
     with pytest.raises(FrugalError, match=message) as e:
-        Config({"diffusion.prediction": "mixed", **values})
+        Config({"diffusion.process": "vp-linear", "diffusion.prediction": "mixed", **values})
     assert "\n" not in str(e.value)
 
 
@@ -205,6 +208,7 @@ def test_every_solver_generates_from_a_mixed_model(tmp_path, solver):
 def test_sample_command_works_from_a_mixed_image_model(tmp_path, capsys):
     run = tmp_path / "run"
     sets = [f"{k}={json.dumps(v)}" for k, v in {**TINY_UNET, "train.images_seen": 32, "diffusion.prediction": "mixed",
+                                                  "diffusion.process": "vp-linear",
                                                   "diffusion.mixed.gate": "pixel"}.items()]
     assert main(["train", "--out", str(run), "--no-progress", *sum((["--set", s] for s in sets), [])]) == 0
     out = tmp_path / "s.npz"

@@ -225,11 +225,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _prediction_types(args: argparse.Namespace) -> int:
     from .config import Config, parse_override
-    from .diagnostics import STUDY_DEFAULTS, prediction_study
+    from .diagnostics import STUDY_DEFAULTS, STUDY_PROCESS, prediction_study
 
     if args.bins < 1 or args.per_bin < 1:
         raise FrugalError("--bins and --per-bin must be at least 1")
-    values = {"data.name": args.dataset, **STUDY_DEFAULTS.get(args.dataset, {})}
+    values = {"data.name": args.dataset, "diffusion.process": STUDY_PROCESS, **STUDY_DEFAULTS.get(args.dataset, {})}
     base = Config(values).updated(dict(parse_override(o) for o in args.overrides))
     results = prediction_study(base, args.out, args.types, args.strategies, args.bins, args.per_bin,
                                progress=not args.no_progress)

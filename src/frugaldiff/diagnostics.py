@@ -225,6 +225,8 @@ def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Any = 
 # ---------------------------------------------------------------------------------------------------------
 # The prediction-type study (issue: prediction types and the mixed prediction)
 
+#: The study runs on vp-linear, where every named type (acceleration too) is defined; per dataset: its budget.
+STUDY_PROCESS = "vp-linear"
 STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gmm": {"diffusion.sigma_data": 0.8, "train.images_seen": 200_000, "train.batch_size": 32,
             "train.warmup_images": 2000, "sample.n": 512},

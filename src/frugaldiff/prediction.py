@@ -8,6 +8,7 @@ unweighted F-space loss equals an x0-space loss weighted by 1/A².
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
@@ -205,7 +206,18 @@ class MixedPrediction(PredictionType, nn.Module):
             raise FrugalError(f"unknown diffusion.mixed.strategy {strategy!r}; choose one of: "
                               f"{', '.join(STRATEGIES)}")
         self.types, self.gate, self.strategy = list(types), gate, strategy
-        self.heads: list[LinearPrediction] = [PREDICTIONS.create(n, process, sigma_data) for n in types]
+        self.heads: list[LinearPrediction] = []
+        unusable = []
+        for name in types:
+            try:
+                self.heads.append(PREDICTIONS.create(name, process, sigma_data))
+            except FrugalError:
+                unusable.append(name)
+        if unusable:
+            usable = [n for n in types if n not in unusable] or ["x0", "velocity"]
+            raise FrugalError(f"diffusion.mixed.types {types} includes {unusable}, which cannot recover x0 on process "
+                              f"{process.name!r}; set diffusion.mixed.types = {json.dumps(usable)} or "
+                              "diffusion.process = \"vp-linear\"")
         self.gate_net = None
         if gate == "timestep":
             k = len(types)

@@ -183,13 +183,14 @@ class LogNormalSampler(TimestepSampler):
     """EDM: ln σ̃ ~ N(p_mean, p_std²) for σ̃ = σ/α, mapped to t through the process; changes the objective.
 
     t solves log_snr(t) = −2 ln σ̃ and lies in [t_min, t_max] (draws beyond them land on the ends).
-    EDM uses −1.2/1.2, EDM2 −0.4/1.0. With ``stratified`` the normal draws are the quantiles of one
-    point per stratum of [0, 1) across batch, ranks and micro-steps (same density, a balanced batch).
+    EDM uses −1.2/1.2, EDM2 −0.4/1.0. With ``stratified`` (the default; EDM draws independently) the normal
+    draws are the quantiles of one point per stratum of [0, 1) across batch, ranks and micro-steps: the same
+    density, and every batch spread over it.
     """
 
     keeps_objective = False
 
-    def __init__(self, *, p_mean: float = -1.2, p_std: float = 1.2, stratified: bool = False, **base: Any) -> None:
+    def __init__(self, *, p_mean: float = -1.2, p_std: float = 1.2, stratified: bool = True, **base: Any) -> None:
         super().__init__(**base)
         self._require(math.isfinite(p_mean), "p_mean", p_mean, "a finite number")
         self._require(0 < p_std < math.inf, "p_std", p_std, "a number > 0")
@@ -205,13 +206,13 @@ class LogNormalSampler(TimestepSampler):
 class LogitNormalSampler(TimestepSampler):
     """SD3: t = sigmoid(m + s·z), z ~ N(0, 1); changes the objective.
 
-    With ``stratified`` z takes the normal quantiles of one point per stratum of [0, 1) across batch,
-    ranks and micro-steps, as :class:`LogNormalSampler` does.
+    With ``stratified`` (the default; SD3 draws independently) z takes the normal quantiles of one point per
+    stratum of [0, 1) across batch, ranks and micro-steps, as :class:`LogNormalSampler` does.
     """
 
     keeps_objective = False
 
-    def __init__(self, *, m: float = 0.0, s: float = 1.0, stratified: bool = False, **base: Any) -> None:
+    def __init__(self, *, m: float = 0.0, s: float = 1.0, stratified: bool = True, **base: Any) -> None:
         super().__init__(**base)
         self._require(math.isfinite(m), "m", m, "a finite number")
         self._require(0 < s < math.inf, "s", s, "a number > 0")
