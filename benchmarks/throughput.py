@@ -3,9 +3,9 @@
     python benchmarks/throughput.py [--device cpu|cuda] [--batch-sizes 8 64] [--precisions fp32 bf16]
                                     [--blocks 5] [--steps 10] [--json OUT.json] [--smoke]
 
-For each batch size and precision it times optimizer steps of (a) frugaldiff's Trainer.train_step (x0 on VP-
-linear, like the bare loop) with the loss ledger, the adaptive timestep sampler and EMA switched on, and (b) a
-bare loop written plainly here: the same network, AdamW, autocast and gradient clipping, uniform t, x0
+For each batch size and precision it times optimizer steps of (a) frugaldiff's Trainer.train_step (x0 on
+VP-linear, like the bare loop) with the loss ledger, the adaptive timestep sampler and EMA switched on, and
+(b) a bare loop written plainly here: the same network, AdamW, autocast and gradient clipping, uniform t, x0
 targets, no EMA. Blocks of steps of the two alternate (so both see the same machine load) and the median step
 time of each is reported, with their ratio (images/s of frugaldiff ÷ images/s of the bare loop; the target is
 ≥ 0.95). Then: the cost of each timestep sampler's sample + update per step (µs), and the step time of the
