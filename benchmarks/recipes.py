@@ -96,25 +96,28 @@ def _mean_std(values: list[float]) -> str:
 
 
 def report(results: dict[str, Any], out: Path) -> None:
-    """table.md and curves.png from the finished grid."""
+    """table.md and curves.png from the finished runs of the grid (batch sizes without any are left out)."""
+    batch_sizes = [b for b in results["batch_sizes"] if any(r["batch_size"] == b for r in results["runs"])]
+    if not batch_sizes:
+        (out / "table.md").write_text("no finished runs yet\n")
+        return
     lines = [f"domain FID (lower is better) of {results['eval_samples']} EMA samples ({COMMON['sample.solver']}, "
              f"{COMMON['sample.steps']} steps) after {results['images']} images, mean ± std over seeds "
              f"{results['seeds']}; held-out x0 MSE ×1000 of the EMA model beside it (not a quality ranking); "
              "train min = training minutes per run (mean)\n",
-             "| recipe | " + " | ".join(f"batch {b} FID | x0 MSE | train min" for b in results["batch_sizes"]) + " |",
-             "|---|" + "---:|---:|---:|" * len(results["batch_sizes"])]
+             "| recipe | " + " | ".join(f"batch {b} FID | x0 MSE | train min" for b in batch_sizes) + " |",
+             "|---|" + "---:|---:|---:|" * len(batch_sizes)]
     for recipe in results["recipes"]:
         cells = []
-        for b in results["batch_sizes"]:
+        for b in batch_sizes:
             runs = [r for r in results["runs"] if r["recipe"] == recipe and r["batch_size"] == b]
             cells += [_mean_std([r["fid"][-1] for r in runs]), _mean_std([1000 * r["heldout_x0"] for r in runs]),
                       f"{statistics.mean(r['train_seconds'] for r in runs) / 60:.1f}" if runs else "—"]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(results["batch_sizes"]), figsize=(6 * len(results["batch_sizes"]), 4),
-                             squeeze=False)
-    for ax, b in zip(axes[0], results["batch_sizes"], strict=True):
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(6 * len(batch_sizes), 4), squeeze=False)
+    for ax, b in zip(axes[0], batch_sizes, strict=True):
         for recipe in results["recipes"]:
             runs = [r for r in results["runs"] if r["recipe"] == recipe and r["batch_size"] == b]
             if not runs:
@@ -179,7 +182,8 @@ def main() -> None:
             print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}: not finished, left out", flush=True)
             continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)
-        train_or_reuse(config, run, progress=not args.smoke)
+        if not args.report_only:
+            train_or_reuse(config, run, progress=not args.smoke)
         images, fid, seconds = curve(run)
         runs.append({"recipe": recipe, "batch_size": batch, "seed": seed, "images": images, "fid": fid,
                      "train_seconds": seconds, "heldout_x0": heldout_x0_error(run, config)})
