@@ -17,7 +17,7 @@ from frugaldiff.datasets import load_dataset
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import VPLinear
 from frugaldiff.prediction import PREDICTIONS
-from frugaldiff.trainer import Interrupted, Trainer, combine_loss
+from frugaldiff.trainer import EMA, Interrupted, Trainer, combine_loss
 from frugaldiff.weighting import WEIGHTINGS, Weighting
 from tests.conftest import TINY_UNET
 
@@ -198,3 +198,23 @@ def test_batch_stream_is_a_function_of_position():
 def test_bundled_digits_loads_for_training():
     data = load_dataset("digits")
     assert data.sample_shape == (1, 8, 8) and np.isclose(float(data.train.max()), 1.0)
+
+
+def test_ema_update_is_the_warmed_up_average_of_every_parameter_and_copies_buffers() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    ema = EMA(model, decay=0.9)
+    start = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[1].running_mean.add_(1.0)
+    ema.update(model, step=5)  # warm-up: decay = min(0.9, 6/15) = 0.4
+    for e, s, p in zip(ema.model.parameters(), start, model.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.4 * s + 0.6 * p, rtol=0, atol=1e-6)
+    assert torch.equal(ema.model[1].running_mean, model[1].running_mean)
+    before = [e.clone() for e in ema.model.parameters()]
+    ema.update(model, step=10**6)  # past warm-up: decay 0.9
+    for e, b, p in zip(ema.model.parameters(), before, model.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p, rtol=0, atol=1e-6)
+        assert not e.requires_grad

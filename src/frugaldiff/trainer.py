@@ -179,8 +179,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1 - decay)
+        ema_params, params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        if len(ema_params) != len(params):
+            raise ValueError("EMA and model have different parameters")
+        torch._foreach_lerp_(ema_params, params, 1 - decay)  # one multi-tensor kernel instead of one per tensor
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 
