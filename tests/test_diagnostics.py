@@ -13,6 +13,7 @@ from frugaldiff.diagnostics import (
     heldout_grid,
     prediction_study,
     study_claims,
+    train_or_reuse,
     x0_error_by_bin,
 )
 from frugaldiff.errors import FrugalError
@@ -216,3 +217,18 @@ def test_analyze_ledger_draws_the_heat_map_and_curves(tmp_path, capsys):
     (tmp_path / "old" / "metrics.csv").write_text("step,images_seen,loss\n1,16,0.5\n")
     assert main(["analyze", "ledger", str(tmp_path / "old")]) == 2
     assert "predates the loss ledger" in capsys.readouterr().err
+
+
+def test_train_or_reuse_restarts_a_run_stopped_before_its_first_checkpoint_and_refuses_another_config(tmp_path):
+    config = Config({**TINY_GMM, "train.tensorboard": False, "train.heldout_every": 0})
+    run = tmp_path / "run"
+    run.mkdir()
+    config.save(run / "config.toml")
+    (run / "metrics.csv").write_text("step,images_seen,loss\n1,16,9.9\n")  # a run killed before it saved anything
+    trainer = train_or_reuse(config, run, progress=False)
+    assert trainer.images_seen == 64
+    rows = read_metrics(run / "metrics.csv")
+    assert rows[0]["loss"] != "9.9" and int(rows[-1]["images_seen"]) == 64
+    assert train_or_reuse(config, run, progress=False).images_seen == 64  # finished: reused
+    with pytest.raises(FrugalError, match="holds a run of another config"):
+        train_or_reuse(config.updated({"train.images_seen": 128}), run, progress=False)

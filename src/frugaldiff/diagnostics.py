@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, list_checkpoints
 from .config import Config
 from .errors import FrugalError
 from .gmm import GaussianMixture, gmm_mixture
@@ -294,12 +295,16 @@ def true_mixture(config: Config) -> GaussianMixture | None:
 
 def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
     """A trainer of ``config`` in ``run`` trained to its budget: started, continued or, when finished, reused
-    (an experiment rerun skips what is done); a run of another config there is an error."""
+    (an experiment rerun skips what is done); a run of another config there is an error. A run of this config
+    that was stopped before its first checkpoint holds nothing to continue: it is started again."""
     from .trainer import Trainer
 
     started = (run / "config.toml").is_file()
     if started and Config.load(run / "config.toml") != config:
         raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
+    if started and not list_checkpoints(run / "checkpoints"):
+        shutil.rmtree(run)
+        started = False
     trainer = Trainer(config, run, resume=started, progress=progress)
     if trainer.images_seen < config["train.images_seen"]:
         trainer.fit()
