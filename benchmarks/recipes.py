@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from frugaldiff.analysis import training_seconds
-from frugaldiff.config import Config
+from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import GRID_SEED, heldout_grid, heldout_loss_by_bin, train_or_reuse
 from frugaldiff.noise import NoiseProcess
 from frugaldiff.plots import pyplot, read_metrics
@@ -149,19 +149,14 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=256, help="samples per evaluation")
     parser.add_argument("--shard", default="0/1", help="I/N: train only every N-th run, from the I-th")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config value for every recipe (JSON value or plain string), e.g. train.precision=fp32")
+                        help="a config value for every recipe, as `frugaldiff train --set`, e.g. train.precision=fp32")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
     args = parser.parse_args()
     if args.recipe_file:
         RECIPES.update(json.loads(args.recipe_file.read_text()))
     args.recipes = args.recipes or list(RECIPES)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            COMMON[key] = json.loads(value)
-        except json.JSONDecodeError:
-            COMMON[key] = value
+    COMMON.update(parse_override(item) for item in args.set)
     unknown = sorted(set(args.recipes) - set(RECIPES))
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)} or add them with --recipe-file")
