@@ -33,7 +33,8 @@ from frugaldiff.analysis import training_seconds
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import GRID_SEED, heldout_grid, heldout_loss_by_bin, train_or_reuse
 from frugaldiff.noise import NoiseProcess
-from frugaldiff.plots import pyplot, read_metrics
+from frugaldiff.plots import pyplot, read_metrics, save_figure
+from frugaldiff.trainer import Trainer
 
 #: Anchor recipes rebuilt from frugaldiff's components, and frugaldiff's own (its defaults).
 RECIPES: dict[str, dict[str, Any]] = {
@@ -71,11 +72,12 @@ class _UnitX0Weight:
         return torch.ones_like(t)
 
 
-def heldout_x0_error(run: Path, config: Config) -> float:
-    """Mean held-out x0 squared error of the run's EMA model over a fixed (image, t, noise) grid, cached in the run."""
+def heldout_x0_error(run: Path, trainer: Trainer | None) -> float:
+    """Mean held-out x0 squared error of the run's EMA model over a fixed (image, t, noise) grid, cached in the run
+    (``trainer``, the run's, is needed only while the cache is missing)."""
     path = run / "heldout_x0.json"
     if not path.is_file():
-        trainer = train_or_reuse(config, run, progress=False)
+        assert trainer is not None, f"{run} has no heldout_x0.json and no trainer to compute it"
         grid = heldout_grid(trainer.process, trainer.data.heldout, 20, 32, torch.Generator().manual_seed(GRID_SEED))
         per_bin = heldout_loss_by_bin(trainer.ema.model.eval(), grid, _UnitX0Weight())
         path.write_text(json.dumps({"per_bin": per_bin, "mean": statistics.mean(per_bin)}) + "\n")
@@ -126,9 +128,7 @@ def report(results: dict[str, Any], out: Path) -> None:
             ax.plot(runs[0]["images"], fid, marker="o", label=recipe, lw=2.5 if recipe == "frugal" else 1.2)
         ax.set(xlabel="images seen", ylabel="domain FID (mean over seeds)", yscale="log", title=f"batch {b}")
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, out / "curves.png")
 
 
 def machine() -> str:
@@ -177,11 +177,10 @@ def main() -> None:
             print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}: not finished, left out", flush=True)
             continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)
-        if not args.report_only:
-            train_or_reuse(config, run, progress=not args.smoke)
+        trainer = None if args.report_only else train_or_reuse(config, run, progress=not args.smoke)
         images, fid, seconds = curve(run)
         runs.append({"recipe": recipe, "batch_size": batch, "seed": seed, "images": images, "fid": fid,
-                     "train_seconds": seconds, "heldout_x0": heldout_x0_error(run, config)})
+                     "train_seconds": seconds, "heldout_x0": heldout_x0_error(run, trainer)})
     if count > 1:
         print("shard done; run again without --shard for the report")
         return

@@ -19,7 +19,7 @@ def pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, out: Path) -> None:
+def save_figure(plt: Any, fig: Any, out: Path) -> None:
     """Write ``fig`` as a PNG and free it."""
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -44,7 +44,7 @@ def plot_metrics(metrics_csv: Path, out: Path) -> None:
     ax_loss.set(xlabel="images seen", ylabel="training loss", yscale="log", title="loss (mean per log interval)")
     ax_lr.plot(images, [float(r["lr"]) for r in rows])
     ax_lr.set(xlabel="images seen", ylabel="learning rate", title="learning rate")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def plot_eval(metrics_csv: Path, column: str, out: Path) -> None:
@@ -56,7 +56,7 @@ def plot_eval(metrics_csv: Path, column: str, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([float(r["images_seen"]) for r in rows], [float(r[column]) for r in rows], marker="o")
     ax.set(xlabel="images seen", ylabel=column, title=f"{column} of EMA samples (docs/metrics.md)")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def plot_points(samples: np.ndarray, out: Path, reference: np.ndarray | None = None) -> None:
@@ -68,7 +68,7 @@ def plot_points(samples: np.ndarray, out: Path, reference: np.ndarray | None = N
     ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:blue", label="samples")
     ax.set_aspect("equal")
     ax.legend(loc="upper right")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def plot_timestep_densities(names: list[str], process_name: str, out: Path, n: int = 200_000,
@@ -103,7 +103,7 @@ def plot_timestep_densities(names: list[str], process_name: str, out: Path, n: i
         ax.legend(fontsize=7, loc="upper right")
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def plot_amplification(types: list[str], process_names: list[str], out: Path, sigma_data: float = 0.5) -> None:
@@ -131,7 +131,7 @@ def plot_amplification(types: list[str], process_names: list[str], out: Path, si
             ax.plot(t, amplification, label=name)
         ax.set(xlabel="t", ylabel="A(t)", yscale="log", title=f"{process_name} (σ_data = {sigma_data})")
         ax.legend(fontsize="small")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 
@@ -160,7 +160,7 @@ def plot_error_by_bin(results: dict[str, Any], out: Path) -> None:
             ax.set_yscale("log")
         ax.set(xlabel="t (bin centre)", ylabel=results["measure"], title=f"{results['dataset']}: {title}")
         ax.legend(fontsize="x-small")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def plot_gate_weights(results: dict[str, Any], out: Path) -> None:
@@ -174,7 +174,7 @@ def plot_gate_weights(results: dict[str, Any], out: Path) -> None:
             ax.plot(centres, values, marker="o", ms=3, label=head)
         ax.set(xlabel="t (bin centre)", ylabel="mean gate weight", ylim=(0, 1), title=model)
         ax.legend(fontsize="small")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def plot_disruption(delta: list[list[float]], edges: list[float], title: str, out: Path) -> None:
@@ -189,7 +189,7 @@ def plot_disruption(delta: list[list[float]], edges: list[float], title: str, ou
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set(xlabel="held-out bin B (t)", ylabel="trained on bin A (t)", title=f"disruption: {title}")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def plot_disruption_scaling(scaling: list[dict[str, Any]], out: Path) -> None:
@@ -210,7 +210,7 @@ def plot_disruption_scaling(scaling: list[dict[str, Any]], out: Path) -> None:
         ax.set_xticks(x, [str(b) for b in sizes])
         ax.set_xlabel("batch size")
         ax.legend(fontsize="small")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def plot_importance(result: dict[str, Any], out: Path) -> None:
@@ -228,7 +228,7 @@ def plot_importance(result: dict[str, Any], out: Path) -> None:
     what = f"error {result['error']}" if result["degrade"] == "noise" else f"x̂0 of {result['degrade_checkpoint']}"
     fig.suptitle(f"timestep importance ({what}; {result['solver']}, {result['steps']} steps, n = {result['n']})",
                  fontsize=10)
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
 
 
 def bin_series(rows: list[dict[str, str]], prefix: str) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +266,7 @@ def plot_ledger(metrics_csv: Path, out_dir: Path) -> list[Path]:
                                   shading="flat")
         fig.colorbar(image, ax=ax, label=label)
         ax.set(xlabel="images seen", ylabel="t", title=name)
-    _save(plt, fig, heat)
+    save_figure(plt, fig, heat)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (name, images, values) in zip(axes[0], panels, strict=True):
         colours = plt.cm.viridis(np.linspace(0, 1, len(values)))
@@ -274,7 +274,7 @@ def plot_ledger(metrics_csv: Path, out_dir: Path) -> list[Path]:
             ax.plot(images, series, color=colour, lw=1, label=f"t≈{(b + 0.5) / len(values):.2f}")
         ax.set(xlabel="images seen", ylabel="loss", yscale="log", title=f"{name} per t bin")
     axes[0][-1].legend(fontsize=6, ncol=2, loc="upper right")
-    _save(plt, fig, curves)
+    save_figure(plt, fig, curves)
     return [heat, curves]
 
 
@@ -302,4 +302,4 @@ def plot_batch_sweep(result: dict[str, Any], out: Path) -> None:
         ax_bins.plot(centres, run["heldout"], marker=".", color=colour, label=f"batch {run['batch_size']}")
     ax_bins.set(xlabel="t", ylabel="held-out loss (EMA model)", yscale="log", title="held-out loss per t bin")
     ax_bins.legend(fontsize="small")
-    _save(plt, fig, out)
+    save_figure(plt, fig, out)
