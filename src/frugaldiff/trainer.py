@@ -479,9 +479,11 @@ class Trainer:
             for p in self.weighting.parameters():
                 if p.grad is not None:
                     p.grad.copy_(self.world.mean(p.grad))
-        total = float(self.world.mean(total))
-        clip = c["train.grad_clip"] or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), c["train.grad_clip"] or math.inf)
+        # one device-to-host copy per step (each is a sync that drains a GPU's queue): loss, norm, (t, objective)s
+        host = torch.cat([torch.stack([self.world.mean(total), grad_norm.float()]),
+                          *(f.flatten() for f in feedback)]).cpu().double()
+        total, grad_norm = float(host[0]), float(host[1])
         self.images_seen += c["train.batch_size"]
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -496,8 +498,8 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.ema.update(self.denoiser, self.step)
-        for gathered in feedback:  # every rank's (t, objective), the same on every rank
-            t, objective = gathered.cpu().double().unbind(1)
+        for gathered in host[2:].view(accum, -1, 2):  # every rank's (t, objective), the same on every rank
+            t, objective = gathered.unbind(1)
             self.sampler.update(t, objective)
             self.ledger.update(t, objective)
         return total, grad_norm
