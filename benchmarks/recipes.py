@@ -91,10 +91,26 @@ def curve(run: Path) -> tuple[list[int], list[float], float]:
     return [p[0] for p in points], [p[1] for p in points], training_seconds(run / "metrics.csv")
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 1) -> str:
     if not values:
         return "—"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def evaluation_table(results: dict[str, Any], batch: int) -> list[str]:
+    """Markdown rows: each recipe's FID (mean ± std over seeds, 2 decimals) at every evaluation of batch ``batch``."""
+    runs = [r for r in results["runs"] if r["batch_size"] == batch]
+    points = sorted({i for r in runs for i in r["images"]})
+    lines = [f"| batch {batch} | " + " | ".join(f"FID at {i:,} images" for i in points) + " |",
+             "|---|" + "---:|" * len(points)]
+    for recipe in results["recipes"]:
+        mine = [dict(zip(r["images"], r["fid"], strict=True)) for r in runs if r["recipe"] == recipe]
+        if mine:
+            lines.append(f"| {recipe} | " + " | ".join(_mean_std([m[i] for m in mine if i in m], 2)
+                                                       for i in points) + " |")
+    return lines
 
 
 def report(results: dict[str, Any], out: Path) -> None:
@@ -116,6 +132,8 @@ def report(results: dict[str, Any], out: Path) -> None:
             cells += [_mean_std([r["fid"][-1] for r in runs]), _mean_std([1000 * r["heldout_x0"] for r in runs]),
                       f"{statistics.mean(r['train_seconds'] for r in runs) / 60:.1f}" if runs else "—"]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    for b in batch_sizes:
+        lines += ["", *evaluation_table(results, b)]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(6 * len(batch_sizes), 4), squeeze=False)

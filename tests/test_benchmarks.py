@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,12 @@ def test_recipes_smoke_writes_table_and_curves(tmp_path):
     assert [(r["recipe"], r["seed"]) for r in results["runs"]] == [("ddpm", 0), ("ddpm", 1), ("frugal", 0),
                                                                    ("frugal", 1)]
     assert all(r["images"] == [8, 16] and len(r["fid"]) == 2 for r in results["runs"])
-    assert "| ddpm |" in (tmp_path / "table.md").read_text() and "| frugal |" in out
+    table = (tmp_path / "table.md").read_text()
+    assert "| ddpm |" in table and "| frugal |" in out
+    fid = [r["fid"] for r in results["runs"] if r["recipe"] == "frugal"]  # seeds 0, 1 at 8 and 16 images
+    cells = [f"{statistics.mean(f):.2f} ± {statistics.stdev(f):.2f}" for f in zip(*fid, strict=True)]
+    assert "| batch 8 | FID at 8 images | FID at 16 images |" in table
+    assert f"| frugal | {cells[0]} | {cells[1]} |" in table
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
