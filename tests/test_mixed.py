@@ -112,12 +112,12 @@ def test_unweighted_mixture_is_measured_in_its_best_heads_scale():
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"diffusion.process": "flow"}, r"includes \['acceleration'\], which cannot recover x0 on process 'flow'; "
-                                    r"set diffusion.mixed.types = \[\"x0\", \"velocity\"\]"),
+    ({"diffusion.process": "flow", "diffusion.mixed.types": TYPES},
+     r"includes \['acceleration'\], which cannot recover x0 on process 'flow'; "
+     r"set diffusion.mixed.types = \[\"x0\", \"velocity\"\]"),
     ({"diffusion.process": "vp-cosine", "diffusion.mixed.types": ["acceleration"]}, r"= \[\"x0\", \"velocity\"\]"),
     ({"diffusion.mixed.types": ["x0", "score"]}, r"distinct linear types; choose from: eps, x0"),
     ({"diffusion.mixed.types": ["x0", "x0"]}, "distinct linear types"),
-    ({"diffusion.mixed.types": []}, "distinct linear types"),
     ({"diffusion.mixed.gate": "channel"}, "unknown diffusion.mixed.gate 'channel'; choose one of: timestep, pixel"),
     ({"diffusion.mixed.strategy": "both"}, "unknown diffusion.mixed.strategy 'both'"),
 ])
@@ -133,10 +133,21 @@ def test_mixture_without_acceleration_works_on_every_process():
                 "diffusion.mixed.types": ["x0", "velocity"]})
 
 
+@pytest.mark.parametrize(("process", "types"), [("vp-linear", TYPES), ("flow", ["x0", "velocity"]),
+                                                ("vp-cosine", ["x0", "velocity"])])
+def test_default_types_are_those_the_process_defines(process, types):
+    config = Config({"diffusion.prediction": "mixed", "diffusion.process": process})
+    assert config["diffusion.mixed.types"] == []
+    pred = config.prediction()
+    assert pred.types == types and [h.name for h in pred.heads] == types
+    assert pred.out_channels(1) == len(types)
+
+
 def test_config_lists_the_mixture_keys(capsys):
     assert main(["config"]) == 0
     text = capsys.readouterr().out
-    assert 'types = ["x0", "velocity", "acceleration"]' in text and 'strategy = "heads"' in text
+    assert "types = []" in text and "those of x0, velocity, acceleration the process defines" in text
+    assert 'strategy = "heads"' in text
 
 
 def _heldout_loss(trainer: Trainer) -> float:

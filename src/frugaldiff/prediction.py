@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -178,6 +178,19 @@ register_linear_prediction("acceleration", _acceleration)
 
 GATES = ("timestep", "pixel")
 STRATEGIES = ("joint", "heads", "heads+joint")
+#: The mixture's types when diffusion.mixed.types is empty (the default), less those the process leaves undefined.
+DEFAULT_MIXED_TYPES = ("x0", "velocity", "acceleration")
+
+
+def _defined_heads(types: Sequence[str], process: NoiseProcess, sigma_data: float) -> list[LinearPrediction | None]:
+    """Each named linear type on ``process``, or None where it cannot recover x0 there (e.g. acceleration on flow)."""
+    heads: list[LinearPrediction | None] = []
+    for name in types:
+        try:
+            heads.append(PREDICTIONS.create(name, process, sigma_data))
+        except FrugalError:
+            heads.append(None)
+    return heads
 
 
 class MixedPrediction(PredictionType, nn.Module):
@@ -196,6 +209,9 @@ class MixedPrediction(PredictionType, nn.Module):
                  strategy: str) -> None:
         nn.Module.__init__(self)
         PredictionType.__init__(self, process, sigma_data)
+        if not types:  # the default: every type of DEFAULT_MIXED_TYPES the process defines
+            types = [n for n, h in zip(DEFAULT_MIXED_TYPES, _defined_heads(DEFAULT_MIXED_TYPES, process, sigma_data),
+                                       strict=True) if h is not None]
         bad = [n for n in types if n not in LINEAR_TYPES]
         if bad or not types or len(set(types)) != len(types):
             raise FrugalError(f"diffusion.mixed.types = {types} must list distinct linear types; choose from: "
@@ -206,18 +222,14 @@ class MixedPrediction(PredictionType, nn.Module):
             raise FrugalError(f"unknown diffusion.mixed.strategy {strategy!r}; choose one of: "
                               f"{', '.join(STRATEGIES)}")
         self.types, self.gate, self.strategy = list(types), gate, strategy
-        self.heads: list[LinearPrediction] = []
-        unusable = []
-        for name in types:
-            try:
-                self.heads.append(PREDICTIONS.create(name, process, sigma_data))
-            except FrugalError:
-                unusable.append(name)
+        heads = _defined_heads(types, process, sigma_data)
+        unusable = [name for name, head in zip(types, heads, strict=True) if head is None]
         if unusable:
             usable = [n for n in types if n not in unusable] or ["x0", "velocity"]
             raise FrugalError(f"diffusion.mixed.types {types} includes {unusable}, which cannot recover x0 on process "
                               f"{process.name!r}; set diffusion.mixed.types = {json.dumps(usable)} or "
                               "diffusion.process = \"vp-linear\"")
+        self.heads: list[LinearPrediction] = [h for h in heads if h is not None]
         self.gate_net = None
         if gate == "timestep":
             k = len(types)
@@ -281,9 +293,12 @@ class MixedPrediction(PredictionType, nn.Module):
 
 
 @PREDICTIONS.register("mixed")
-def _mixed(process: NoiseProcess, sigma_data: float, *, types: list[str] = ["x0", "velocity", "acceleration"],  # noqa: B006
+def _mixed(process: NoiseProcess, sigma_data: float, *, types: list[str] = [],  # noqa: B006
            gate: str = "timestep", strategy: str = "heads") -> MixedPrediction:
-    """K heads of linear types mixed by a learned gate (timestep or pixel); strategy joint, heads or heads+joint."""
+    """K heads of linear types (default []: those of x0, velocity, acceleration the process defines) mixed by a gate.
+
+    gate: timestep or pixel; strategy: joint, heads or heads+joint (:class:`MixedPrediction`).
+    """
     return MixedPrediction(process, sigma_data, types, gate, strategy)
 
 
