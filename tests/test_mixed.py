@@ -140,7 +140,7 @@ def test_default_types_are_those_the_process_defines(process, types):
     assert config["diffusion.mixed.types"] == []
     pred = config.prediction()
     assert pred.types == types and [h.name for h in pred.heads] == types
-    assert pred.out_channels(1) == len(types)
+    assert pred.out_channels(1) == len(types) and pred.gate_net[-1].out_features == len(types)
 
 
 def test_config_lists_the_mixture_keys(capsys):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -182,17 +182,6 @@ STRATEGIES = ("joint", "heads", "heads+joint")
 DEFAULT_MIXED_TYPES = ("x0", "velocity", "acceleration")
 
 
-def _defined_heads(types: Sequence[str], process: NoiseProcess, sigma_data: float) -> list[LinearPrediction | None]:
-    """Each named linear type on ``process``, or None where it cannot recover x0 there (e.g. acceleration on flow)."""
-    heads: list[LinearPrediction | None] = []
-    for name in types:
-        try:
-            heads.append(PREDICTIONS.create(name, process, sigma_data))
-        except FrugalError:
-            heads.append(None)
-    return heads
-
-
 class MixedPrediction(PredictionType, nn.Module):
     """K heads, one per linear type, mixed in x0 by gate weights π = softmax(logits).
 
@@ -209,11 +198,10 @@ class MixedPrediction(PredictionType, nn.Module):
                  strategy: str) -> None:
         nn.Module.__init__(self)
         PredictionType.__init__(self, process, sigma_data)
-        if not types:  # the default: every type of DEFAULT_MIXED_TYPES the process defines
-            types = [n for n, h in zip(DEFAULT_MIXED_TYPES, _defined_heads(DEFAULT_MIXED_TYPES, process, sigma_data),
-                                       strict=True) if h is not None]
+        explicit = bool(types)  # [] (the default): those of DEFAULT_MIXED_TYPES the process defines
+        types = list(types) or list(DEFAULT_MIXED_TYPES)
         bad = [n for n in types if n not in LINEAR_TYPES]
-        if bad or not types or len(set(types)) != len(types):
+        if bad or len(set(types)) != len(types):
             raise FrugalError(f"diffusion.mixed.types = {types} must list distinct linear types; choose from: "
                               f"{', '.join(LINEAR_TYPES)}")
         if gate not in GATES:
@@ -221,18 +209,23 @@ class MixedPrediction(PredictionType, nn.Module):
         if strategy not in STRATEGIES:
             raise FrugalError(f"unknown diffusion.mixed.strategy {strategy!r}; choose one of: "
                               f"{', '.join(STRATEGIES)}")
-        self.types, self.gate, self.strategy = list(types), gate, strategy
-        heads = _defined_heads(types, process, sigma_data)
-        unusable = [name for name, head in zip(types, heads, strict=True) if head is None]
-        if unusable:
+        heads: dict[str, LinearPrediction] = {}
+        for name in types:
+            try:
+                heads[name] = PREDICTIONS.create(name, process, sigma_data)
+            except FrugalError:  # the type cannot recover x0 on this process (e.g. acceleration on flow)
+                pass
+        unusable = [n for n in types if n not in heads]
+        if unusable and explicit:
             usable = [n for n in types if n not in unusable] or ["x0", "velocity"]
             raise FrugalError(f"diffusion.mixed.types {types} includes {unusable}, which cannot recover x0 on process "
                               f"{process.name!r}; set diffusion.mixed.types = {json.dumps(usable)} or "
                               "diffusion.process = \"vp-linear\"")
-        self.heads: list[LinearPrediction] = [h for h in heads if h is not None]
+        self.types, self.gate, self.strategy = list(heads), gate, strategy
+        self.heads: list[LinearPrediction] = list(heads.values())
         self.gate_net = None
         if gate == "timestep":
-            k = len(types)
+            k = len(self.heads)
             self.gate_net = nn.Sequential(nn.Linear(2 * self.frequencies + 1, 64), nn.SiLU(), nn.Linear(64, k))
             nn.init.zeros_(self.gate_net[-1].weight)  # start from equal weights
             nn.init.zeros_(self.gate_net[-1].bias)
