@@ -217,7 +217,7 @@ class MixedPrediction(PredictionType, nn.Module):
                 pass
         unusable = [n for n in types if n not in heads]
         if unusable and explicit:
-            usable = [n for n in types if n not in unusable] or ["x0", "velocity"]
+            usable = list(heads) or ["x0", "velocity"]
             raise FrugalError(f"diffusion.mixed.types {types} includes {unusable}, which cannot recover x0 on process "
                               f"{process.name!r}; set diffusion.mixed.types = {json.dumps(usable)} or "
                               "diffusion.process = \"vp-linear\"")
