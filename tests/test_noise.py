@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from frugaldiff.noise import PROCESSES, NoiseProcess, VPLinear, ddpm_alphas_cumprod
+from frugaldiff.noise import PROCESSES, NoiseProcess, VPLinear, ddpm_alphas_cumprod, empirical_posterior_mean
 
 T = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
 
@@ -54,3 +54,35 @@ def test_user_process_gets_derivatives_by_autograd():
     torch.testing.assert_close(p.d_alpha(T), -2 * T)
     torch.testing.assert_close(p.dd_alpha(T), torch.full_like(T, -2.0))
     torch.testing.assert_close(p.dd_sigma(T), torch.zeros_like(T))
+
+
+@pytest.mark.parametrize("name", ["vp-linear", "flow"])
+def test_empirical_posterior_mean_is_the_bayes_average_over_the_references(name):
+    process = PROCESSES.create(name)
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(50, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.05, 0.3, 0.6, 0.9], dtype=torch.float64)
+    x_t = process.add_noise(reference[:4], torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64), t)
+    # brute force: Gaussian likelihood of x_t under each reference, normalised in float64
+    alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
+    log_lik = -((x_t.flatten(1)[:, None, :] - alpha[..., None] * reference.flatten(1)[None]) ** 2).sum(-1) / (
+        2 * sigma**2)
+    expected = (torch.softmax(log_lik, 1) @ reference.flatten(1)).reshape(x_t.shape)
+    got = empirical_posterior_mean(process, x_t, t, reference)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_empirical_posterior_mean_ends_at_the_own_image_and_the_references_mean():
+    process = PROCESSES.create("flow")
+    g = torch.Generator().manual_seed(1)
+    reference = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(8, 1, 8, 8, generator=g)
+    near_data = torch.full((8,), 1e-3)
+    x_t = process.add_noise(reference[:8], eps, near_data)
+    assert torch.equal(empirical_posterior_mean(process, x_t, near_data, reference), reference[:8])
+    pure_noise = torch.ones(8)  # α = 0: every reference is equally likely
+    torch.testing.assert_close(empirical_posterior_mean(process, eps, pure_noise, reference),
+                               reference.mean(0, keepdim=True).expand(8, -1, -1, -1), atol=1e-6, rtol=0)
+    one = reference[5:6]
+    assert torch.equal(empirical_posterior_mean(process, x_t, torch.full((8,), 0.5), one), one.expand(8, -1, -1, -1))

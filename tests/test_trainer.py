@@ -15,7 +15,7 @@ from frugaldiff.checkpoint import latest_checkpoint, list_checkpoints
 from frugaldiff.config import Config
 from frugaldiff.datasets import load_dataset
 from frugaldiff.errors import FrugalError
-from frugaldiff.noise import VPLinear
+from frugaldiff.noise import VPLinear, empirical_posterior_mean
 from frugaldiff.prediction import PREDICTIONS
 from frugaldiff.trainer import EMA, Interrupted, Trainer, combine_loss
 from frugaldiff.weighting import WEIGHTINGS, Weighting
@@ -64,9 +64,10 @@ def test_toy_training_learns_and_samples_land_on_the_data(tmp_path):
     assert nearest.median() < 0.5 * nearest_noise.median()
 
 
-def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"diffusion.reference_images": 32}])
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, extra):
     values = {**TINY_UNET, "train.images_seen": 16 * 24, "train.checkpoint_every": 0, "train.lr_schedule": "cosine",
-              "model.dropout": 0.1}
+              "model.dropout": 0.1, **extra}
     whole = Trainer(Config(values), tmp_path / "whole", progress=False)
     whole.fit()
 
@@ -218,3 +219,26 @@ def test_ema_update_is_the_warmed_up_average_of_every_parameter_and_copies_buffe
     for e, b, p in zip(ema.model.parameters(), before, model.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * b + 0.1 * p, rtol=0, atol=1e-6)
         assert not e.requires_grad
+
+
+@pytest.mark.parametrize("images", [0, 40, 100_000])
+def test_stable_target_keeps_x_t_and_is_the_posterior_mean_over_its_references(tmp_path, images):
+    trainer = Trainer(Config({**TINY_UNET, "diffusion.reference_images": images}), tmp_path / "r", progress=False)
+    x0, _, _, eps = trainer.draw(0)
+    t = torch.cat([torch.full((4,), 1e-3), torch.linspace(0.1, 1.0, len(x0) - 4)])
+    x_t = trainer.process.add_noise(x0, eps, t)
+    state = trainer.noise.get_state()
+    x0_bar, eps_bar = trainer.target(x0, eps, x_t, t)
+    if not images:
+        assert x0_bar is x0 and eps_bar is eps
+        return
+    torch.testing.assert_close(trainer.process.add_noise(x0_bar, eps_bar, t), x_t, atol=2e-5, rtol=0)
+    pool = trainer.data.train
+    if images < len(pool):  # the batch, then `images` distinct training images drawn from the noise stream
+        chosen = torch.randperm(len(pool), generator=torch.Generator().set_state(state))[:images]
+        pool = torch.cat([x0, pool[chosen]])
+    torch.testing.assert_close(x0_bar, empirical_posterior_mean(trainer.process, x_t, t, pool), atol=0, rtol=0)
+    # near the data the sample's own image dominates: the target is the drawn pair
+    torch.testing.assert_close(x0_bar[:4], x0[:4], atol=1e-6, rtol=0)
+    torch.testing.assert_close(eps_bar[:4], eps[:4], atol=1e-6, rtol=0)
+    assert (x0_bar[-1] - x0[-1]).abs().max() > 0.1  # at t = 1 it is the references' mean

@@ -77,6 +77,21 @@ class NoiseProcess:
         return bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x0) * eps
 
 
+def empirical_posterior_mean(process: NoiseProcess, x_t: Tensor, t: Tensor, reference: Tensor) -> Tensor:
+    """E[x0 | x_t] when x0 is drawn uniformly from ``reference`` [R, ...]: the softmax over references of
+    −‖x_t − α·x0_r‖²/(2σ²), averaging the references (float32; one row of ``x_t`` per entry of ``t``).
+
+    With the batch's own x0 among the references this is the stable target of Xu et al. 2023: near t = 0
+    it is the sample's own x0, near t = 1 the references' mean.
+    """
+    flat, refs = x_t.flatten(1).float(), reference.flatten(1).float()
+    alpha, sigma = process.alpha(t).float()[:, None], process.sigma(t).float()[:, None]
+    # ‖x_t − α·r‖² up to a term that does not depend on r
+    distance = alpha**2 * refs.pow(2).sum(1)[None, :] - 2 * alpha * (flat @ refs.T)
+    weights = torch.softmax(-distance / (2 * sigma**2), dim=1)
+    return (weights @ refs).reshape(x_t.shape)
+
+
 def bcast(v: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample vector [B] to broadcast against a batch shaped like ``like``."""
     return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))

@@ -34,6 +34,7 @@ from .distributed import SINGLE_PROCESS, World, init_distributed
 from .errors import FrugalError
 from .images import to_uint8
 from .networks import NETWORKS
+from .noise import bcast, empirical_posterior_mean
 from .plots import plot_eval
 from .prediction import Denoiser, PredictionType
 from .timestep_samplers import TimestepSampler
@@ -300,6 +301,7 @@ class Trainer:
         self.log = empty_log()
         self.ledger = LossLedger(c["train.ledger_bins"])  # this logging period's losses per t bin, all ranks
         self._grid: HeldoutGrid | None = None
+        self._reference_pool: Tensor | None = None  # the train split on the device, for diffusion.reference_images
         self._tensorboard: Any = None
         if resume:
             self._restore(latest_checkpoint(self.files.root))
@@ -449,11 +451,29 @@ class Trainer:
         return (x0, self.process.clamp(t).to(self.device, torch.float32),
                 importance.to(self.device, torch.float32), eps.to(self.device))
 
+    def target(self, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The (x0, ε) the loss aims at: the drawn pair, or with ``diffusion.reference_images`` > 0 the stable
+        target, x̄0 = E[x0 | x_t] over the batch and that many random training images (all when they are at
+        least the train split) and the ε̄ with α·x̄0 + σ·ε̄ = x_t."""
+        n = self.config["diffusion.reference_images"]
+        if not n:
+            return x0, eps
+        if self._reference_pool is None:
+            self._reference_pool = self.data.train.to(self.device)
+        pool = self._reference_pool
+        if n < len(pool):  # the batch's own images, then n others (the whole pool holds the batch already)
+            pool = torch.cat([x0, pool[torch.randperm(len(pool), generator=self.noise)[:n].to(self.device)]])
+        x0_bar = empirical_posterior_mean(self.process, x_t, t, pool)
+        # ε̄ = (x_t − α·x̄0)/σ, written so that it is exactly ε where x̄0 = x0 (t near 0, σ tiny)
+        ratio = bcast(self.process.alpha(t) / self.process.sigma(t), x0)
+        return x0_bar, eps + ratio * (x0 - x0_bar)
+
     def _micro_batch_loss(self, micro_step: int) -> tuple[Tensor, Tensor, Tensor]:
         x0, t, importance, eps = self.draw(micro_step)
         x_t = self.process.add_noise(x0, eps, t)
         with autocast(self.device, self.amp_dtype):
             out = self.model(x_t, t)
+        x0, eps = self.target(x0, eps, x_t, t)
         objective, optimised = combine_loss(self.prediction, out, x_t, x0, eps, t, importance, self.weighting)
         return optimised.mean(), t, objective.detach()
 
