@@ -36,8 +36,18 @@ from frugaldiff.noise import NoiseProcess
 from frugaldiff.plots import pyplot, read_metrics, save_figure
 from frugaldiff.trainer import Trainer
 
+#: The published values of settings where frugaldiff's defaults differ: every recipe but ``frugal`` (the defaults)
+#: starts from them, so a change of default never changes an anchor or a candidate.
+PUBLISHED = {"diffusion.reference_images": 0, "timestep_sampler.logit_normal.m": 0.0}
+
+
+def with_published(recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each recipe's settings on top of :data:`PUBLISHED`."""
+    return {name: {**PUBLISHED, **settings} for name, settings in recipes.items()}
+
+
 #: Anchor recipes rebuilt from frugaldiff's components, and frugaldiff's own (its defaults).
-RECIPES: dict[str, dict[str, Any]] = {
+RECIPES: dict[str, dict[str, Any]] = with_published({
     "ddpm": {"diffusion.process": "vp-linear", "diffusion.prediction": "eps", "diffusion.timestep_sampler": "uniform",
              "diffusion.weighting": "none"},
     "iddpm": {"diffusion.process": "vp-cosine", "diffusion.prediction": "eps",
@@ -49,8 +59,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "sd3": {"diffusion.process": "flow", "diffusion.prediction": "velocity",
             "diffusion.timestep_sampler": "logit_normal", "timestep_sampler.logit_normal.stratified": False,
             "diffusion.weighting": "none"},
-    "frugal": {},
-}
+})
+RECIPES["frugal"] = {}
 #: What every recipe shares: the evaluation solver and the dataset.
 COMMON = {"data.name": "mnist5000", "sample.solver": "dpm++2m", "sample.steps": 20, "train.heldout_every": 0,
           "train.tensorboard": False, "train.checkpoint_every": 0}
@@ -172,7 +182,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
     args = parser.parse_args()
     if args.recipe_file:
-        RECIPES.update(json.loads(args.recipe_file.read_text()))
+        RECIPES.update(with_published(json.loads(args.recipe_file.read_text())))
     args.recipes = args.recipes or list(RECIPES)
     COMMON.update(parse_override(item) for item in args.set)
     unknown = sorted(set(args.recipes) - set(RECIPES))

@@ -8,8 +8,8 @@ VP-linear, like the bare loop) with the loss ledger, the adaptive timestep sampl
 (b) a bare loop written plainly here: the same network, AdamW, autocast and gradient clipping, uniform t, x0
 targets, no EMA. Blocks of steps of the two alternate (so both see the same machine load) and the median step
 time of each is reported, with their ratio (images/s of frugaldiff ÷ images/s of the bare loop; the target is
-≥ 0.95). Then: the cost of each timestep sampler's sample + update per step (µs), and the step time of the
-mixed prediction against x0.
+≥ 0.95). Then: the cost of each timestep sampler's sample + update per step (µs), the step time of the
+mixed prediction against x0, and the cost of the stable target (``diffusion.reference_images``) per step (µs).
 The model is the default config's UNet on mnist5000 (28×28).
 """
 
@@ -113,6 +113,17 @@ def sampler_overheads(batch: int, repeats: int) -> dict[str, float]:
     return result
 
 
+def stable_target_overhead(batch: int, images: int, device: str, repeats: int, run_root: Path) -> float:
+    """µs per step of the stable target (``diffusion.reference_images`` = ``images``) on mnist5000."""
+    config = Config({"data.name": "mnist5000", "train.batch_size": batch, "train.device": device,
+                     "diffusion.reference_images": images, "train.tensorboard": False})
+    trainer = Trainer(config, run_root / f"stable-b{batch}-n{images}", progress=False)
+    x0, t, _, eps = trainer.draw(0)
+    x_t = trainer.process.add_noise(x0, eps, t)
+    times = _time_steps(lambda: trainer.target(x0, eps, x_t, t), repeats + 1, trainer.device)
+    return statistics.median(times[1:]) * 1e6  # the first call also moves the train split to the device
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -144,6 +155,11 @@ def main() -> None:
                             "mixed_img_s": mixed["frugaldiff_img_s"], "bare_x0_img_s": mixed["bare_img_s"]}
         print(f"batch {batch} mixed (x0, velocity, acceleration heads): {mixed['frugaldiff_img_s']:.1f} img/s, "
               f"{mixed['ratio']:.3f} of the bare x0 loop's speed", flush=True)
+        results["stable_target_us"] = {
+            f"batch {b}, {n} images": stable_target_overhead(b, n, args.device, 3 if args.smoke else 50, root)
+            for b in args.batch_sizes for n in (256, 4096)}
+        print("stable target µs per step: " +
+              ", ".join(f"{k} {v:.0f}" for k, v in results["stable_target_us"].items()), flush=True)
     repeats = 20 if args.smoke else 2000
     results["sampler_us"] = {str(b): sampler_overheads(b, repeats) for b in args.batch_sizes}
     for b, overheads in results["sampler_us"].items():

@@ -39,3 +39,5 @@ def test_throughput_smoke_reports_every_measurement(tmp_path):
     assert [(r["batch_size"], r["precision"]) for r in results["steps"]] == [(4, "fp32")]
     assert results["steps"][0]["ratio"] > 0 and results["mixed"]["mixed_img_s"] > 0
     assert set(results["sampler_us"]["4"]) >= {"uniform", "stratified", "adaptive", "lognormal"}
+    assert list(results["stable_target_us"]) == ["batch 4, 256 images", "batch 4, 4096 images"]
+    assert all(v > 0 for v in results["stable_target_us"].values())
