@@ -4,7 +4,8 @@
                                     [--blocks 5] [--steps 10] [--json OUT.json] [--smoke]
 
 For each batch size and precision it times optimizer steps of (a) frugaldiff's Trainer.train_step (x0 on
-VP-linear, like the bare loop) with the loss ledger, the adaptive timestep sampler and EMA switched on, and
+VP-linear, like the bare loop) with the loss ledger, the adaptive timestep sampler and EMA switched on (the
+stable target off: its cost is measured on its own, below), and
 (b) a bare loop written plainly here: the same network, AdamW, autocast and gradient clipping, uniform t, x0
 targets, no EMA. Blocks of steps of the two alternate (so both see the same machine load) and the median step
 time of each is reported, with their ratio (images/s of frugaldiff ÷ images/s of the bare loop; the target is
@@ -81,8 +82,8 @@ def compare(batch: int, precision: str, device: str, blocks: int, steps: int, ru
     """Median step times of frugaldiff and the bare loop, in alternating blocks."""
     config = Config({"data.name": "mnist5000", "train.batch_size": batch, "train.precision": precision,
                      "train.device": device, "diffusion.process": "vp-linear", "diffusion.prediction": "x0",
-                     "diffusion.timestep_sampler": "adaptive", "train.heldout_every": 0,
-                     "train.tensorboard": False, "train.images_seen": 10**9, **(extra or {})})
+                     "diffusion.timestep_sampler": "adaptive", "diffusion.reference_images": 0,
+                     "train.heldout_every": 0, "train.tensorboard": False, "train.images_seen": 10**9, **(extra or {})})
     trainer = Trainer(config, run_root / f"b{batch}-{precision}-{len(list(run_root.glob('*')))}", progress=False)
     bare = BareLoop(trainer)
     for fn in (trainer.train_step, bare.step):  # warm-up

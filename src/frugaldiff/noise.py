@@ -87,7 +87,7 @@ def empirical_posterior_mean(process: NoiseProcess, x_t: Tensor, t: Tensor, refe
     flat, refs = x_t.flatten(1).float(), reference.flatten(1).float()
     alpha, sigma = process.alpha(t).float()[:, None], process.sigma(t).float()[:, None]
     # ‖x_t − α·r‖² up to a term that does not depend on r
-    distance = alpha**2 * refs.pow(2).sum(1)[None, :] - 2 * alpha * (flat @ refs.T)
+    distance = alpha**2 * torch.linalg.vector_norm(refs, dim=1).square()[None, :] - 2 * alpha * (flat @ refs.T)
     weights = torch.softmax(-distance / (2 * sigma**2), dim=1)
     return (weights @ refs).reshape(x_t.shape)
 
