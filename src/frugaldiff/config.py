@@ -125,7 +125,7 @@ OPTIONS: list[Option] = [
            choices=WEIGHTINGS.names),
     Option("diffusion.sigma_data", 0.5, "data standard deviation for target and input scaling", low=1e-3,
            high=100.0),
-    Option("diffusion.reference_images", 0, "stable target (Xu et al. 2023): train towards E[x0 | x_t] over the "
+    Option("diffusion.reference_images", 4096, "stable target (Xu et al. 2023): train towards E[x0 | x_t] over the "
            "batch and this many random training images instead of the drawn x0 (0 = off; at least the train split's "
            "size: all of it)", low=0),
     Option("train.name", "", "run name (default: dataset-prediction)"),

@@ -206,13 +206,15 @@ class LogNormalSampler(TimestepSampler):
 class LogitNormalSampler(TimestepSampler):
     """SD3: t = sigmoid(m + s·z), z ~ N(0, 1); changes the objective.
 
-    With ``stratified`` (the default; SD3 draws independently) z takes the normal quantiles of one point per
-    stratum of [0, 1) across batch, ranks and micro-steps, as :class:`LogNormalSampler` does.
+    The default m = 0.5 (SD3: 0) leans to higher t, measured best with the stable target on mnist5000
+    (docs/benchmarks.md). With ``stratified`` (the default; SD3 draws independently) z takes the normal
+    quantiles of one point per stratum of [0, 1) across batch, ranks and micro-steps, as
+    :class:`LogNormalSampler` does.
     """
 
     keeps_objective = False
 
-    def __init__(self, *, m: float = 0.0, s: float = 1.0, stratified: bool = True, **base: Any) -> None:
+    def __init__(self, *, m: float = 0.5, s: float = 1.0, stratified: bool = True, **base: Any) -> None:
         super().__init__(**base)
         self._require(math.isfinite(m), "m", m, "a finite number")
         self._require(0 < s < math.inf, "s", s, "a number > 0")
