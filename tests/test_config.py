@@ -93,3 +93,18 @@ def test_bad_files_give_one_line(tmp_path, text, expected):
 def test_dump_toml_handles_nesting_and_types():
     tree = {"a": 1, "b": {"c": [1.5, 2.0], "d": {"e": "x\"y", "f": True}}}
     assert tomllib.loads(dump_toml(tree)) == tree
+
+
+def test_a_saved_config_from_before_a_key_existed_keeps_its_old_behaviour(tmp_path):
+    path = tmp_path / "config.toml"
+    Config({"train.batch_size": 16}).save(path)
+    text = path.read_text()
+    old = "\n".join(line for line in text.splitlines() if not line.startswith("reference_images"))
+    assert old != text
+    path.write_text(old + "\n")  # as written before diffusion.reference_images existed
+    assert Config.load(path)["diffusion.reference_images"] == 4096  # a new config: today's default
+    saved = Config.load_saved(path)
+    assert saved["diffusion.reference_images"] == 0 and saved["train.batch_size"] == 16
+    assert Config.load_saved(path, ["diffusion.reference_images=32"])["diffusion.reference_images"] == 32
+    Config({"diffusion.reference_images": 64}).save(path)  # a key the file has keeps its value
+    assert Config.load_saved(path)["diffusion.reference_images"] == 64

@@ -40,6 +40,9 @@ class Option:
     low: float | None = None
     high: float | None = None
     item: type | None = None  # element type of a list option
+    #: The value for a config saved before this key existed (None: the default), so a run resumed after an
+    #: upgrade keeps training as it started.
+    predating: Any = None
 
     @property
     def kind(self) -> type:
@@ -127,7 +130,7 @@ OPTIONS: list[Option] = [
            high=100.0),
     Option("diffusion.reference_images", 4096, "stable target (Xu et al. 2023): train towards E[x0 | x_t] over the "
            "batch and this many random training images instead of the drawn x0 (0 = off; at least the train split's "
-           "size: all of it)", low=0),
+           "size: all of it)", low=0, predating=0),
     Option("train.name", "", "run name (default: dataset-prediction)"),
     Option("train.batch_size", 64, "global batch size", low=1, high=65536),
     Option("train.images_seen", 38000, "training budget in images", low=1),
@@ -241,6 +244,15 @@ class Config:
     def load(cls, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
         """Defaults, then the TOML file at ``path``, then ``KEY=VALUE`` overrides."""
         values: dict[str, Any] = flatten(read_toml(path)) if path is not None else {}
+        values.update(parse_override(o) for o in overrides)
+        return cls(values)
+
+    @classmethod
+    def load_saved(cls, path: str | Path, overrides: Iterable[str] = ()) -> Config:
+        """A config a run saved (every key), then ``KEY=VALUE`` overrides: keys added since it was written take
+        their ``predating`` value, not today's default."""
+        values = flatten(read_toml(path))
+        values.update({o.key: o.predating for o in OPTIONS if o.key not in values and o.predating is not None})
         values.update(parse_override(o) for o in overrides)
         return cls(values)
 
