@@ -103,8 +103,8 @@ def test_a_saved_config_from_before_a_key_existed_keeps_its_old_behaviour(tmp_pa
     assert old != text
     path.write_text(old + "\n")  # as written before diffusion.reference_images existed
     assert Config.load(path)["diffusion.reference_images"] == 4096  # a new config: today's default
-    saved = Config.load_saved(path)
+    saved = Config.load(path, saved=True)
     assert saved["diffusion.reference_images"] == 0 and saved["train.batch_size"] == 16
-    assert Config.load_saved(path, ["diffusion.reference_images=32"])["diffusion.reference_images"] == 32
+    assert Config.load(path, ["diffusion.reference_images=32"], saved=True)["diffusion.reference_images"] == 32
     Config({"diffusion.reference_images": 64}).save(path)  # a key the file has keeps its value
-    assert Config.load_saved(path)["diffusion.reference_images"] == 64
+    assert Config.load(path, saved=True)["diffusion.reference_images"] == 64

@@ -241,18 +241,13 @@ class Config:
         self._check_combinations()
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-        """Defaults, then the TOML file at ``path``, then ``KEY=VALUE`` overrides."""
+    def load(cls, path: str | Path | None = None, overrides: Iterable[str] = (), saved: bool = False) -> Config:
+        """Defaults, then the TOML file at ``path``, then ``KEY=VALUE`` overrides. ``saved``: the file is a config a
+        run saved (every key), so keys added since it was written take their ``predating`` value, not today's
+        default."""
         values: dict[str, Any] = flatten(read_toml(path)) if path is not None else {}
-        values.update(parse_override(o) for o in overrides)
-        return cls(values)
-
-    @classmethod
-    def load_saved(cls, path: str | Path, overrides: Iterable[str] = ()) -> Config:
-        """A config a run saved (every key), then ``KEY=VALUE`` overrides: keys added since it was written take
-        their ``predating`` value, not today's default."""
-        values = flatten(read_toml(path))
-        values.update({o.key: o.predating for o in OPTIONS if o.key not in values and o.predating is not None})
+        if saved:
+            values.update({o.key: o.predating for o in OPTIONS if o.key not in values and o.predating is not None})
         values.update(parse_override(o) for o in overrides)
         return cls(values)
 

@@ -300,7 +300,7 @@ def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
     from .trainer import Trainer
 
     started = (run / "config.toml").is_file()
-    if started and Config.load_saved(run / "config.toml") != config:
+    if started and Config.load(run / "config.toml", saved=True) != config:
         raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
     if started and not list_checkpoints(run / "checkpoints"):
         shutil.rmtree(run)

@@ -237,7 +237,7 @@ def read_run_config(run_dir: Path, overrides: Iterable[str] = ()) -> Config:
     path = RunFiles(Path(run_dir)).config
     if not path.is_file():
         raise FrugalError(f"{run_dir} is not a run folder (no config.toml); pass the folder `frugaldiff train` wrote")
-    return Config.load_saved(path, overrides)
+    return Config.load(path, overrides, saved=True)
 
 
 def new_run_dir(config: Config, parent: Path = Path("runs")) -> Path:
