@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from frugaldiff.analysis import training_seconds
 from frugaldiff.config import Config, parse_override
-from frugaldiff.diagnostics import GRID_SEED, heldout_grid, heldout_loss_by_bin, train_or_reuse
-from frugaldiff.noise import NoiseProcess
-from frugaldiff.plots import pyplot, read_metrics, save_figure
+from frugaldiff.diagnostics import fixed_grid, heldout_loss_by_bin
+from frugaldiff.plots import pyplot, save_figure
+from frugaldiff.prediction import PredictionType
+from frugaldiff.runs import read_metrics, training_seconds
+from frugaldiff.studies import train_or_reuse
 from frugaldiff.trainer import Trainer
+from frugaldiff.weighting import Weighting
 
 #: The published values of settings where frugaldiff's defaults differ: every recipe but ``frugal`` (the defaults)
 #: starts from them, so a change of default never changes an anchor or a candidate.
@@ -74,11 +76,10 @@ def cell_config(recipe: str, batch: int, seed: int, images: int, eval_every: int
                    "train.name": f"{recipe}-b{batch}-s{seed}"})
 
 
-class _UnitX0Weight:
+class _UnitX0Weight(Weighting):
     """A weighting of x0 weight 1: with it a prediction type's objective is its x0 squared error."""
 
-    @staticmethod
-    def x0_weight(process: NoiseProcess, t: torch.Tensor) -> torch.Tensor:
+    def x0_weight(self, prediction: PredictionType, t: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(t)
 
 
@@ -88,8 +89,8 @@ def heldout_x0_error(run: Path, trainer: Trainer | None) -> float:
     path = run / "heldout_x0.json"
     if not path.is_file():
         assert trainer is not None, f"{run} has no heldout_x0.json and no trainer to compute it"
-        grid = heldout_grid(trainer.process, trainer.data.heldout, 20, 32, torch.Generator().manual_seed(GRID_SEED))
-        per_bin = heldout_loss_by_bin(trainer.ema.model.eval(), grid, _UnitX0Weight())
+        grid = fixed_grid(trainer.parts.process, trainer.data.heldout, 20, 32)
+        per_bin = heldout_loss_by_bin(trainer.state.ema.model.eval(), grid, _UnitX0Weight())
         path.write_text(json.dumps({"per_bin": per_bin, "mean": statistics.mean(per_bin)}) + "\n")
     return json.loads(path.read_text())["mean"]
 

@@ -3,7 +3,7 @@
     python benchmarks/throughput.py [--device cpu|cuda] [--batch-sizes 8 64] [--precisions fp32 bf16]
                                     [--blocks 5] [--steps 10] [--json OUT.json] [--smoke]
 
-For each batch size and precision it times optimizer steps of (a) frugaldiff's Trainer.train_step (x0 on
+For each batch size and precision it times optimizer steps of (a) frugaldiff's train_step (x0 on
 VP-linear, like the bare loop) with the loss ledger, the adaptive timestep sampler and EMA switched on (the
 stable target off: its cost is measured on its own, below), and
 (b) a bare loop written plainly here: the same network, AdamW, autocast and gradient clipping, uniform t, x0
@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from frugaldiff.config import Config
+from frugaldiff.objective import stable_target
 from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
-from frugaldiff.trainer import Trainer, autocast, autocast_dtype
+from frugaldiff.trainer import Trainer, train_step
 
 
 def _median_step(blocks: list[list[float]]) -> float:
@@ -53,11 +54,11 @@ class BareLoop:
     """The plain PyTorch training step frugaldiff is measured against."""
 
     def __init__(self, trainer: Trainer) -> None:
-        self.net = trainer.denoiser  # the same network (a fresh copy of its weights would train the same)
-        self.data = trainer.data.train.to(trainer.device)
-        self.device, self.dtype = trainer.device, trainer.amp_dtype
-        self.batch = trainer.config["train.batch_size"]
-        self.clip = trainer.config["train.grad_clip"]
+        self.net = trainer.parts.denoiser  # the same network (a fresh copy of its weights would train the same)
+        self.runtime = trainer.runtime
+        self.device = trainer.runtime.device
+        self.data = trainer.data.train.to(self.device)
+        self.batch, self.clip = trainer.settings.batch_size, trainer.settings.grad_clip
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=1e-4)
 
     def step(self) -> None:
@@ -68,7 +69,7 @@ class BareLoop:
         sigma = (1 - alpha**2).sqrt()
         eps = torch.randn_like(x0)
         x_t = alpha * x0 + sigma * eps
-        with autocast(self.device, self.dtype):
+        with self.runtime.autocast():
             out = self.net(x_t, t)
         loss = (out.float() - x0).pow(2).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -86,15 +87,20 @@ def compare(batch: int, precision: str, device: str, blocks: int, steps: int, ru
                      "train.heldout_every": 0, "train.tensorboard": False, "train.images_seen": 10**9, **(extra or {})})
     trainer = Trainer(config, run_root / f"b{batch}-{precision}-{len(list(run_root.glob('*')))}", progress=False)
     bare = BareLoop(trainer)
-    for fn in (trainer.train_step, bare.step):  # warm-up
-        _time_steps(fn, 2, trainer.device)
+
+    def ours_step() -> None:
+        train_step(trainer.state, trainer.parts.objective, trainer.model, trainer.settings, trainer.world)
+
+    device = trainer.runtime.device
+    for fn in (ours_step, bare.step):  # warm-up
+        _time_steps(fn, 2, device)
     ours: list[list[float]] = []
     theirs: list[list[float]] = []
     for _ in range(blocks):
-        ours.append(_time_steps(trainer.train_step, steps, trainer.device))
-        theirs.append(_time_steps(bare.step, steps, trainer.device))
+        ours.append(_time_steps(ours_step, steps, device))
+        theirs.append(_time_steps(bare.step, steps, device))
     t_ours, t_bare = _median_step(ours), _median_step(theirs)
-    return {"batch_size": batch, "precision": precision, "autocast": str(autocast_dtype(precision, trainer.device)),
+    return {"batch_size": batch, "precision": precision, "autocast": str(trainer.runtime.amp_dtype),
             "frugaldiff_img_s": batch / t_ours, "bare_img_s": batch / t_bare, "ratio": t_bare / t_ours}
 
 
@@ -103,7 +109,7 @@ def sampler_overheads(batch: int, repeats: int) -> dict[str, float]:
     config = Config({"train.batch_size": batch})
     result = {}
     for name in TIMESTEP_SAMPLERS.names():
-        sampler = config.timestep_sampler(name=name)
+        sampler = config.timestep_sampler(config.process(), name)
         losses = torch.rand(batch, dtype=torch.float64)
         start = time.perf_counter()
         for i in range(repeats):
@@ -119,10 +125,16 @@ def stable_target_overhead(batch: int, images: int, device: str, repeats: int, r
     config = Config({"data.name": "mnist5000", "train.batch_size": batch, "train.device": device,
                      "diffusion.reference_images": images, "train.tensorboard": False})
     trainer = Trainer(config, run_root / f"stable-b{batch}-n{images}", progress=False)
-    x0, t, _, eps = trainer.draw(0)
-    x_t = trainer.process.add_noise(x0, eps, t)
-    times = _time_steps(lambda: trainer.target(x0, eps, x_t, t), repeats + 1, trainer.device)
-    return statistics.median(times[1:]) * 1e6  # the first call also moves the train split to the device
+    state, objective, process = trainer.state, trainer.parts.objective, trainer.parts.process
+    drawn = state.draw(batch, objective)
+    x_t = process.add_noise(drawn.x0, drawn.eps, drawn.t)
+
+    def target() -> None:
+        reference = objective.references(drawn.x0, state.noise)
+        stable_target(process, x_t, drawn.t, drawn.x0, drawn.eps, reference)
+
+    times = _time_steps(target, repeats + 1, trainer.runtime.device)
+    return statistics.median(times[1:]) * 1e6
 
 
 def main() -> None:

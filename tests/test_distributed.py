@@ -57,10 +57,9 @@ def test_ranks_stay_identical_and_stratification_spans_ranks_and_micro_steps(tmp
                                          "diffusion.weighting=learned", "diffusion.prediction=mixed",
                                          "diffusion.mixed.types=[\"x0\", \"velocity\"]"])
     assert rank0["step"] == rank1["step"] == 10
-    for part in ("model", "ema", "weighting", "sampler"):
+    for part in ("model", "ema", "sampler"):
         _assert_equal_states(rank0[part], rank1[part])
-    assert any("gate" in k for k in rank0["model"])
-    assert rank0["weighting"]
+    assert any("gate" in k for k in rank0["model"]) and any(k.startswith("uncertainty.") for k in rank0["model"])
     for step in range(10):  # the 16 draws of one optimizer step fill the 16 strata exactly once
         t = torch.cat([t for s, t, _ in rank0["drawn"] + rank1["drawn"] if s == step]).double()
         assert len(t) == 16
@@ -80,9 +79,8 @@ def test_two_processes_match_one_and_the_checkpoint_resumes_on_one(tmp_path):
     one = Trainer(config, tmp_path / "one", progress=False)
     one.fit()
     # the same global batches, times and noise: equal up to the order of float sums in the gradient average
-    _assert_equal_states(rank0["model"], one.denoiser.state_dict(), exact=False)
-    _assert_equal_states(rank0["weighting"], one.weighting.state_dict(), exact=False)
-    _assert_equal_states(rank0["sampler"], one.sampler.state_dict(), exact=False)
+    _assert_equal_states(rank0["model"], one.state.denoiser.state_dict(), exact=False)
+    _assert_equal_states(rank0["sampler"], one.state.sampler.state_dict(), exact=False)
 
     # the 2-process checkpoint continues on 1 process exactly like the 1-process run continues
     longer = ["train.images_seen=320"]
@@ -92,8 +90,8 @@ def test_two_processes_match_one_and_the_checkpoint_resumes_on_one(tmp_path):
     reference = Trainer(config.updated(dict(parse_override(o) for o in longer)), tmp_path / "one", resume=True,
                         progress=False)
     reference.fit()
-    assert resumed.step == reference.step == 20
-    _assert_equal_states(resumed.denoiser.state_dict(), reference.denoiser.state_dict(), exact=False)
+    assert resumed.state.step == reference.state.step == 20
+    _assert_equal_states(resumed.state.denoiser.state_dict(), reference.state.denoiser.state_dict(), exact=False)
 
 
 def test_torchrun_cli_writes_one_run_from_rank_zero(tmp_path):

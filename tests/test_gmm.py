@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
+from frugaldiff.components import build_data
 from frugaldiff.datasets import load_dataset
 from frugaldiff.diagnostics import excess_x0_error
 from frugaldiff.gmm import GMM_COMPONENTS, GMM_DIM, GaussianMixture, gmm_mixture
@@ -125,11 +126,9 @@ def test_gmm_dataset():
 
 def test_gmm_config_keys_shape_the_dataset() -> None:
     from frugaldiff.config import Config
-    from frugaldiff.trainer import load_data
-
     config = Config().updated({"data.name": "gmm", "data.num_samples": 64, "data.gmm_dim": 3,
                                "data.gmm_components": 2, "data.gmm_covariance": "full", "data.seed": 5})
-    data = load_data(config)
+    data = build_data(config)
     assert data.train.shape == (64, 3) and int(data.train_labels.max()) <= 1
     mixture = gmm_mixture(5, 3, 2, "full")
     assert not torch.allclose(mixture.covs, torch.diag_embed(torch.diagonal(mixture.covs, dim1=1, dim2=2)))

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from testkit import TINY_UNET
 
 from frugaldiff import metrics
 from frugaldiff.cli import main
@@ -24,7 +25,6 @@ from frugaldiff.metrics import (
     sliced_wasserstein,
 )
 from frugaldiff.trainer import Trainer
-from tests.conftest import TINY_UNET
 
 
 def _noise(shape, seed=0):
@@ -32,7 +32,7 @@ def _noise(shape, seed=0):
 
 
 def test_fid_ranks_itself_below_heldout_below_blur_below_noise():
-    evaluator = Evaluator("digits", ref="train")
+    evaluator = Evaluator.for_dataset("digits", ref="train")
     train, heldout = evaluator.data.train.numpy(), evaluator.data.heldout.numpy()
     itself, real, blurred, noise = (evaluator(x) for x in (train, heldout, gaussian_blur(heldout, 0.5),
                                                             _noise(heldout.shape)))
@@ -46,10 +46,12 @@ def test_fid_ranks_itself_below_heldout_below_blur_below_noise():
     assert real["classifier_accuracy"] > 0.9 and real["confidence"] > noise["confidence"]
     assert real["label_entropy"] == pytest.approx(np.log(10), abs=0.01) and real["label_entropy_max"] == np.log(10)
     assert (real["n_samples"], real["n_ref"], real["ref"]) == (len(heldout), len(train), "train")
+    again = evaluator(heldout)  # every call starts from the reference statistics alone (after noise too)
+    assert {k: again[k] for k in ("domain_fid", "domain_kid")} == {k: real[k] for k in ("domain_fid", "domain_kid")}
 
 
 def test_samples_of_another_size_or_color_are_converted_and_mismatches_refused():
-    evaluator = Evaluator("digits")
+    evaluator = Evaluator.for_dataset("digits")
     heldout = torch.from_numpy(evaluator.data.heldout.numpy())
     big_rgb = torch.nn.functional.interpolate(heldout, scale_factor=2, mode="nearest").expand(-1, 3, -1, -1)
     result = evaluator(to_uint8(big_rgb))
@@ -129,13 +131,12 @@ def test_sliced_wasserstein_and_mmd_grow_with_a_shift():
     assert result["dataset"] == "moons" and result["n_ref"] == len(reference) and "domain_fid" not in result
 
 
-def test_classifier_is_cached_reused_and_rebuilt(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRUGALDIFF_CACHE", str(tmp_path))
+def test_classifier_is_cached_reused_and_rebuilt(fresh_cache, monkeypatch):
     monkeypatch.setattr(metrics, "CLASSIFIER_IMAGES", 128)  # a rough classifier is enough here
     data = load_dataset("digits")
     first, accuracy = metrics.domain_classifier(data)
     path = metrics.classifier_path(data)
-    assert path.parent == tmp_path / "evaluators" and path.is_file()
+    assert path.parent == fresh_cache / "evaluators" and path.is_file()
     trained = metrics._train_classifier
     monkeypatch.setattr(metrics, "_train_classifier", lambda *a: pytest.fail("retrained a cached classifier"))
     again, same = metrics.domain_classifier(data)

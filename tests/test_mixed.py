@@ -1,13 +1,14 @@
 """The mixed prediction: K linear heads gated in x0 (timestep or pixel gate; joint, heads, heads+joint)."""
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
+from testkit import TINY_UNET
 
 from frugaldiff.cli import main
+from frugaldiff.components import SampleSettings
 from frugaldiff.config import Config
 from frugaldiff.errors import FrugalError
 from frugaldiff.generate import generate, load_run
@@ -15,10 +16,10 @@ from frugaldiff.noise import PROCESSES, VPLinear
 from frugaldiff.prediction import PREDICTIONS, MixedPrediction
 from frugaldiff.solvers import SOLVERS
 from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
-from frugaldiff.trainer import Trainer, combine_loss
+from frugaldiff.trainer import Trainer
 from frugaldiff.weighting import WEIGHTINGS
-from tests.conftest import TINY_UNET
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # toy networks: a second thread only contends
 TYPES = ["x0", "velocity", "acceleration"]
 TOY = {"data.name": "moons", "data.num_samples": 512, "model.hidden": 32, "model.depth": 2, "train.batch_size": 32,
        "train.images_seen": 32 * 6, "train.warmup_images": 0, "train.log_every": 3, "train.checkpoint_every": 0,
@@ -85,7 +86,7 @@ def test_strategies_route_the_gradients():
         with torch.no_grad():
             pred.gate_net[-1].bias.copy_(torch.tensor([0.3, -0.1, 0.2]))
         out = out0.clone().requires_grad_(True)
-        pred.objective(out, x_t, x0, eps, t, None).sum().backward()
+        pred.loss(out, x_t, x0, eps, t, WEIGHTINGS.create("none")).sum().backward()
         return out.grad, pred.gate_net[-1].bias.grad, pred
 
     g_heads, b_heads, pred = grads("heads")
@@ -138,7 +139,7 @@ def test_mixture_without_acceleration_works_on_every_process():
 def test_default_types_are_those_the_process_defines(process, types):
     config = Config({"diffusion.prediction": "mixed", "diffusion.process": process})
     assert config["diffusion.mixed.types"] == []
-    pred = config.prediction()
+    pred = config.prediction(config.process())
     assert pred.types == types and [h.name for h in pred.heads] == types
     assert pred.out_channels(1) == len(types) and pred.gate_net[-1].out_features == len(types)
 
@@ -153,12 +154,12 @@ def test_config_lists_the_mixture_keys(capsys):
 def _heldout_loss(trainer: Trainer) -> float:
     """The strategy's own loss on a fixed held-out batch."""
     g = torch.Generator().manual_seed(123)
-    x0 = trainer.data.heldout
-    t = trainer.process.clamp(torch.rand(len(x0), generator=g))
+    x0, parts = trainer.data.heldout, trainer.parts
+    t = parts.process.clamp(torch.rand(len(x0), generator=g))
     eps = torch.randn(x0.shape, generator=g)
-    x_t = trainer.process.add_noise(x0, eps, t)
+    x_t = parts.process.add_noise(x0, eps, t)
     with torch.no_grad():
-        return float(trainer.prediction.objective(trainer.denoiser(x_t, t), x_t, x0, eps, t, None).mean())
+        return float(parts.prediction.loss(parts.denoiser(x_t, t), x_t, x0, eps, t, parts.weighting).mean())
 
 
 @pytest.mark.parametrize("gate", ["timestep", "pixel"])
@@ -172,7 +173,7 @@ def test_each_strategy_learns_on_a_toy_and_checkpoints_its_gate(tmp_path, strate
     after = _heldout_loss(trainer)
     assert after < 0.9 * before, (before, after)
     _, ema, _ = load_run(tmp_path / "run")
-    saved, live = ema.state_dict(), trainer.ema.model.state_dict()
+    saved, live = ema.state_dict(), trainer.state.ema.model.state_dict()
     assert saved.keys() == live.keys()
     assert all(torch.equal(saved[k], live[k]) for k in saved)
     if gate == "timestep":
@@ -180,31 +181,44 @@ def test_each_strategy_learns_on_a_toy_and_checkpoints_its_gate(tmp_path, strate
         assert saved["prediction.gate_net.2.weight"].abs().sum() > 0  # the gate moved away from equal weights
 
 
+def _learns(tmp_path, values) -> Trainer:
+    """Train a mixed toy model for 60 steps; its held-out loss must fall by 10 % and its gate must move."""
+    values = {**TOY, "train.images_seen": 32 * 60, "train.lr": 3e-3, **values}
+    trainer = Trainer(Config(values), tmp_path / "run", progress=False)
+    before = _heldout_loss(trainer)
+    trainer.fit()
+    after = _heldout_loss(trainer)
+    assert after < 0.9 * before, (before, after)
+    assert trainer.parts.prediction.gate_net[-1].weight.abs().sum() > 0
+    return trainer
+
+
 @pytest.mark.parametrize("name", TIMESTEP_SAMPLERS.names())
-def test_mixed_trains_with_every_timestep_sampler(tmp_path, name):
-    Trainer(Config({**TOY, "diffusion.timestep_sampler": name}), tmp_path / "run", progress=False).fit()
+def test_mixed_learns_with_every_timestep_sampler(tmp_path, name):
+    trainer = _learns(tmp_path, {"diffusion.timestep_sampler": name})
+    resumed = Trainer(trainer.config, tmp_path / "run", resume=True, progress=False)
+    assert resumed.state.sampler.state_dict().keys() == trainer.state.sampler.state_dict().keys()
 
 
 @pytest.mark.parametrize("name", WEIGHTINGS.names())
 @pytest.mark.parametrize("strategy", ["joint", "heads"])
-def test_mixed_trains_with_every_weighting(tmp_path, name, strategy):
-    trainer = Trainer(Config({**TOY, "diffusion.weighting": name, "diffusion.mixed.strategy": strategy}),
-                      tmp_path / "run", progress=False)
-    trainer.fit()
-    with (tmp_path / "run" / "metrics.csv").open() as f:
-        assert all(np.isfinite(float(r["loss"])) for r in csv.DictReader(f))
+def test_mixed_learns_with_every_weighting(tmp_path, name, strategy):
+    trainer = _learns(tmp_path, {"diffusion.weighting": name, "diffusion.mixed.strategy": strategy})
+    uncertainty = list(trainer.parts.denoiser.uncertainty.parameters())
+    assert bool(uncertainty) == (name == "learned")
+    assert all(p.abs().sum() > 0 for p in uncertainty)  # the learned uncertainty is trained with the heads
 
 
 def test_weighting_reaches_the_mixture_loss():
-    class Fixed(WEIGHTINGS.get("none")):
-        def x0_weight(self, process, t):
+    class Fixed(WEIGHTINGS.get("snr")):
+        def x0_weight(self, prediction, t):
             return torch.full_like(t, 2.0)
 
     pred = _mixed(strategy="joint")
     t, x0, eps, x_t = (v.float() for v in _batch((6, 4)))
     out = torch.randn(6, 12)
-    unweighted, _ = combine_loss(pred, out, x_t, x0, eps, t, torch.ones(6), WEIGHTINGS.create("none"))
-    weighted, _ = combine_loss(pred, out, x_t, x0, eps, t, torch.ones(6), Fixed())
+    unweighted = pred.loss(out, x_t, x0, eps, t, WEIGHTINGS.create("none"))
+    weighted = pred.loss(out, x_t, x0, eps, t, Fixed())
     torch.testing.assert_close(weighted, unweighted * 2 * pred.x0_factor(t))
 
 
@@ -212,7 +226,8 @@ def test_weighting_reaches_the_mixture_loss():
 def test_every_solver_generates_from_a_mixed_model(tmp_path, solver):
     trainer = Trainer(Config(TOY), tmp_path / "run", progress=False)
     trainer.fit()
-    x = generate(trainer.ema.model, trainer.config, 32, (2,), steps=6, solver=solver)
+    x = generate(trainer.state.ema.model, SampleSettings.from_config(trainer.config), 32, (2,), steps=6,
+                 solver=solver)
     assert x.shape == (32, 2) and bool(torch.isfinite(x).all())
 
 

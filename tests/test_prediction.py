@@ -3,8 +3,9 @@ import torch
 
 from frugaldiff.config import Config
 from frugaldiff.errors import FrugalError
+from frugaldiff.networks import Denoiser
 from frugaldiff.noise import PROCESSES, Flow, VPLinear
-from frugaldiff.prediction import LINEAR_TYPES, PREDICTIONS, Denoiser, LinearPrediction, register_linear_prediction
+from frugaldiff.prediction import LINEAR_TYPES, PREDICTIONS, LinearPrediction, register_linear_prediction
 
 DEGENERATE = {("flow", "acceleration"), ("vp-cosine", "acceleration")}
 PAIRS = [(p, k) for p in PROCESSES.names() for k in LINEAR_TYPES if (p, k) not in DEGENERATE]

@@ -4,13 +4,14 @@ import csv
 import math
 
 import pytest
+from safetensors.torch import load_file
+from testkit import TINY_UNET
 
 from frugaldiff.checkpoint import latest_checkpoint
 from frugaldiff.config import Config
 from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
 from frugaldiff.trainer import Trainer
 from frugaldiff.weighting import WEIGHTINGS
-from tests.conftest import TINY_UNET
 
 BUDGET = {**TINY_UNET, "train.images_seen": 16 * 6, "train.log_every": 3, "train.checkpoint_every": 0}
 
@@ -29,13 +30,14 @@ def _train(tmp_path, values):
 def test_every_timestep_sampler_trains_and_resumes(tmp_path, name):
     trainer = _train(tmp_path, {"diffusion.timestep_sampler": name})
     resumed = Trainer(trainer.config, tmp_path / "run", resume=True, progress=False)
-    assert resumed.sampler.state_dict().keys() == trainer.sampler.state_dict().keys()
-    assert resumed.sampler.generator.get_state().equal(trainer.sampler.generator.get_state())
+    assert resumed.state.sampler.state_dict().keys() == trainer.state.sampler.state_dict().keys()
+    assert resumed.state.sampler.generator.get_state().equal(trainer.state.sampler.generator.get_state())
 
 
 @pytest.mark.parametrize("name", WEIGHTINGS.names())
 def test_every_weighting_trains(tmp_path, name):
     trainer = _train(tmp_path, {"diffusion.weighting": name, "diffusion.prediction": "v"})
-    if name == "learned":  # its parameters are optimised and checkpointed
-        assert (latest_checkpoint(tmp_path / "run") / "weighting.safetensors").is_file()
-        assert any(p.abs().sum() > 0 for p in trainer.weighting.parameters())
+    if name == "learned":  # its parameters are optimised and checkpointed with the model's
+        saved = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+        assert {"uncertainty.linear.weight", "uncertainty.linear.bias"} <= set(saved)
+        assert any(p.abs().sum() > 0 for p in trainer.state.denoiser.uncertainty.parameters())

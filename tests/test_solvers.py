@@ -8,7 +8,6 @@ the exact answer of the pipeline (ODE from t_max to t_end, then x̂0 there) is k
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,13 +25,7 @@ SE_STD = S / math.sqrt(2 * N * D)  # standard error of the pooled std (Gaussian 
 PROCESS_NAMES = ["vp-linear", "vp-cosine", "flow"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Elementwise work on a small shared machine: intra-op threads only contend (10× slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ratio(process: NoiseProcess, t: float) -> float:

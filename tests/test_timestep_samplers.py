@@ -23,9 +23,7 @@ ALL = ["uniform", "stratified", "antithetic", "lognormal", "logit_normal", "mode
        "loss_second_moment", "adaptive", "mixture", "curriculum"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str, seed: int = 0, process: str = "vp-linear", params: dict | None = None,
@@ -156,29 +154,29 @@ STRATIFIED = [  # sampler, its parameters, and the map of its times to the unifo
 
 
 @pytest.mark.parametrize(("name", "kwargs", "to_uniform"), STRATIFIED)
-def test_stratified_puts_one_draw_in_each_stratum_across_ranks_and_micro_steps(
+def test_stratified_puts_draw_i_of_a_global_batch_in_stratum_i(
         name: str, kwargs: dict, to_uniform: Callable[[Tensor], Tensor]) -> None:
-    ranks, accum, n = 2, 3, 4
-    samplers = [make(name, seed=5, rank=r, world_size=ranks, accum_steps=accum, **kwargs) for r in range(ranks)]
+    """The global batch of a step (all ranks and micro-steps; the trainer splits it into contiguous shares) fills
+    its n strata once each, in order, with a fresh jitter every step."""
+    sampler, n = make(name, seed=5, **kwargs), 24
+    previous = None
     for _ in range(4):  # optimizer steps
-        draws = []
-        for micro in range(accum):
-            for sampler in samplers:
-                draws.append(sampler.sample(n, micro)[0])
-            assert torch.equal(samplers[0].generator.get_state(), samplers[1].generator.get_state())
-        strata = (to_uniform(torch.cat(draws)) * n * ranks * accum).floor().long()
-        assert torch.equal(strata.sort().values, torch.arange(n * ranks * accum))
+        t = sampler.sample(n)[0]
+        assert torch.equal((to_uniform(t) * n).floor().long(), torch.arange(n))
+        assert previous is None or not torch.equal(t, previous)
+        previous = t
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_ranks_stay_in_step_and_draw_different_times(name: str) -> None:
+def test_samplers_of_one_seed_stay_in_step_and_successive_draws_differ(name: str) -> None:
+    """Every rank builds its sampler with the same seed and draws the same global batch."""
     params = {"mixture": {"samplers": ["stratified", "beta"]}}
-    samplers = [make(name, seed=3, rank=r, world_size=2, accum_steps=2, params=params, **params.get(name, {}))
-                for r in range(2)]
-    for micro in (0, 1):
-        t0, t1 = (s.sample(6, micro)[0] for s in samplers)
-        assert not torch.equal(t0, t1)
-        assert torch.equal(samplers[0].generator.get_state(), samplers[1].generator.get_state())
+    samplers = [make(name, seed=3, params=params, **params.get(name, {})) for _ in range(2)]
+    first = [s.sample(12)[0] for s in samplers]
+    second = [s.sample(12)[0] for s in samplers]
+    assert torch.equal(first[0], first[1]) and torch.equal(second[0], second[1])
+    assert not torch.equal(first[0], second[0])
+    assert torch.equal(samplers[0].generator.get_state(), samplers[1].generator.get_state())
 
 
 def test_antithetic_pairs_sum_to_one() -> None:
@@ -309,12 +307,12 @@ RESUME_PARAMS = {
 def test_state_survives_checkpoint_and_resume_exactly(name: str) -> None:
     def step(sampler: TimestepSampler, i: int) -> tuple[Tensor, Tensor]:
         sampler.set_progress(i / 60)
-        t, w = sampler.sample(16, i % 2)
+        t, w = sampler.sample(16)
         sampler.update(t, peaked(t) * (1 + t))
         return t, w
 
     def build(seed: int) -> TimestepSampler:
-        return make(name, seed=seed, accum_steps=2, params=RESUME_PARAMS, **RESUME_PARAMS.get(name, {}))
+        return make(name, seed=seed, params=RESUME_PARAMS, **RESUME_PARAMS.get(name, {}))
 
     original = build(seed=7)
     for i in range(50):

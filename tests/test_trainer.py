@@ -1,25 +1,37 @@
+import copy
 import csv
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fingerprints import machine_key
+from safetensors import safe_open
 from safetensors.torch import load_file
+from testkit import TINY_UNET, RecordingObjective
 
 import frugaldiff
+from frugaldiff import trainer as trainer_module
 from frugaldiff.checkpoint import latest_checkpoint, list_checkpoints
 from frugaldiff.config import Config
-from frugaldiff.datasets import load_dataset
+from frugaldiff.datasets import BatchStream, load_dataset
+from frugaldiff.distributed import SINGLE_PROCESS
+from frugaldiff.ema import EMA
 from frugaldiff.errors import FrugalError
+from frugaldiff.networks import Denoiser
 from frugaldiff.noise import VPLinear, empirical_posterior_mean
+from frugaldiff.objective import Batch, Objective, stable_target
 from frugaldiff.prediction import PREDICTIONS
-from frugaldiff.trainer import EMA, Interrupted, Trainer, combine_loss
+from frugaldiff.runtime import CPU
+from frugaldiff.trainer import Interrupted, Trainer, train_step
 from frugaldiff.weighting import WEIGHTINGS, Weighting
-from tests.conftest import TINY_UNET
 
 
 def _weights(run_dir):
@@ -40,15 +52,15 @@ def test_toy_training_learns_and_samples_land_on_the_data(tmp_path):
                      "train.warmup_images": 2000, "train.ema_decay": 0.99, "diffusion.prediction": "x0",
                      "train.lr_schedule": "constant", "sample.solver": "dpm++2m", "sample.n": 2000, "sample.steps": 30})
     trainer = Trainer(config, tmp_path / "run", progress=False)
-    data = trainer.data.heldout
+    data, process = trainer.data.heldout, trainer.parts.process
 
     def heldout_loss():
         g = torch.Generator().manual_seed(123)
         t = 0.02 + 0.18 * torch.rand(len(data), generator=g)  # low noise: x0 is recoverable from x_t
         eps = torch.randn(data.shape, generator=g)
         with torch.no_grad():
-            out = trainer.ema.model(trainer.process.add_noise(data, eps, t), t)
-        return trainer.prediction.error(out, data, eps, t).mean().item()
+            out = trainer.state.ema.model(process.add_noise(data, eps, t), t)
+        return trainer.parts.prediction.error(out, data, eps, t).mean().item()
 
     before = heldout_loss()
     trainer.fit()
@@ -65,27 +77,28 @@ def test_toy_training_learns_and_samples_land_on_the_data(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [{}, {"diffusion.reference_images": 32}])
-def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, extra):
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, extra, monkeypatch):
     values = {**TINY_UNET, "train.images_seen": 16 * 24, "train.checkpoint_every": 0, "train.lr_schedule": "cosine",
               "model.dropout": 0.1, **extra}
     whole = Trainer(Config(values), tmp_path / "whole", progress=False)
     whole.fit()
 
     interrupted = Trainer(Config(values), tmp_path / "part", progress=False)
-    original_step = interrupted.train_step
+    original_step = trainer_module.train_step
 
-    def step_then_signal():
-        result = original_step()
-        if interrupted.step == 11:
+    def step_then_signal(state, *args):
+        result = original_step(state, *args)
+        if state.step == 11:
             os.kill(os.getpid(), signal.SIGINT)
         return result
 
-    interrupted.train_step = step_then_signal
-    with pytest.raises(Interrupted) as e:
-        interrupted.fit()
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "train_step", step_then_signal)
+        with pytest.raises(Interrupted) as e:
+            interrupted.fit()
     assert e.value.checkpoint.name == "step-00000011"
     resumed = Trainer(Config(values), tmp_path / "part", resume=True, progress=False)
-    assert resumed.step == 11
+    assert resumed.state.step == 11
     resumed.fit()
     _assert_same_weights(_weights(tmp_path / "whole"), _weights(tmp_path / "part"))
     with (tmp_path / "part" / "metrics.csv").open() as f:
@@ -105,7 +118,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import frugaldiff.checkpoint as ck
     from frugaldiff.config import Config
     from frugaldiff.trainer import Trainer
-    from tests.conftest import TINY_UNET
+    from testkit import TINY_UNET, RecordingObjective
 
     real_save = ck.torch.save
     calls = []
@@ -133,7 +146,7 @@ def test_checkpoint_survives_a_kill_during_writing(tmp_path):
     assert any(name.startswith(".tmp-") for name in leftovers)
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000004"]
     resumed = Trainer(Config.load(run / "config.toml"), run, resume=True, progress=False)
-    assert resumed.step == 4
+    assert resumed.state.step == 4
     resumed.fit()
     assert latest_checkpoint(run).name == "step-00000010"
 
@@ -141,7 +154,7 @@ def test_checkpoint_survives_a_kill_during_writing(tmp_path):
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
     trainer = Trainer(Config({**TINY_UNET, "train.images_seen": 16 * 30, "train.log_every": 1}), tmp_path / "r",
                       progress=False)
-    real_error = trainer.prediction.error
+    real_error = trainer.parts.prediction.error
     calls = {"n": 0}
 
     def flaky(*args):
@@ -149,31 +162,63 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
         err = real_error(*args)
         return err * float("nan") if calls["n"] == 3 or calls["n"] > 6 else err
 
-    monkeypatch.setattr(trainer.prediction, "error", flaky)
+    monkeypatch.setattr(trainer.parts.prediction, "error", flaky)
     with pytest.raises(FrugalError, match="10 non-finite losses in a row"):
         trainer.fit()
-    assert trainer.step == 5  # 6 good steps of 7 tries, then 10 bad ones
+    assert trainer.state.step == 5  # 6 good steps of 7 tries, then 10 bad ones
     with (tmp_path / "r" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows[-1]["nonfinite_skipped"] == "1" and int(rows[-1]["step"]) == 5
 
 
-def test_combine_loss_is_the_product_of_the_three_factors():
+class _Fixed(torch.nn.Module):
+    """A "model" whose raw output is fixed, whatever its input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x_t, t):
+        return self.out
+
+
+def test_objective_is_the_weighted_loss_times_importance_through_the_uncertainty():
     class Fixed(Weighting):
-        def x0_weight(self, process, t):
+        def x0_weight(self, prediction, t):
             return torch.tensor([3.0, 1.0])
 
     prediction = PREDICTIONS.create("eps", VPLinear(), 0.5)
     t = torch.tensor([0.3, 0.6])
     x0, eps, out = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
-    x_t = prediction.process.add_noise(x0, eps, t)
-    error, importance = prediction.error(out, x0, eps, t), torch.tensor([0.5, 2.0])
-    objective, optimised = combine_loss(prediction, out, x_t, x0, eps, t, importance, WEIGHTINGS.create("none"))
-    assert torch.equal(objective, error) and torch.equal(optimised, error * importance)
-    objective, optimised = combine_loss(prediction, out, x_t, x0, eps, t, importance, Fixed())
-    expected = error * torch.tensor([3.0, 1.0]) * prediction.amplification(t) ** 2
-    torch.testing.assert_close(objective, expected)
-    torch.testing.assert_close(optimised, expected * importance)
+    batch = Batch(x0, t, torch.tensor([0.5, 2.0]), eps)
+    error = prediction.error(out, x0, eps, t)
+    fixed = torch.tensor([3.0, 1.0]) * prediction.amplification(t) ** 2
+    for weighting, weight in ((WEIGHTINGS.create("none"), 1.0), (Fixed(), fixed)):
+        objective = Objective(Denoiser(torch.nn.Identity(), prediction), weighting, CPU)
+        losses, optimised = objective(_Fixed(out), batch)
+        torch.testing.assert_close(losses, error * weight, rtol=1e-6, atol=0)
+        torch.testing.assert_close(optimised, error * weight * batch.importance, rtol=1e-6, atol=0)
+    learned = WEIGHTINGS.create("learned")
+    denoiser = Denoiser(torch.nn.Identity(), prediction, learned.uncertainty(prediction.process))
+    with torch.no_grad():
+        denoiser.uncertainty.linear.bias.fill_(0.7)  # u = 0.7 everywhere
+    losses, optimised = Objective(denoiser, learned, CPU)(_Fixed(out), batch)
+    torch.testing.assert_close(optimised, (losses * math.exp(-0.7) + 0.7) * batch.importance)
+
+
+def test_objective_trains_towards_the_stable_target_when_the_batch_has_references():
+    process = VPLinear()
+    prediction = PREDICTIONS.create("x0", process, 0.5)
+    g = torch.Generator().manual_seed(1)
+    x0, eps, out = torch.randn(3, 6, 4, generator=g)
+    t = torch.linspace(0.2, 0.9, 6)
+    reference = torch.cat([x0, torch.randn(10, 4, generator=g)])
+    objective = Objective(Denoiser(torch.nn.Identity(), prediction), WEIGHTINGS.create("none"), CPU)
+    drawn, _ = objective(_Fixed(out), Batch(x0, t, torch.ones(6), eps))
+    stable, _ = objective(_Fixed(out), Batch(x0, t, torch.ones(6), eps, reference))
+    x0_bar, eps_bar = stable_target(process, process.add_noise(x0, eps, t), t, x0, eps, reference)
+    torch.testing.assert_close(stable, prediction.error(out, x0_bar, eps_bar, t), rtol=0, atol=0)
+    assert (stable - drawn).abs().min() > 1e-4
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):
@@ -185,8 +230,6 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 
 
 def test_batch_stream_is_a_function_of_position():
-    from frugaldiff.trainer import BatchStream
-
     data = torch.arange(10.0)[:, None]
     a = BatchStream(data, seed=3)
     first = torch.cat([a.next(4) for _ in range(5)])  # two whole epochs
@@ -224,21 +267,82 @@ def test_ema_update_is_the_warmed_up_average_of_every_parameter_and_copies_buffe
 @pytest.mark.parametrize("images", [0, 40, 100_000])
 def test_stable_target_keeps_x_t_and_is_the_posterior_mean_over_its_references(tmp_path, images):
     trainer = Trainer(Config({**TINY_UNET, "diffusion.reference_images": images}), tmp_path / "r", progress=False)
-    x0, _, _, eps = trainer.draw(0)
-    t = torch.cat([torch.full((4,), 1e-3), torch.linspace(0.1, 1.0, len(x0) - 4)])
-    x_t = trainer.process.add_noise(x0, eps, t)
-    state = trainer.noise.get_state()
-    x0_bar, eps_bar = trainer.target(x0, eps, x_t, t)
+    state, process = trainer.state, trainer.parts.process
+    noise = state.noise.get_state()
+    batch = state.draw(16, trainer.parts.objective)
+    x0, eps = batch.x0, batch.eps
     if not images:
-        assert x0_bar is x0 and eps_bar is eps
+        assert batch.reference is None
         return
-    torch.testing.assert_close(trainer.process.add_noise(x0_bar, eps_bar, t), x_t, atol=2e-5, rtol=0)
     pool = trainer.data.train
-    if images < len(pool):  # the batch, then `images` distinct training images drawn from the noise stream
-        chosen = torch.randperm(len(pool), generator=torch.Generator().set_state(state))[:images]
-        pool = torch.cat([x0, pool[chosen]])
-    torch.testing.assert_close(x0_bar, empirical_posterior_mean(trainer.process, x_t, t, pool), atol=0, rtol=0)
+    if images < len(pool):  # the batch, then `images` distinct training images drawn after the noise
+        g = torch.Generator().set_state(noise)
+        torch.randn(eps.shape, generator=g)
+        pool = torch.cat([x0, pool[torch.randperm(len(pool), generator=g)[:images]]])
+    assert torch.equal(batch.reference, pool)
+    t = torch.cat([torch.full((4,), 1e-3), torch.linspace(0.1, 1.0, len(x0) - 4)])
+    x_t = process.add_noise(x0, eps, t)
+    x0_bar, eps_bar = stable_target(process, x_t, t, x0, eps, batch.reference)
+    torch.testing.assert_close(process.add_noise(x0_bar, eps_bar, t), x_t, atol=2e-5, rtol=0)
+    torch.testing.assert_close(x0_bar, empirical_posterior_mean(process, x_t, t, pool), atol=0, rtol=0)
     # near the data the sample's own image dominates: the target is the drawn pair
     torch.testing.assert_close(x0_bar[:4], x0[:4], atol=1e-6, rtol=0)
     torch.testing.assert_close(eps_bar[:4], eps[:4], atol=1e-6, rtol=0)
     assert (x0_bar[-1] - x0[-1]).abs().max() > 0.1  # at t = 1 it is the references' mean
+
+
+def test_a_step_trains_on_the_samplers_draw_split_over_micro_steps_with_its_importance_weights(tmp_path):
+    config = Config({**TINY_UNET, "train.grad_accum": 2, "diffusion.timestep_sampler": "near_zero",
+                     "timestep_sampler.near_zero.keep_objective": True})
+    trainer = Trainer(config, tmp_path / "r", progress=False)
+    state, parts = trainer.state, trainer.parts
+    expected_t, expected_w = copy.deepcopy(state.sampler).sample(16)
+    recording = RecordingObjective(parts.objective)
+    loss, _ = train_step(state, recording, state.denoiser, trainer.settings, SINGLE_PROCESS)
+    first, second = recording.batches
+    assert len(first.t) == len(second.t) == 8
+    torch.testing.assert_close(torch.cat([first.t, second.t]), parts.process.clamp(expected_t).float())
+    torch.testing.assert_close(torch.cat([first.importance, second.importance]), expected_w.float())
+    assert expected_w.std() > 0.1  # the weights are not all 1
+    with torch.no_grad():
+        optimised = torch.cat([parts.objective(state.denoiser, b)[1] for b in (first, second)])
+    assert loss == pytest.approx(float(optimised.mean()), rel=1e-2)  # the weights changed since: close, not equal
+
+
+def test_the_ema_of_a_run_is_the_warmed_up_average_of_the_models_after_each_step(tmp_path):
+    trainer = Trainer(Config({**TINY_UNET, "train.ema_decay": 0.95}), tmp_path / "r", progress=False)
+    state = trainer.state
+    expected = [p.detach().clone() for p in state.denoiser.parameters()]
+    for step in range(1, 4):
+        train_step(state, trainer.parts.objective, state.denoiser, trainer.settings, SINGLE_PROCESS)
+        decay = min(0.95, (1 + step) / (10 + step))
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, state.denoiser.parameters(),
+                                                                         strict=True)]
+    for e, a in zip(expected, state.ema.model.parameters(), strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-6)
+
+
+OLD_RUN = Path(__file__).with_name("data") / "learned-weighting-v1"  # written before the learned weighting moved
+
+
+def test_a_checkpoint_from_before_the_learned_weighting_moved_into_the_denoiser_resumes_as_it_did(tmp_path):
+    """tests/data/learned-weighting-v1 was trained for 5 steps by the code before the redesign (its learned
+    weighting in weighting.safetensors and a second AdamW group); resumed to 10 steps now, it must end where that
+    code's own resume ended (…-resumed.safetensors): bit for bit on a machine like the recording one."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    with safe_open(str(OLD_RUN.parent / "learned-weighting-v1-resumed.safetensors"), "pt") as f:
+        expected, recorded_on = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()["machine"]
+    torch.set_num_threads(1)
+    frugaldiff.train(resume=run, overrides=["train.images_seen=160"], progress=False)
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint.name == "step-00000010" and not (checkpoint / "weighting.safetensors").exists()
+    model, ema = (load_file(str(checkpoint / f"{name}.safetensors")) for name in ("model", "ema"))
+    found = {**{f"model.{k}": v for k, v in model.items() if not k.startswith("uncertainty.")},
+             **{f"ema.{k}": v for k, v in ema.items() if not k.startswith("uncertainty.")},
+             **{f"weighting.{k[len('uncertainty.'):]}": v for k, v in model.items() if k.startswith("uncertainty.")}}
+    assert found.keys() == expected.keys()
+    exact = machine_key() == recorded_on
+    for key, value in expected.items():
+        torch.testing.assert_close(found[key], value, rtol=0 if exact else 1e-4, atol=0 if exact else 1e-6, msg=key)
+    assert len(frugaldiff.sample(run, n=4, steps=2)) == 4

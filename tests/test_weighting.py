@@ -8,22 +8,18 @@ import torch
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import PROCESSES, Flow, VPLinear
 from frugaldiff.prediction import PREDICTIONS, LinearPrediction
-from frugaldiff.weighting import WEIGHTINGS, LearnedWeighting, Weighting
+from frugaldiff.weighting import WEIGHTINGS, LearnedUncertainty
 
 SIGMA_DATA = 0.5
 FIXED = [n for n in WEIGHTINGS.names() if n not in ("none", "learned")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: a second thread only adds overhead on a busy machine (conftest resets it)."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _objective(weighting: Weighting, pred, error, t):
-    """The trainer's composition: error·x0_weight·A², or the type's own error when the weight is None."""
-    w = weighting.x0_weight(pred.process, t)
-    return error if w is None else error * w * pred.x0_factor(t)
+def _on(process):
+    """A prediction type on ``process``: the weightings other than none depend on its process alone."""
+    return PREDICTIONS.create("x0", process, SIGMA_DATA)
 
 
 def _grid(process, n=257, dtype=torch.float64):
@@ -63,7 +59,7 @@ HAND_VP = [
 
 @pytest.mark.parametrize("name,params,expected", HAND_VP)
 def test_hand_computed_values_on_vp_linear(name, params, expected):
-    w = WEIGHTINGS.create(name, **params).x0_weight(VPLinear(), torch.tensor([0.1, 0.3], dtype=torch.float64))
+    w = WEIGHTINGS.create(name, **params).x0_weight(_on(VPLinear()), torch.tensor([0.1, 0.3], dtype=torch.float64))
     torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64), rtol=1e-8, atol=0)
 
 
@@ -72,7 +68,7 @@ def test_hand_computed_values_on_vp_linear(name, params, expected):
     ("cosmap", [16.297466173, 5.092958179, 1.462821168]),  # 2/(π(1 − 2t + 2t²))·t⁻²
 ])
 def test_sd3_weightings_on_the_flow_path(name, expected):
-    w = WEIGHTINGS.create(name).x0_weight(Flow(), torch.tensor([0.25, 0.5, 0.8], dtype=torch.float64))
+    w = WEIGHTINGS.create(name).x0_weight(_on(Flow()), torch.tensor([0.25, 0.5, 0.8], dtype=torch.float64))
     torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64), rtol=1e-8, atol=0)
 
 
@@ -95,7 +91,7 @@ def test_sd3_weightings_multiply_the_raw_flow_matching_loss(name, sd3_weight):
     weighting = WEIGHTINGS.create(name)
     for pred in (velocity, *(PREDICTIONS.create(k, process, SIGMA_DATA) for k in ("eps", "x0", "v"))):
         out = pred.target(x0_hat, pred.to_eps(x0_hat, x_t, t), t)
-        torch.testing.assert_close(_objective(weighting, pred, pred.error(out, x0, eps, t), t),
+        torch.testing.assert_close(weighting.weigh(pred.error(out, x0, eps, t), pred, t),
                                    sd3_weight(t) * raw, rtol=1e-4, atol=0)
 
 
@@ -111,12 +107,12 @@ def test_every_prediction_type_gives_the_same_objective(process_name, name):
     eps = torch.randn(64, 8, generator=g, dtype=torch.float64)
     x_t = process.add_noise(x0, eps, t)
     x0_hat = x0 + 0.1 * torch.randn(64, 8, generator=g, dtype=torch.float64)
-    expected = weighting.x0_weight(process, t) * (x0_hat - x0).pow(2).mean(1)
+    expected = weighting.x0_weight(_on(process), t) * (x0_hat - x0).pow(2).mean(1)
     for kind in ("eps", "x0", "v"):
         pred = PREDICTIONS.create(kind, process, SIGMA_DATA)
         out = pred.target(x0_hat, pred.to_eps(x0_hat, x_t, t), t)
         error = pred.error(out, x0, eps, t)  # error() rounds the output to float32
-        torch.testing.assert_close(_objective(weighting, pred, error, t), expected, rtol=1e-3, atol=0)
+        torch.testing.assert_close(weighting.weigh(error, pred, t), expected, rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("process_name", PROCESSES.names())
@@ -124,7 +120,7 @@ def test_snr_weighting_is_the_eps_types_own_loss(process_name):
     process = PROCESSES.create(process_name)
     t = _grid(process)
     eps_type = PREDICTIONS.create("eps", process, SIGMA_DATA)
-    multiplier = WEIGHTINGS.create("snr").x0_weight(process, t) * eps_type.x0_factor(t)
+    multiplier = WEIGHTINGS.create("snr").x0_weight(_on(process), t) * eps_type.x0_factor(t)
     torch.testing.assert_close(multiplier, torch.ones_like(t), rtol=1e-9, atol=0)
 
 
@@ -133,9 +129,12 @@ def test_x0_type_none_versus_snr():
     process = VPLinear()
     t = _grid(process)
     x0_type = PREDICTIONS.create("x0", process, SIGMA_DATA)
-    assert WEIGHTINGS.create("none").x0_weight(process, t) is None
+    none = WEIGHTINGS.create("none")
+    torch.testing.assert_close(none.x0_weight(x0_type, t), 1 / x0_type.x0_factor(t), rtol=0, atol=0)
+    error = torch.rand_like(t)
+    assert torch.equal(none.weigh(error, x0_type, t), error)  # exactly the type's own loss
     torch.testing.assert_close(x0_type.x0_factor(t), torch.full_like(t, SIGMA_DATA**2), rtol=1e-12, atol=0)
-    multiplier = WEIGHTINGS.create("snr").x0_weight(process, t) * x0_type.x0_factor(t)
+    multiplier = WEIGHTINGS.create("snr").x0_weight(_on(process), t) * x0_type.x0_factor(t)
     torch.testing.assert_close(multiplier, process.log_snr(t).exp() * SIGMA_DATA**2, rtol=1e-12, atol=0)
 
 
@@ -148,16 +147,16 @@ def test_min_snr_with_v_does_not_vanish_at_high_t(process_name, dtype):
     t = torch.tensor([0.99, 0.999, process.t_max], dtype=dtype).clamp(max=process.t_max)
     v_type = PREDICTIONS.create("v", process, SIGMA_DATA)
     snr = process.log_snr(t).exp()
-    multiplier = WEIGHTINGS.create("min_snr").x0_weight(process, t) * v_type.x0_factor(t)
+    multiplier = WEIGHTINGS.create("min_snr").x0_weight(_on(process), t) * v_type.x0_factor(t)
     torch.testing.assert_close(multiplier, (snr + 1) * v_type.x0_factor(t))  # SNR + 1 < 5 there
     assert bool(torch.all(multiplier > 0.9 * SIGMA_DATA**2)), multiplier
     if process_name.startswith("vp"):  # on the raw v-MSE (variance c²): min(SNR + 1, 5)/(SNR + 1) = 1
         c2 = process.alpha(t) ** 2 + process.sigma(t) ** 2 * SIGMA_DATA**2
         torch.testing.assert_close(multiplier, c2)
     published = WEIGHTINGS.create("min_snr", plus_one=False)  # Hang et al. as published: follows SNR down
-    torch.testing.assert_close(published.x0_weight(process, t) * v_type.x0_factor(t), snr * v_type.x0_factor(t))
+    torch.testing.assert_close(published.x0_weight(_on(process), t) * v_type.x0_factor(t), snr * v_type.x0_factor(t))
     eps_type = PREDICTIONS.create("eps", process, SIGMA_DATA)  # and keeps the ε type's own weight 1 there
-    torch.testing.assert_close(published.x0_weight(process, t) * eps_type.x0_factor(t), torch.ones_like(t))
+    torch.testing.assert_close(published.x0_weight(_on(process), t) * eps_type.x0_factor(t), torch.ones_like(t))
 
 
 ALL_PARAMS = [(n, {}) for n in FIXED] + [("min_snr", {"gamma": 1.0}), ("soft_min_snr", {"gamma": 20.0}),
@@ -171,7 +170,7 @@ def test_weights_and_multipliers_are_finite_and_positive_everywhere(process_name
     t = _grid(process, 1001, dtype)
     preds = [PREDICTIONS.create(k, process, SIGMA_DATA) for k in ("eps", "x0", "v")]
     for name, params in ALL_PARAMS:
-        w = WEIGHTINGS.create(name, **params).x0_weight(process, t)
+        w = WEIGHTINGS.create(name, **params).x0_weight(_on(process), t)
         assert w.shape == t.shape and w.dtype == dtype
         for values in (w, *(w * p.x0_factor(t) for p in preds)):
             assert bool(torch.all(torch.isfinite(values) & (values > 0))), (name, params)
@@ -197,25 +196,26 @@ def test_bad_parameters_give_a_one_line_error(name, params, key):
 @pytest.mark.parametrize("name", ["none", *FIXED])
 def test_fixed_weightings_leave_the_loss_alone(name):
     loss, t = torch.rand(8), torch.rand(8)
-    weighting = WEIGHTINGS.create(name)
-    assert weighting.bind(VPLinear()) is weighting
-    assert torch.equal(weighting.adjust(loss, t), loss)
+    uncertainty = WEIGHTINGS.create(name).uncertainty(VPLinear())
+    assert not list(uncertainty.parameters()) and not uncertainty.state_dict()
+    assert torch.equal(uncertainty.adjust(loss, t), loss)
 
 
 def test_learned_starts_as_the_types_own_loss():
-    weighting = WEIGHTINGS.create("learned").bind(VPLinear())
-    assert isinstance(weighting, torch.nn.Module)
+    weighting = WEIGHTINGS.create("learned")
+    x0_type = PREDICTIONS.create("x0", VPLinear(), SIGMA_DATA)
     t, loss = torch.rand(16), torch.rand(16)
-    assert weighting.x0_weight(weighting.process, t) is None
-    assert torch.equal(weighting.adjust(loss, t), loss)
-    assert sum(p.numel() for p in weighting.parameters()) == 33
-    with pytest.raises(RuntimeError, match="bind"):
-        LearnedWeighting()(t)
+    assert torch.equal(weighting.x0_weight(x0_type, t), 1 / x0_type.x0_factor(t))
+    assert torch.equal(weighting.weigh(loss, x0_type, t), loss)
+    uncertainty = weighting.uncertainty(VPLinear())
+    assert isinstance(uncertainty, LearnedUncertainty)
+    assert torch.equal(uncertainty.adjust(loss, t), loss)
+    assert sum(p.numel() for p in uncertainty.parameters()) == 33
 
 
 def _fit_learned(process, mean_loss, steps=400, batch=512):
     """Adam on adjust(L, t).mean() with L = mean_loss(t) times Gamma(4, 4) noise (mean 1)."""
-    weighting = LearnedWeighting().bind(process)
+    weighting = LearnedUncertainty(process)
     optimizer = torch.optim.Adam(weighting.parameters(), lr=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps)
     g = torch.Generator().manual_seed(0)
@@ -252,7 +252,7 @@ def test_learned_state_dict_round_trip_reproduces_u_exactly():
     buffer = io.BytesIO()
     torch.save(trained.state_dict(), buffer)
     buffer.seek(0)
-    fresh = LearnedWeighting().bind(process)
+    fresh = LearnedUncertainty(process)
     assert torch.equal(fresh.freqs, trained.freqs) and torch.equal(fresh.phases, trained.phases)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     t = _grid(process, dtype=torch.float32)

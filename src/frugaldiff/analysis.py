@@ -3,8 +3,8 @@
 *Disruption* (``frugaldiff analyze disruption``): from the run's newest checkpoint, take k optimizer steps on
 batches whose t all lie in one bin A and measure the relative change ΔL[A, B] of the held-out loss in every
 bin B. *Timestep importance* (``frugaldiff analyze importance``): degrade x̂0 only while the solver is inside
-one bin and measure how much the samples change or get worse. *Batch sweep* (``frugaldiff analyze
-batch-sweep``): the same budget in images at several batch sizes.
+one bin and measure how much the samples change or get worse. Studies that train several runs are in
+:mod:`frugaldiff.studies`.
 """
 
 from __future__ import annotations
@@ -12,27 +12,32 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints
+from .components import SampleSettings, TrainSettings, build, build_data, true_mixture
 from .config import Config
-from .diagnostics import GRID_SEED, heldout_grid, heldout_loss_by_bin, train_or_reuse, true_mixture
+from .diagnostics import fixed_grid, heldout_loss_by_bin
+from .distributed import SINGLE_PROCESS
 from .errors import FrugalError
 from .generate import generate, load_run
 from .images import to_uint8
+from .metrics import MIN_SAMPLES, Evaluator
+from .networks import Denoiser
 from .noise import bcast
-from .prediction import Denoiser
-from .timestep_samplers import TIMESTEP_SAMPLERS
-from .trainer import BatchStream, Trainer, load_data, read_run_config, select_device
+from .plots import plot_disruption, plot_disruption_scaling, plot_importance
+from .runs import read_run_config
+from .runtime import CPU, Runtime
+from .state import TrainState
+from .timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
+from .trainer import train_step
 
 
 def _require(ok: bool, message: str) -> None:
@@ -49,54 +54,50 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
 
 
 class DisruptionProbe:
-    """A run's newest checkpoint loaded by the trainer itself (model, AdamW moments, learned weighting), with
-    a held-out grid, taking trials of optimizer steps in one t bin and restoring the checkpoint before each.
+    """A run's newest checkpoint (model, its learned uncertainty, AdamW moments) and a held-out grid, taking
+    trials of optimizer steps in one t bin, each from a training state of its own restored to the checkpoint.
 
-    The trainer is built on a scratch copy of the checkpoint, so the run folder is never written to. Each trial
-    uses the training step itself (``Trainer.train_step``: combine_loss with the run's weighting, its clipping)
-    at batch size ``batch_size``, a constant learning rate ``lr`` (default: the run's at its images seen), t
-    uniform in the bin, and batches, noise and t drawn from ``seed`` alone, so trials differ only in the bin.
+    The run folder is only read. Each trial takes the training step itself (:func:`~frugaldiff.trainer.train_step`:
+    the run's objective and clipping) at batch size ``batch_size``, a constant learning rate ``lr`` (default: the
+    run's at its images seen), t uniform in the bin, and batches, noise and t drawn from ``seed`` alone, so trials
+    differ only in the bin.
     """
 
     def __init__(self, run_dir: str | Path, bins: int = 10, per_bin: int = 256, seed: int = 0,
                  lr: float | None = None) -> None:
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
-        checkpoint = latest_checkpoint(run_dir)
-        with tempfile.TemporaryDirectory() as scratch:
-            shutil.copytree(checkpoint, Path(scratch) / "checkpoints" / checkpoint.name)
-            self.trainer = Trainer(config, Path(scratch), resume=True, progress=False)
-        trainer = self.trainer
-        self.checkpoint, self.images_seen, self.bins, self.seed = checkpoint, trainer.images_seen, bins, seed
-        self.lr = trainer.lr_at(trainer.images_seen) if lr is None else lr
-        _require(self.lr > 0, f"the run's learning rate at {trainer.images_seen} images is 0 (its schedule has "
-                              f"ended); pass --lr, e.g. its peak train.lr = {config['train.lr']}")
-        self.config = config.updated({"train.lr": self.lr, "train.lr_schedule": "constant",
-                                      "train.warmup_images": 0, "train.grad_accum": 1})
-        self.grid = heldout_grid(trainer.process, trainer.data.heldout, bins, per_bin,
-                                 torch.Generator().manual_seed(GRID_SEED))
-        self._saved = {name: copy.deepcopy(m.state_dict()) for name, m in self._stateful().items()}
+        self.checkpoint = latest_checkpoint(run_dir)
+        runtime = Runtime.create(config["train.device"], config["train.precision"])
+        self.data = build_data(config)
+        self.parts = build(config, self.data, runtime)
+        settings = TrainSettings.from_config(config)
+        self.state = TrainState(self.parts, self.data, settings)
+        self.state.restore(self.checkpoint)
+        self.images_seen, self.bins, self.seed = self.state.images_seen, bins, seed
+        self.lr = settings.lr_at(self.images_seen) if lr is None else lr
+        _require(self.lr > 0, f"the run's learning rate at {self.images_seen} images is 0 (its schedule has "
+                              f"ended); pass --lr, e.g. its peak train.lr = {settings.lr}")
+        self.settings = replace(settings, lr=self.lr, lr_schedule="constant", warmup_images=0, grad_accum=1,
+                                seed=seed)
+        self.grid = fixed_grid(self.parts.process, self.data.heldout, bins, per_bin)
+        self._saved = copy.deepcopy({"model": self.state.denoiser.state_dict(),
+                                     "optimizer": self.state.optimizer.state_dict()})
         self.loss_before = self.heldout_loss()
 
-    def _stateful(self) -> dict[str, Any]:
-        """What a trial changes: the model, the optimizer and a learned weighting."""
-        trainer = self.trainer
-        parts: dict[str, Any] = {"model": trainer.denoiser, "optimizer": trainer.optimizer}
-        if isinstance(trainer.weighting, nn.Module):
-            parts["weighting"] = trainer.weighting
-        return parts
-
-    def restore(self) -> None:
-        """Back to the checkpoint's weights and optimizer state (copies: AdamW updates its moments in place)."""
-        for name, part in self._stateful().items():
-            part.load_state_dict(copy.deepcopy(self._saved[name]))
-        self.trainer.nonfinite_in_a_row = 0
+    def restore(self, sampler: TimestepSampler | None = None, batch_size: int | None = None) -> None:
+        """A fresh state at the checkpoint's weights and optimizer moments (copies: AdamW updates them in place),
+        with data and noise streams from the probe's seed and ``sampler`` (default: the run's)."""
+        settings = replace(self.settings, batch_size=batch_size or self.settings.batch_size)
+        self.state = TrainState(replace(self.parts, sampler=sampler or self.parts.sampler), self.data, settings)
+        self.state.denoiser.load_state_dict(copy.deepcopy(self._saved["model"]))
+        self.state.optimizer.load_state_dict(copy.deepcopy(self._saved["optimizer"]))
 
     def heldout_loss(self) -> list[float]:
         """The run's objective per bin of the held-out grid, for the current weights."""
-        denoiser = self.trainer.denoiser.eval()
+        denoiser = self.state.denoiser.eval()
         try:
-            return heldout_loss_by_bin(denoiser, self.grid, self.trainer.weighting)
+            return heldout_loss_by_bin(denoiser, self.grid, self.parts.weighting)
         finally:
             denoiser.train()
 
@@ -104,17 +105,14 @@ class DisruptionProbe:
         """Held-out loss per bin after each k in ``steps`` optimizer steps on t in bin ``source_bin`` (one
         trial of max(steps) steps, measured on the way: a k-step trial is the start of a longer one). Reseeds
         torch's global generator (dropout) with the probe's seed."""
-        self.restore()
-        trainer = self.trainer
-        trainer.config = self.config.updated({"train.batch_size": batch_size})
         lo, hi = source_bin / self.bins, (source_bin + 1) / self.bins
-        trainer.sampler = TIMESTEP_SAMPLERS.create("range", process=trainer.process, seed=self.seed, lo=lo, hi=hi)
-        trainer.stream = BatchStream(trainer.data.train, self.seed)
-        trainer.noise = torch.Generator().manual_seed(self.seed + 1)
+        sampler = TIMESTEP_SAMPLERS.create("range", process=self.parts.process, seed=self.seed, lo=lo, hi=hi)
+        self.restore(sampler, batch_size)
+        settings = replace(self.settings, batch_size=batch_size)
         torch.manual_seed(self.seed)
         after = {}
         for k in range(1, max(steps) + 1):
-            trainer.train_step()
+            train_step(self.state, self.parts.objective, self.state.denoiser, settings, SINGLE_PROCESS)
             if k in steps:
                 after[k] = self.heldout_loss()
         return after
@@ -164,8 +162,6 @@ def disruption(run_dir: str | Path, out_dir: str | Path | None = None, bins: int
     """ΔL[A][B] = (L_after − L_before)/L_before of the held-out loss in bin B after k steps on bin A, for every
     batch size and k; writes ``disruption.json``, one heat map per (batch size, k) and ``off_diagonal_share.png``
     to ``out_dir`` (default RUN_DIR/analysis/disruption)."""
-    from .plots import plot_disruption, plot_disruption_scaling
-
     _require(bins >= 2, f"--bins must be at least 2 for disruption (bins trained on and measured), got {bins}")
     _require(per_bin >= 1, f"--per-bin must be at least 1, got {per_bin}")
     _require(bool(steps) and min(steps) >= 1, f"--steps must be optimizer step counts of at least 1, got {steps}")
@@ -252,13 +248,12 @@ def displacement(x: Tensor, reference: Tensor) -> float:
     return (x.double() - reference.double()).pow(2).flatten(1).mean(1).mean().item()
 
 
-def timestep_importance(denoiser: Denoiser, config: Config, sample_shape: tuple[int, ...], degrade: Degrade,
-                        bins: int = 10, n: int = 256, steps: int | None = None, solver: str | None = None,
-                        seed: int | None = None, scores: Mapping[str, Score] | None = None,
-                        degrade_seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """For each bin, ``n`` samples (the config's solver settings unless given, generation seed ``seed``) with x̂0
-    degraded only inside the bin (degrade generator seeded ``degrade_seed`` in every trial), against the
-    undegraded samples of the same seed. Reports ``displacement`` from them and each score's change.
+def timestep_importance(denoiser: Denoiser, sampling: SampleSettings, sample_shape: tuple[int, ...],
+                        degrade: Degrade, bins: int = 10, n: int = 256, scores: Mapping[str, Score] | None = None,
+                        degrade_seed: int = 0, progress: bool = True, runtime: Runtime = CPU) -> dict[str, Any]:
+    """For each bin, ``n`` samples (solver, steps and seed of ``sampling``) with x̂0 degraded only inside the bin
+    (degrade generator seeded ``degrade_seed`` in every trial), against the undegraded samples of the same seed.
+    Reports ``displacement`` from them and each score's change.
 
     Returns {"edges", "metrics": {name: {"reference", "per_bin", "cost", "higher_is_better"}}}; cost > 0 is
     worse (for displacement the displacement itself).
@@ -266,7 +261,7 @@ def timestep_importance(denoiser: Denoiser, config: Config, sample_shape: tuple[
     edges = torch.linspace(0, 1, bins + 1).tolist()
 
     def draw(model: Denoiser) -> Tensor:
-        return generate(model, config, n, sample_shape, steps, solver, seed)
+        return generate(model, sampling, n, sample_shape, runtime)
 
     reference = draw(denoiser)
     scores = dict(scores or {})
@@ -300,11 +295,9 @@ def _scores(config: Config, data_kind: str, metric: str, n: int) -> dict[str, Sc
                                       "use --metric displacement")
         return {"loglik": Score(lambda x: mixture.log_prob(x.double()).mean().item(), True)}
     if metric == "fid":
-        from .metrics import MIN_SAMPLES, Evaluator
-
         _require(data_kind == "image", "--metric fid needs an image run; use --metric auto")
         _require(n >= MIN_SAMPLES, f"--metric fid needs --n of at least {MIN_SAMPLES}, got {n}")
-        evaluator = Evaluator(config, data=load_data(config))
+        evaluator = Evaluator(build_data(config))
         _require(evaluator.headline == "domain_fid", f"--metric fid needs a dataset with class labels and "
                                                      f"{config['data.name']!r} has none; use --metric displacement")
         return {"domain_fid": Score(lambda x: evaluator(to_uint8(x))["domain_fid"], False)}
@@ -317,14 +310,13 @@ def run_importance(run_dir: str | Path, out_dir: str | Path | None = None, bins:
     """:func:`timestep_importance` of a run's EMA model (newest checkpoint), degraded by ``error``·z (``degrade``
     = "noise") or by its oldest kept checkpoint's EMA prediction ("checkpoint"); writes ``importance.json`` and
     ``importance.png`` to ``out_dir`` (default RUN_DIR/analysis/importance)."""
-    from .plots import plot_importance
-
     _require(bins >= 1, f"--bins must be at least 1, got {bins}")
     _require(n >= 1, f"--n must be at least 1, got {n}")
     _require(degrade in ("noise", "checkpoint"), f"unknown --degrade {degrade!r}; choose noise or checkpoint")
     _require(degrade != "noise" or error > 0, f"--error must be positive, got {error}")
     run_dir = Path(run_dir)
     config, denoiser, info = load_run(run_dir)
+    runtime = Runtime.create(config["train.device"], config["train.precision"])
     scores = _scores(config, info["data_kind"], metric, n)
     result: dict[str, Any] = {"run": str(run_dir), "checkpoint": latest_checkpoint(run_dir).name,
                               "images_seen": info["images_seen"], "degrade": degrade}
@@ -335,14 +327,15 @@ def run_importance(run_dir: str | Path, out_dir: str | Path | None = None, bins:
         _require(len(kept) >= 2, f"{run_dir} keeps only one checkpoint, so there is no earlier model; use "
                                  "--degrade noise, or train with train.checkpoint_every below train.images_seen")
         _, early, early_info = load_run(run_dir, kept[0])
-        fn = prediction_degrade(early.to(select_device(config["train.device"])))
+        fn = prediction_degrade(early.to(runtime.device))
         result |= {"degrade_checkpoint": kept[0].name, "degrade_images_seen": early_info["images_seen"]}
-    steps, solver = steps or config["sample.steps"], solver or config["sample.solver"]
-    seed = config["sample.seed"] if seed is None else seed
-    result |= {"n": n, "steps": steps, "solver": solver, "seed": seed,
+    sampling = SampleSettings.from_config(config)
+    sampling = replace(sampling, steps=steps or sampling.steps, solver=solver or sampling.solver,
+                       seed=sampling.seed if seed is None else seed)
+    result |= {"n": n, "steps": sampling.steps, "solver": sampling.solver, "seed": sampling.seed,
                "headline": next(iter(scores), "displacement")}
-    result |= timestep_importance(denoiser, config, tuple(info["sample_shape"]), fn, bins, n, steps, solver, seed,
-                                  scores, progress=progress)
+    result |= timestep_importance(denoiser, sampling, tuple(info["sample_shape"]), fn, bins, n, scores,
+                                  progress=progress, runtime=runtime)
     cost = result["metrics"][result["headline"]]["cost"]
     result["costliest_bin"] = max(range(bins), key=cost.__getitem__)
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis" / "importance"
@@ -350,71 +343,3 @@ def run_importance(run_dir: str | Path, out_dir: str | Path | None = None, bins:
     _write_json(out / "importance.json", result)
     plot_importance(result, out / "importance.png")
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Batch-size study
-
-SWEEP_BATCH_SIZES = (4, 8, 16, 64)
-
-
-def training_seconds(metrics_csv: Path) -> float:
-    """Seconds spent in optimizer steps, from metrics.csv's images and images/s per row."""
-    from .plots import read_metrics
-
-    total, previous = 0.0, 0
-    for row in read_metrics(metrics_csv):
-        images = int(row["images_seen"])
-        total += (images - previous) / max(float(row["images_per_s"]), 1e-9)
-        previous = images
-    return total
-
-
-def batch_sweep(base: Config, out_dir: str | Path, batch_sizes: Sequence[int] = SWEEP_BATCH_SIZES, bins: int = 10,
-                per_bin: int = 256, samples: int = 512, progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse) one run of ``base`` per batch size at the same budget in images seen; for each, the
-    headline metric of ``samples`` EMA samples, the EMA model's held-out loss per t bin on a fixed grid,
-    optimizer steps and training seconds. Writes ``batch_sweep.json``, ``table.md`` and ``batch_sweep.png``."""
-    from .metrics import HIGHER_IS_BETTER, Evaluator
-    from .plots import plot_batch_sweep
-    from .trainer import load_data
-
-    _require(len(batch_sizes) >= 1 and all(b >= 1 for b in batch_sizes),
-             f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
-    _require(bins >= 1 and per_bin >= 1 and samples >= 2, "--bins and --per-bin must be at least 1, --samples 2")
-    out_dir = Path(out_dir)
-    data = load_data(base)
-    evaluator = Evaluator(base, data=data)
-    _require(evaluator.headline is not None, f"{base['data.name']!r} has no quality metric (images without "
-                                             "class labels); sweep a labelled dataset such as mnist5000 or digits")
-    grid = heldout_grid(base.process(), data.heldout, bins, per_bin, torch.Generator().manual_seed(GRID_SEED))
-    result: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
-                              "metric": evaluator.headline, "higher_is_better": evaluator.headline in HIGHER_IS_BETTER,
-                              "samples": samples, "edges": grid.edges, "runs": []}
-    for size in batch_sizes:
-        trainer = train_or_reuse(base.updated({"train.batch_size": size, "train.name": f"batch-{size}"}),
-                                 out_dir / f"batch-{size}", progress)
-        result["runs"].append({
-            "batch_size": size, "steps": trainer.step, "metric": trainer.evaluate(evaluator, samples),
-            "heldout": heldout_loss_by_bin(trainer.ema.model.eval(), grid, trainer.weighting),
-            "train_seconds": training_seconds(trainer.files.metrics)})
-    _write_json(out_dir / "batch_sweep.json", result)
-    atomic_write_text(out_dir / "table.md", sweep_table(result))
-    plot_batch_sweep(result, out_dir / "batch_sweep.png")
-    return result
-
-
-def sweep_table(result: dict[str, Any]) -> str:
-    """Markdown table of a batch sweep: one row per batch size."""
-    edges = result["edges"]
-    near, far = f"{edges[0]:.2g}–{edges[1]:.2g}", f"{edges[-2]:.2g}–{edges[-1]:.2g}"
-    lines = [f"{result['dataset']}, {result['images_seen']} images seen per run, {result['metric']} of "
-             f"{result['samples']} EMA samples\n",
-             f"| batch | steps | {result['metric']} | held-out loss, mean over t | t {near} | t {far} | train s |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for run in result["runs"]:
-        heldout = run["heldout"]
-        lines.append(f"| {run['batch_size']} | {run['steps']} | {run['metric']:.4g} | "
-                     f"{sum(heldout) / len(heldout):.4g} | {heldout[0]:.4g} | {heldout[-1]:.4g} | "
-                     f"{run['train_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"

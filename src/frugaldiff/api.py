@@ -9,10 +9,11 @@ from typing import Any
 from .config import Config, parse_override
 from .distributed import close_distributed, init_distributed
 from .errors import FrugalError
-from .generate import generate, save_samples
+from .generate import save_samples
 from .images import to_uint8
 from .plots import plot_metrics
-from .trainer import Trainer, new_run_dir, read_run_config
+from .runs import new_run_dir, read_run_config
+from .trainer import Trainer
 
 
 def newest_run(parent: Path = Path("runs")) -> Path:
@@ -46,8 +47,7 @@ def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path 
         trainer = Trainer(config, root, resume=bool(resume), progress=progress)
         trainer.fit()
         if world.is_main:
-            x = generate(trainer.ema.model.eval(), config, config["sample.n"], trainer.data.sample_shape,
-                         progress=progress)
+            x = trainer.samples(config["sample.n"], progress=progress)
             images = to_uint8(x) if trainer.data.kind == "image" else x.numpy()
             reference = None if trainer.data.kind == "image" else trainer.data.heldout.numpy()
             save_samples(images, trainer.files.samples, reference)

@@ -1,9 +1,11 @@
 """Checkpoints written atomically: a checkpoint is a folder that appears whole or not at all.
 
 Layout of ``RUN/checkpoints/step-00001234/``: ``model.safetensors`` and ``ema.safetensors`` (weights),
-``trainer.pt`` (optimizer, timestep sampler, RNG states, ...), ``state.json`` (human-readable counters).
-Each is written into ``.tmp-step-...`` first, flushed to disk, and the folder is renamed into place,
-so a kill during writing leaves the previous checkpoints untouched and loadable.
+``trainer.pt`` (optimizer, timestep sampler, RNG states, ...), ``state.json`` (human-readable counters): the
+four parts of a training state's state dict (``model``, ``ema``, ``trainer``, ``info``). Each is written into
+``.tmp-step-...`` first, flushed to disk, and the folder is renamed into place, so a kill during writing leaves
+the previous checkpoints untouched and loadable. Checkpoints from before the learned weighting moved into the
+denoiser (a ``weighting.safetensors`` beside the weights, a second optimizer group) load as today's.
 """
 
 from __future__ import annotations
@@ -45,8 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+WEIGHTS = ("model", "ema")  # the parts of a state dict saved as safetensors
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -54,19 +55,20 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"{PREFIX}{step:08d}"
 
 
-def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], trainer_state: dict[str, Any],
-                    info: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` under ``folder`` atomically and keep only the newest ``keep``."""
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` ({"model", "ema": tensors, "trainer": torch-saveable, "info": JSON}) as checkpoint
+    ``step`` under ``folder`` atomically and keep only the newest ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(folder, step)
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for name, module in modules.items():
-            save_file(_state_tensors(module), str(tmp / f"{name}.safetensors"))
-        torch.save(trainer_state, tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps(info, indent=2))
+        for name in WEIGHTS:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state[name].items()}
+            save_file(tensors, str(tmp / f"{name}.safetensors"))
+        torch.save(state["trainer"], tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(state["info"], indent=2))
         for f in tmp.iterdir():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
@@ -97,9 +99,17 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
-def load_weights(checkpoint: Path, name: str, module: torch.nn.Module) -> None:
-    """Load ``NAME.safetensors`` of a checkpoint into ``module`` (strict)."""
+def load_weights(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``NAME.safetensors`` of a checkpoint (an old learned weighting's as ``uncertainty.*``)."""
     state = load_file(str(checkpoint / f"{name}.safetensors"))
+    old_weighting = checkpoint / "weighting.safetensors"
+    if old_weighting.is_file():  # before the learned weighting moved into the denoiser (its EMA = its weights)
+        state |= {f"uncertainty.{k}": v for k, v in load_file(str(old_weighting)).items()}
+    return state
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """``module.load_state_dict(state)`` (strict), with a one-line error when the checkpoint does not fit."""
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -114,4 +124,13 @@ def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]
     """(trainer state, info) of a checkpoint."""
     state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=False)
     info = json.loads((checkpoint / "state.json").read_text())
+    groups = state["optimizer"]["param_groups"]
+    if len(groups) == 2:  # an old learned weighting's own group: its parameters come last in the denoiser now
+        groups[0]["params"] += groups.pop()["params"]
     return state, info
+
+
+def load_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """The state dict a checkpoint holds (see :func:`save_checkpoint`)."""
+    trainer, info = load_trainer_state(checkpoint)
+    return {**{name: load_weights(checkpoint, name) for name in WEIGHTS}, "trainer": trainer, "info": info}

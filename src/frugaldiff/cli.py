@@ -10,7 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
+from .analysis import disruption, run_importance
+from .api import train
+from .config import Config, parse_override
 from .errors import FrugalError
+from .generate import sample, save_samples
+from .metrics import evaluate
+from .noise import PROCESSES
+from .plots import plot_amplification, plot_ledger, plot_timestep_densities
+from .prediction import LINEAR_TYPES, PREDICTIONS
+from .report import render_report
+from .runs import RunFiles
+from .studies import STUDY_DEFAULTS, STUDY_PROCESS, batch_sweep, prediction_study
+from .timestep_samplers import TIMESTEP_SAMPLERS
+from .trainer import Interrupted
 
 
 def _grid_options(parser: argparse.ArgumentParser, per_bin: int) -> None:
@@ -133,10 +146,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .api import train
-    from .config import Config
-    from .trainer import Interrupted
-
     if args.resume and (args.config or args.out):
         raise FrugalError("--resume continues a run in place with its own config; drop --config/--out")
     config = None if args.resume else Config.load(args.config, args.overrides)
@@ -152,8 +161,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .generate import sample, save_samples
-
     if args.out.suffix != ".npz":
         raise FrugalError(f"--out must end in .npz, got {args.out}; e.g. --out samples.npz")
     if args.n < 1 or (args.steps is not None and args.steps < 1):
@@ -170,10 +177,6 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _plot_timesteps(args: argparse.Namespace) -> int:
-    from .config import Config
-    from .plots import plot_timestep_densities
-    from .timestep_samplers import TIMESTEP_SAMPLERS
-
     config = Config.load(args.config, args.overrides)
     names = args.samplers or TIMESTEP_SAMPLERS.names()
     for name in names:
@@ -185,10 +188,6 @@ def _plot_timesteps(args: argparse.Namespace) -> int:
 
 
 def _plot_amplification(args: argparse.Namespace) -> int:
-    from .noise import PROCESSES
-    from .plots import plot_amplification
-    from .prediction import LINEAR_TYPES, PREDICTIONS
-
     types = args.types or LINEAR_TYPES
     processes = args.processes or PROCESSES.names()
     for name in types:
@@ -205,9 +204,6 @@ def _plot_amplification(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .config import Config
-    from .metrics import evaluate
-
     config = Config.load(None, args.overrides).updated({"data.name": args.dataset})
     result = evaluate(args.samples, config, args.ref, args.inception_weights)
     if args.json:
@@ -224,9 +220,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _prediction_types(args: argparse.Namespace) -> int:
-    from .config import Config, parse_override
-    from .diagnostics import STUDY_DEFAULTS, STUDY_PROCESS, prediction_study
-
     if args.bins < 1 or args.per_bin < 1:
         raise FrugalError("--bins and --per-bin must be at least 1")
     values = {"data.name": args.dataset, "diffusion.process": STUDY_PROCESS, **STUDY_DEFAULTS.get(args.dataset, {})}
@@ -240,8 +233,6 @@ def _prediction_types(args: argparse.Namespace) -> int:
 
 
 def _disruption(args: argparse.Namespace) -> int:
-    from .analysis import disruption
-
     result = disruption(args.run_dir, args.out, args.bins, args.steps, args.batch_sizes, args.per_bin, args.seed,
                         args.lr, progress=not args.no_progress)
     print(f"disruption of {result['checkpoint']} ({result['images_seen']} images, lr {result['lr']:.3g}):")
@@ -255,8 +246,6 @@ def _disruption(args: argparse.Namespace) -> int:
 
 
 def _importance(args: argparse.Namespace) -> int:
-    from .analysis import run_importance
-
     result = run_importance(args.run_dir, args.out, args.bins, args.error, args.n, args.steps, args.solver,
                             args.degrade, args.metric, args.seed, progress=not args.no_progress)
     name = result["headline"]
@@ -270,9 +259,6 @@ def _importance(args: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> int:
-    from .plots import plot_ledger
-    from .trainer import RunFiles
-
     metrics = RunFiles(args.run_dir).metrics
     if not metrics.is_file():
         raise FrugalError(f"{args.run_dir} has no metrics.csv; pass a run folder that `frugaldiff train` wrote")
@@ -285,9 +271,6 @@ def _ledger(args: argparse.Namespace) -> int:
 
 
 def _batch_sweep(args: argparse.Namespace) -> int:
-    from .analysis import batch_sweep
-    from .config import Config
-
     result = batch_sweep(Config.load(args.config, args.overrides), args.out, args.batch_sizes, args.bins,
                          args.per_bin, args.samples, progress=not args.no_progress)
     print((args.out / "table.md").read_text(), end="")
@@ -305,8 +288,6 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import render_report
-
     if args.n < 1 or (args.steps is not None and args.steps < 1):
         raise FrugalError("--n and --steps must be at least 1")
     print(f"wrote {render_report(args.run_dir, args.out, args.n, args.steps)}")
@@ -314,8 +295,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from .config import Config
-
     print(Config.load(args.config, args.overrides).to_toml(comments=True), end="")
     return 0
 

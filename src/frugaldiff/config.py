@@ -261,29 +261,28 @@ class Config:
                 f"train.batch_size ({self['train.batch_size']}) must be divisible by train.grad_accum "
                 f"({self['train.grad_accum']}); change one of them"
             )
-        self.prediction()
+        process = self.process()
+        self.prediction(process)
         for name in TIMESTEP_SAMPLERS.names():  # parameters of every component, used or not, must be valid
-            self.timestep_sampler(name=name)
+            self.timestep_sampler(process, name)
         for name in WEIGHTINGS.names():
             self.weighting(name)
 
     def process(self) -> NoiseProcess:
-        """The configured noise process."""
+        """A new instance of the configured noise process."""
         return PROCESSES.create(self["diffusion.process"])
 
-    def prediction(self) -> PredictionType:
-        """The configured prediction type (with its ``diffusion.<name>.*`` parameters, e.g. diffusion.mixed.types)."""
+    def prediction(self, process: NoiseProcess) -> PredictionType:
+        """The configured prediction type on ``process`` (with its ``diffusion.<name>.*`` parameters)."""
         name = self["diffusion.prediction"]
-        return PREDICTIONS.create(name, self.process(), self["diffusion.sigma_data"],
+        return PREDICTIONS.create(name, process, self["diffusion.sigma_data"],
                                   **component_params(self, "diffusion", name))
 
-    def timestep_sampler(self, rank: int = 0, world_size: int = 1, name: str | None = None) -> TimestepSampler:
-        """The configured timestep sampler (or sampler ``name``), seeded with ``train.seed`` on every rank."""
+    def timestep_sampler(self, process: NoiseProcess, name: str | None = None) -> TimestepSampler:
+        """The configured timestep sampler (or sampler ``name``) on ``process``, seeded with ``train.seed``."""
         params = self.timestep_sampler_params()
         name = name or self["diffusion.timestep_sampler"]
-        return TIMESTEP_SAMPLERS.create(name, process=self.process(), seed=self["train.seed"], rank=rank,
-                                        world_size=world_size, accum_steps=self["train.grad_accum"], params=params,
-                                        **params[name])
+        return TIMESTEP_SAMPLERS.create(name, process=process, seed=self["train.seed"], params=params, **params[name])
 
     def timestep_sampler_params(self) -> dict[str, dict[str, Any]]:
         """Every timestep sampler's configured parameters, by sampler name."""
@@ -292,7 +291,7 @@ class Config:
     def weighting(self, name: str | None = None) -> Weighting:
         """The configured loss weighting (or weighting ``name``)."""
         name = name or self["diffusion.weighting"]
-        return WEIGHTINGS.create(name, **component_params(self, "weighting", name)).bind(self.process())
+        return WEIGHTINGS.create(name, **component_params(self, "weighting", name))
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._values:

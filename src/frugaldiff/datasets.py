@@ -70,6 +70,35 @@ class LoadOptions:
 DATASETS: Registry[Data] = Registry("dataset")  # name -> loader(opts: LoadOptions) -> Data
 
 
+class BatchStream:
+    """Batches in shuffled epochs; the order is a function of (seed, position) alone, so resuming is exact.
+
+    Under torchrun every rank walks the same global order and the trainer hands each rank its share of every
+    global batch: a distributed sampler that needs no state of its own, whatever the number of processes.
+    """
+
+    def __init__(self, data: torch.Tensor, seed: int) -> None:
+        self.data, self.seed, self.position = data, seed, 0
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) of the epoch in use
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.data), generator=generator))
+        return self._order[1]
+
+    def next(self, n: int) -> torch.Tensor:
+        """The next ``n`` samples."""
+        idx: list[torch.Tensor] = []
+        while n:
+            epoch, offset = divmod(self.position, len(self.data))
+            take = min(n, len(self.data) - offset)
+            idx.append(self._epoch_order(epoch)[offset:offset + take])
+            self.position += take
+            n -= take
+        return self.data[torch.cat(idx)]
+
+
 def cache_dir() -> Path:
     """Cache folder: $FRUGALDIFF_CACHE, else $XDG_CACHE_HOME/frugaldiff, else ~/.cache/frugaldiff."""
     if os.environ.get("FRUGALDIFF_CACHE"):

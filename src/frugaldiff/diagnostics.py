@@ -1,4 +1,4 @@
-"""Diagnostics: x0 error per timestep bin on a fixed held-out grid, and the prediction-type study.
+"""Diagnostics: the training and held-out loss per timestep bin, and the x0 error on a fixed held-out grid.
 
 The held-out grid fixes (sample, t, noise) per bin from a seed, so errors are comparable across models,
 checkpoints and runs. For data drawn from a Gaussian mixture the Bayes error E‖E[x0 | x_t] − x0‖² is known
@@ -7,26 +7,20 @@ and each model's error is also reported in excess of it.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_text, list_checkpoints
-from .config import Config
 from .errors import FrugalError
-from .gmm import GaussianMixture, gmm_mixture
+from .gmm import GaussianMixture
+from .networks import Denoiser
 from .noise import NoiseProcess
-from .prediction import Denoiser, MixedPrediction
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .prediction import MixedPrediction
+from .weighting import Weighting
 
 Predict = Callable[[Tensor, Tensor], dict[str, Tensor]]  # (x_t, t) -> named x̂0 predictions
 
@@ -65,6 +59,11 @@ def heldout_grid(process: NoiseProcess, x0: Tensor, bins: int = 10, per_bin: int
         eps = torch.randn(rows.shape, generator=generator, dtype=torch.float64)
         cells.append(GridBin(rows, t, eps, process.add_noise(rows, eps, t)))
     return HeldoutGrid(torch.linspace(0, 1, bins + 1).tolist(), cells)
+
+
+def fixed_grid(process: NoiseProcess, x0: Tensor, bins: int, per_bin: int) -> HeldoutGrid:
+    """The held-out grid every analysis, run and benchmark measures on: ``per_bin`` draws per bin from GRID_SEED."""
+    return heldout_grid(process, x0, bins, per_bin, torch.Generator().manual_seed(GRID_SEED))
 
 
 def x0_error_by_bin(predict: Predict, grid: HeldoutGrid, mixture: GaussianMixture | None = None,
@@ -203,11 +202,10 @@ class LossLedger:
         self.count, self.mean, self.m2 = state["count"].clone(), state["mean"].clone(), state["m2"].clone()
 
 
-def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Any = None,
-                        batch: int = 512) -> list[float]:
-    """Mean training objective (``prediction.objective`` with ``weighting``'s x0 weight, none = unweighted) per
-    bin of a fixed held-out grid: comparable across steps and runs of the same config. Runs on the denoiser's
-    device."""
+def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Weighting, batch: int = 512) -> list[float]:
+    """Mean training objective (the prediction type's loss under ``weighting``, importance and a learned
+    uncertainty left out) per bin of a fixed held-out grid: comparable across steps and runs of the same config.
+    Runs on the denoiser's device."""
     prediction = denoiser.prediction
     device = next(denoiser.parameters()).device
     losses = []
@@ -217,147 +215,6 @@ def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Any = 
             part = slice(start, start + batch)
             x0, eps, x_t, t = (v[part].to(device, torch.float32) for v in (cell.x0, cell.eps, cell.x_t, cell.t))
             with torch.no_grad():
-                x0_weight = None if weighting is None else weighting.x0_weight(prediction.process, t)
-                total += prediction.objective(denoiser(x_t, t), x_t, x0, eps, t, x0_weight).sum().item()
+                total += prediction.loss(denoiser(x_t, t), x_t, x0, eps, t, weighting).sum().item()
         losses.append(total / len(cell.x0))
     return losses
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The prediction-type study (issue: prediction types and the mixed prediction)
-
-#: The study runs on vp-linear, where every named type (acceleration too) is defined; per dataset: its budget.
-STUDY_PROCESS = "vp-linear"
-STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gmm": {"diffusion.sigma_data": 0.8, "train.images_seen": 200_000, "train.batch_size": 32,
-            "train.warmup_images": 2000, "sample.n": 512},
-    "mnist5000": {"train.images_seen": 20_000, "train.batch_size": 32},
-}
-
-
-def study_models(types: Sequence[str], strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Model name → config changes: one model per single type, one per mixed strategy over ``types``."""
-    models: dict[str, dict[str, Any]] = {t: {"diffusion.prediction": t} for t in types}
-    for strategy in strategies:
-        models[f"mixed-{strategy}"] = {"diffusion.prediction": "mixed", "diffusion.mixed.types": list(types),
-                                       "diffusion.mixed.strategy": strategy}
-    return models
-
-
-def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", "velocity", "acceleration"),
-                     strategies: Sequence[str] = ("joint", "heads", "heads+joint"), bins: int = 10,
-                     per_bin: int = 512, progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse, when finished) one run per model of :func:`study_models` under ``out_dir`` at equal
-    budget and batch, then measure each model's (and each mixed head's) x0 error per t bin on a fixed held-out
-    grid, and the gate weights over t. Writes ``results.json``, ``table.md``, ``x0_error.png``, ``gates.png``.
-    """
-    from .plots import plot_error_by_bin, plot_gate_weights
-    from .trainer import load_data
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_data(base)
-    mixture = true_mixture(base)
-    results: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
-                               "batch_size": base["train.batch_size"], "process": base["diffusion.process"],
-                               "models": {}, "gates": {}}
-    samples: dict[str, list[Tensor]] = {}
-    for name, changes in study_models(types, strategies).items():
-        trainer = train_or_reuse(base.updated({**changes, "train.name": name}), out_dir / name, progress)
-        denoiser = trainer.ema.model.eval()
-        grid = heldout_grid(denoiser.process, data.heldout, bins, per_bin, torch.Generator().manual_seed(GRID_SEED))
-        errors = x0_error_by_bin(denoiser_predictions(denoiser), grid, mixture, denoiser.process)
-        results["edges"] = errors["edges"]
-        if "bayes" in errors:
-            results["bayes"] = errors["bayes"]
-        key = "excess" if mixture is not None else "error"
-        for output, values in errors[key].items():
-            label = name if output == "model" else f"{name} {output}"
-            results["models"][label], samples[label] = values, errors["samples"][output]
-        if isinstance(denoiser.prediction, MixedPrediction):
-            results["gates"][name] = gate_weights_by_bin(denoiser, grid)
-    results["measure"] = "excess x0 error over Bayes" if mixture is not None else "x0 error"
-    results["claims"] = study_claims(results, samples, types)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
-    atomic_write_text(out_dir / "table.md", study_table(results))
-    plot_error_by_bin(results, out_dir / "x0_error.png")
-    if results["gates"]:
-        plot_gate_weights(results, out_dir / "gates.png")
-    return results
-
-
-def true_mixture(config: Config) -> GaussianMixture | None:
-    """The mixture a gmm run's data is drawn from (its data.* keys), None for other datasets."""
-    if config["data.name"] != "gmm":
-        return None
-    return gmm_mixture(config["data.seed"], config["data.gmm_dim"], config["data.gmm_components"],
-                       config["data.gmm_covariance"])
-
-
-def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
-    """A trainer of ``config`` in ``run`` trained to its budget: started, continued or, when finished, reused
-    (an experiment rerun skips what is done); a run of another config there is an error. A run of this config
-    that was stopped before its first checkpoint holds nothing to continue: it is started again."""
-    from .trainer import Trainer
-
-    started = (run / "config.toml").is_file()
-    if started and Config.load(run / "config.toml", saved=True) != config:
-        raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
-    if started and not list_checkpoints(run / "checkpoints"):
-        shutil.rmtree(run)
-        started = False
-    trainer = Trainer(config, run, resume=started, progress=progress)
-    if trainer.images_seen < config["train.images_seen"]:
-        trainer.fit()
-    return trainer
-
-
-def study_claims(results: dict[str, Any], samples: dict[str, list[Tensor]], types: Sequence[str]) -> dict[str, Any]:
-    """The study's questions, answered from its numbers: which single type is best per bin, and in which bins
-    each mixture is worse than its own best head or than the best single-type model. "Worse" means the paired
-    per-sample difference on the same grid points exceeds two standard errors (``samples``: per-sample errors of
-    each model and bin), so noise alone is not reported as a loss."""
-    models = results["models"]
-    singles = [t for t in types if t in models]
-    bins = len(results["edges"]) - 1
-
-    def worse_bins(name: str, rivals: list[str]) -> list[int]:
-        found = []
-        for b in range(bins):
-            best = min(rivals, key=lambda r: models[r][b])
-            diff = samples[name][b] - samples[best][b]
-            if diff.mean() > 2 * diff.std() / math.sqrt(len(diff)):
-                found.append(b)
-        return found
-
-    claims: dict[str, Any] = {"best_single_type_per_bin": [min(singles, key=lambda t: models[t][b])
-                                                           for b in range(bins)] if singles else [],
-                              "mixtures": {}}
-    for name, values in models.items():
-        if not name.startswith("mixed-") or " " in name:
-            continue
-        heads = [f"{name} head:{t}" for t in types if f"{name} head:{t}" in models]
-        claims["mixtures"][name] = {
-            "bins_worse_than_own_best_head": worse_bins(name, heads),
-            "bins_worse_than_best_single_model": worse_bins(name, singles) if singles else [],
-            "mean": sum(values) / bins,
-        }
-    return claims
-
-
-def study_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per model (and mixed head), one column per t bin, plus the mean."""
-    edges = results["edges"]
-    head = [f"{lo:.1f}–{hi:.1f}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
-    lines = [f"{results['measure']} per t bin ({results['dataset']}, {results['images_seen']} images, "
-             f"batch {results['batch_size']}, {results['process']})", "",
-             "| model | " + " | ".join(head) + " | mean |", "|---|" + "---:|" * (len(head) + 1)]
-    rows = dict(results["models"])
-    if "bayes" in results:
-        rows = {"(Bayes error itself)": results["bayes"], **rows}
-    for name, values in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(sum(values) / len(values))} |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}"

@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_trainer_state, load_weights
+from .checkpoint import latest_checkpoint, load_into, load_trainer_state, load_weights
+from .components import SampleSettings, build_denoiser
 from .config import Config
 from .images import save_grid, to_uint8
+from .networks import Denoiser
 from .plots import plot_points
-from .prediction import Denoiser
+from .runs import read_run_config
+from .runtime import CPU, Runtime
 from .solvers import solve
-from .trainer import autocast, autocast_dtype, build_denoiser, read_run_config, select_device
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[Config, Denoiser, dict]:
@@ -23,34 +25,36 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple
     ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     _, info = load_trainer_state(ckpt)
     denoiser = build_denoiser(config, tuple(info["sample_shape"]))
-    load_weights(ckpt, "ema", denoiser)
+    load_into(denoiser, load_weights(ckpt, "ema"), ckpt)
     return config, denoiser.eval().requires_grad_(False), info
 
 
-def generate(denoiser: Denoiser, config: Config, n: int, sample_shape: tuple[int, ...], steps: int | None = None,
-             solver: str | None = None, seed: int | None = None, progress: bool = False) -> torch.Tensor:
-    """``n`` samples (float, data scale) from ``denoiser`` with the config's solver settings unless given."""
-    device = select_device(config["train.device"])
-    dtype = autocast_dtype(config["train.precision"], device)
+def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape: tuple[int, ...],
+             runtime: Runtime = CPU, steps: int | None = None, solver: str | None = None, seed: int | None = None,
+             progress: bool = False) -> torch.Tensor:
+    """``n`` samples (float, data scale) from ``denoiser`` on ``runtime`` with ``settings`` unless given."""
+    device = runtime.device
     denoiser = denoiser.to(device)
-    generator = torch.Generator().manual_seed(config["sample.seed"] if seed is None else seed)
-    clip = config["sample.clip"] and len(sample_shape) == 3
+    generator = torch.Generator().manual_seed(settings.seed if seed is None else seed)
+    clip = settings.clip and len(sample_shape) == 3
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
+        with runtime.autocast():
             x0 = denoiser.denoise(x, t.to(device, torch.float32)).float()
         return x0.clamp(-1, 1) if clip else x0
 
-    return solve(denoise, denoiser.process, (n, *sample_shape), steps or config["sample.steps"],
-                 solver=solver or config["sample.solver"], schedule=config["sample.schedule"],
-                 eta=config["sample.eta"], generator=generator, device=device, progress=progress).cpu()
+    return solve(denoise, denoiser.process, (n, *sample_shape), steps or settings.steps,
+                 solver=solver or settings.solver, schedule=settings.schedule, eta=settings.eta,
+                 generator=generator, device=device, progress=progress).cpu()
 
 
 def sample(run_dir: str | Path, n: int = 64, steps: int | None = None, solver: str | None = None,
            seed: int = 0, checkpoint: str | Path | None = None, progress: bool = False) -> np.ndarray:
     """Samples of a run's EMA model: uint8 [N, H, W, C] for images, float32 [N, D] for vectors."""
     config, denoiser, info = load_run(run_dir, checkpoint)
-    x = generate(denoiser, config, n, tuple(info["sample_shape"]), steps, solver, seed, progress)
+    runtime = Runtime.create(config["train.device"], config["train.precision"])
+    x = generate(denoiser, SampleSettings.from_config(config), n, tuple(info["sample_shape"]), runtime, steps, solver,
+                 seed, progress)
     return to_uint8(x) if info["data_kind"] == "image" else x.numpy().astype(np.float32)
 
 

@@ -9,6 +9,7 @@ split and EVALUATOR_VERSION, never with the Inception FID of papers (that one ne
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 import pickle
@@ -25,12 +26,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .components import build_data, true_mixture
 from .config import Config
-from .datasets import LUMA, Data, cache_dir, image_layout
-from .diagnostics import true_mixture
+from .datasets import LUMA, BatchStream, Data, cache_dir, image_layout
 from .errors import FrugalError
 from .gmm import GaussianMixture
-from .trainer import BatchStream, load_data
 
 EVALUATOR_VERSION = 1  # bump when the classifier or its training changes: cached weights are then rebuilt
 FEATURES = 64  # width of the classifier's penultimate layer, the feature space of FID, KID, precision, recall
@@ -306,22 +306,19 @@ def headline_metric(data: Data) -> str | None:
 class Evaluator:
     """Every metric that applies to a dataset, with its reference set prepared once; call it on samples.
 
-    ``dataset`` is a name or a Config whose ``data.*`` keys select the data (and the gmm mixture); ``data``
-    may pass the already loaded dataset. ``ref`` is the reference split, "heldout" or "train".
+    ``ref`` is the reference split of ``data``, "heldout" or "train"; ``mixture`` is the true distribution of gmm
+    data (exact metrics); :meth:`for_dataset` builds both from a dataset name or config.
     """
 
-    def __init__(self, dataset: str | Config, ref: str = "heldout", inception_weights: str | Path | None = None,
-                 data: Data | None = None) -> None:
+    def __init__(self, data: Data, ref: str = "heldout", inception_weights: str | Path | None = None,
+                 mixture: GaussianMixture | None = None) -> None:
         if ref not in REFS:
             raise FrugalError(f"ref {ref!r} is not a split; use one of: {', '.join(REFS)}")
-        config = dataset if isinstance(dataset, Config) else Config({"data.name": dataset})
-        self.data = data if data is not None else load_data(config)
-        self.ref = ref
+        self.data, self.ref, self.mixture = data, ref, mixture
         self.reference = self.data.heldout if ref == "heldout" else self.data.train
         self.headline = headline_metric(self.data)
         self.skipped: dict[str, str] = {}
         self.classifier = self.inception = None
-        self.mixture = true_mixture(config)
         if self.data.kind == "vector":
             if inception_weights is not None:
                 raise FrugalError(f"Inception weights score images and {self.data.name} holds vectors; drop them")
@@ -337,6 +334,13 @@ class Evaluator:
             self._prepare_classifier()
         else:
             self.skipped["domain metrics"] = f"dataset {self.data.name!r} has no class labels to train a classifier"
+
+    @classmethod
+    def for_dataset(cls, dataset: str | Config, ref: str = "heldout",
+                    inception_weights: str | Path | None = None) -> Evaluator:
+        """The evaluator of a dataset name, or of the ``data.*`` keys of a config."""
+        config = dataset if isinstance(dataset, Config) else Config({"data.name": dataset})
+        return cls(build_data(config), ref, inception_weights, true_mixture(config))
 
     def _prepare_classifier(self) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -417,8 +421,6 @@ class Evaluator:
 
 def _inception_fid(weights: Path) -> Any:
     """torchmetrics' Inception FID with a local weights file (never downloaded)."""
-    import importlib.util
-
     if not weights.is_file():
         raise FrugalError(f"no file {weights}; pass torch-fidelity's Inception-v3 weights file to --inception-weights")
     if importlib.util.find_spec("torch_fidelity") is None:
@@ -444,4 +446,4 @@ def evaluate(samples: np.ndarray | str | Path, dataset: str | Config, ref: str =
     split, with ``n_samples``, ``n_ref``, ``dataset`` and ``ref``; see docs/metrics.md."""
     if not isinstance(samples, np.ndarray):
         samples = load_samples(samples)
-    return Evaluator(dataset, ref, inception_weights)(samples)
+    return Evaluator.for_dataset(dataset, ref, inception_weights)(samples)

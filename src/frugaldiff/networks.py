@@ -1,4 +1,5 @@
-"""Networks that map (x_t, t) to a prediction: a UNet for images and an MLP for vectors."""
+"""Networks that map (x_t, t) to a prediction (a UNet for images, an MLP for vectors), and the denoiser that
+wraps one with its prediction type and loss uncertainty."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .noise import NoiseProcess, bcast
+from .prediction import PredictionType
 from .registry import Registry
+from .weighting import Uncertainty
 
 NETWORKS: Registry[nn.Module] = Registry("model.name")
 
@@ -160,3 +164,34 @@ class MLP(nn.Module):
         for block in self.blocks:
             h = h + block(h + emb)
         return self.out(h)
+
+
+class Denoiser(nn.Module):
+    """A network together with its prediction type (the preconditioner) and the loss uncertainty of its weighting.
+
+    ``forward`` gives the raw output (trained by the prediction type's loss); :meth:`denoise` gives x̂0, which
+    every solver uses. A mixed prediction's gate and EDM2's learned uncertainty are submodules, so the
+    optimizer, the EMA, DDP and checkpoints carry them with the network.
+    """
+
+    def __init__(self, net: nn.Module, prediction: PredictionType, uncertainty: Uncertainty | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.prediction = prediction
+        self.uncertainty = uncertainty if uncertainty is not None else Uncertainty()
+
+    @property
+    def process(self) -> NoiseProcess:
+        return self.prediction.process
+
+    def prediction_parameters(self) -> list[nn.Parameter]:
+        """The parameters x̂0 depends on (the network's and a mixed prediction's gate), not the uncertainty's:
+        gradient clipping bounds their step."""
+        return [p for name, p in self.named_parameters() if not name.startswith("uncertainty.")]
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.net(x_t * bcast(self.prediction.input_scale(t), x_t), t)
+
+    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x̂0(x_t, t) in float32."""
+        return self.prediction.to_x0(self(x_t, t).float(), x_t, t)

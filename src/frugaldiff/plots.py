@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from .errors import FrugalError
+from .noise import PROCESSES
+from .prediction import PREDICTIONS
+from .runs import read_metrics
+from .timestep_samplers import TIMESTEP_SAMPLERS
 
 
 def pyplot() -> Any:
@@ -24,12 +30,6 @@ def save_figure(plt: Any, fig: Any, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-
-
-def read_metrics(metrics_csv: Path) -> list[dict[str, str]]:
-    """The rows of a run's metrics.csv."""
-    with metrics_csv.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def plot_metrics(metrics_csv: Path, out: Path) -> None:
@@ -78,9 +78,6 @@ def plot_timestep_densities(names: list[str], process_name: str, out: Path, n: i
     ``params`` maps sampler names to their parameters (defaults otherwise); samplers that learn from
     losses are shown as they start, before any loss has come in.
     """
-    from .noise import PROCESSES
-    from .timestep_samplers import TIMESTEP_SAMPLERS
-
     params = params or {}
     process = PROCESSES.create(process_name)
     edges = np.linspace(0.0, 1.0, 51)
@@ -111,12 +108,6 @@ def plot_amplification(types: list[str], process_names: list[str], out: Path, si
 
     A(t) is how much an error of the network's unit-scale output grows in x0; degenerate pairs are left out.
     """
-    import torch
-
-    from .errors import FrugalError
-    from .noise import PROCESSES
-    from .prediction import PREDICTIONS
-
     plt = pyplot()
     fig, axes = plt.subplots(1, len(process_names), figsize=(5 * len(process_names), 4), squeeze=False)
     for ax, process_name in zip(axes[0], process_names, strict=True):

@@ -11,15 +11,24 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .errors import FrugalError
-from .noise import NoiseProcess, bcast
+from .noise import PROCESSES, NoiseProcess, bcast
 from .registry import Registry
 
 Coefficients = Callable[[NoiseProcess, Tensor], tuple[Tensor, Tensor]]
+
+
+class LossWeighting(Protocol):
+    """What a prediction type's loss asks of a loss weighting (:class:`frugaldiff.weighting.Weighting`)."""
+
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor: ...
+
+    def weigh(self, error: Tensor, prediction: PredictionType, t: Tensor) -> Tensor: ...
 
 
 class PredictionType:
@@ -39,10 +48,14 @@ class PredictionType:
         """x̂0 from the raw network output."""
         raise NotImplementedError
 
-    def objective(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
-                  x0_weight: Tensor | None) -> Tensor:
-        """Per-sample training loss [B]: unweighted in the type's own space when ``x0_weight`` is None,
-        otherwise the x0-space error weighted by ``x0_weight``."""
+    def x0_factor(self, t: Tensor) -> Tensor:
+        """A(t)²: an x0-space weight times this is the weight on the type's own unit-scale error."""
+        raise NotImplementedError
+
+    def loss(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
+             weighting: LossWeighting) -> Tensor:
+        """Per-sample training loss [B] of the raw output ``out`` under ``weighting`` (``none``: the type's own
+        unit-variance loss)."""
         raise NotImplementedError
 
     def to_eps(self, x0_hat: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -72,8 +85,6 @@ class LinearPrediction(PredictionType):
     def _check_recoverable(self) -> None:
         if self.recoverable_on(self.process):
             return
-        from .noise import PROCESSES
-
         working = [n for n in PROCESSES.names() if self.recoverable_on(PROCESSES.create(n))]
         hint = f"use it with diffusion.process = {' or '.join(working)}" if working else "it works on no process"
         raise FrugalError(
@@ -124,10 +135,9 @@ class LinearPrediction(PredictionType):
         """A(t)²: turns an x0-space loss weight into a weight on :meth:`error`."""
         return self.amplification(t) ** 2
 
-    def objective(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
-                  x0_weight: Tensor | None) -> Tensor:
-        error = self.error(out, x0, eps, t)
-        return error if x0_weight is None else error * x0_weight * self.x0_factor(t)
+    def loss(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
+             weighting: LossWeighting) -> Tensor:
+        return weighting.weigh(self.error(out, x0, eps, t), self, t)
 
 
 PREDICTIONS: Registry[PredictionType] = Registry("diffusion.prediction")
@@ -267,10 +277,10 @@ class MixedPrediction(PredictionType, nn.Module):
         """min_k A_k(t)²: without a weighting, the mixture's x0 error is measured in its best head's scale."""
         return torch.stack([h.x0_factor(t) for h in self.heads]).min(0).values
 
-    def objective(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
-                  x0_weight: Tensor | None) -> Tensor:
+    def loss(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
+             weighting: LossWeighting) -> Tensor:
         x0s, weights = self.heads_x0(out, x_t, t), self.gate_weights(out, t)
-        w = 1 / self.x0_factor(t) if x0_weight is None else x0_weight
+        w = weighting.x0_weight(self, t)
 
         def mixture_error(heads: Tensor) -> Tensor:
             return (self._mix(heads, weights) - x0).pow(2).flatten(1).mean(1) * w
@@ -278,7 +288,7 @@ class MixedPrediction(PredictionType, nn.Module):
         loss = torch.zeros_like(w)
         if self.strategy in ("heads", "heads+joint"):
             heads = zip(self.heads, self._chunks(out), strict=False)
-            loss = loss + sum(h.objective(c, x_t, x0, eps, t, x0_weight) for h, c in heads)
+            loss = loss + sum(h.loss(c, x_t, x0, eps, t, weighting) for h, c in heads)
             loss = loss + mixture_error(x0s.detach())
         if self.strategy in ("joint", "heads+joint"):
             loss = loss + mixture_error(x0s)
@@ -293,27 +303,3 @@ def _mixed(process: NoiseProcess, sigma_data: float, *, types: list[str] = [],  
     gate: timestep or pixel; strategy: joint, heads or heads+joint (:class:`MixedPrediction`).
     """
     return MixedPrediction(process, sigma_data, types, gate, strategy)
-
-
-class Denoiser(nn.Module):
-    """A network together with its process and prediction type: the preconditioner.
-
-    ``forward`` gives the raw output (trained by :meth:`PredictionType.error`); :meth:`denoise`
-    gives x̂0, which every solver uses.
-    """
-
-    def __init__(self, net: nn.Module, prediction: PredictionType) -> None:
-        super().__init__()
-        self.net = net
-        self.prediction = prediction
-
-    @property
-    def process(self) -> NoiseProcess:
-        return self.prediction.process
-
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.net(x_t * bcast(self.prediction.input_scale(t), x_t), t)
-
-    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """x̂0(x_t, t) in float32."""
-        return self.prediction.to_x0(self(x_t, t).float(), x_t, t)

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text, list_checkpoints, load_trainer_state
+from .components import build_data
 from .config import Config
 from .generate import sample, save_samples
-from .plots import plot_eval, plot_ledger, plot_metrics, read_metrics
-from .trainer import METRIC_FIELDS, RunFiles, load_data, read_run_config
+from .plots import plot_eval, plot_ledger, plot_metrics
+from .runs import METRIC_FIELDS, RunFiles, read_metrics, read_run_config
 
 SECTIONS = ("Config", "Training curves", "Loss ledger", "Samples over training", "Metrics", "Analyses")
 
@@ -48,7 +49,7 @@ def _samples_section(run_dir: Path, config: Config, scratch: Path, n: int, steps
     for checkpoint in checkpoints:
         _, info = load_trainer_state(checkpoint)
         samples = sample(run_dir, n=n, steps=steps, checkpoint=checkpoint)
-        reference = None if info["data_kind"] == "image" else load_data(config).heldout.numpy()
+        reference = None if info["data_kind"] == "image" else build_data(config).heldout.numpy()
         png = scratch / f"samples-{checkpoint.name}.png"
         save_samples(samples, png, reference)
         css = "samples" if info["data_kind"] == "image" else ""

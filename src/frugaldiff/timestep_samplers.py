@@ -8,11 +8,12 @@ objective* returns w = 1. Samplers may learn from the per-sample losses passed t
 (``state_dict``) makes a resumed run identical to an uninterrupted one.
 Not to be confused with *solvers* (``frugaldiff.solvers``), which generate images.
 
-Ranks and gradient accumulation: every rank builds its sampler with the same seed and calls
-``sample(n, micro_step)`` for the same micro-steps, so every rank draws the same random numbers and
-the generators stay in step. Each call draws for all ranks and keeps this rank's share, so ranks see
-different times; :class:`StratifiedSampler` spreads its strata over all ranks and micro-steps. Samplers
-that learn from losses must be given the same losses on every rank (gather them first).
+Ranks and gradient accumulation: a sampler draws the *global* batch, one call per optimizer step, and the
+trainer hands each rank and micro-step its share (as it does with the data), so a stratified sampler puts
+one draw in every stratum of the whole step, and the pairing of times with images does not depend on the
+number of processes or micro-steps. Every rank builds its sampler with the same seed and makes the same
+calls, so the generators stay in step; samplers that learn from losses must be given the same losses on
+every rank (the trainer gathers them first).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .distributed import rank_share
 from .errors import FrugalError
 from .noise import NoiseProcess
 from .registry import Registry
@@ -34,7 +34,7 @@ F64 = torch.float64
 
 
 class TimestepSampler:
-    """Base class. ``rank``/``world_size`` and the micro-step let a sampler spread draws over all of them.
+    """Base class: draws the times of whole optimizer steps.
 
     Subclasses add their own parameters as keyword arguments with typed defaults after ``*``; the
     config exposes them as ``timestep_sampler.<name>.<param>``. ``params`` holds every sampler's
@@ -44,11 +44,10 @@ class TimestepSampler:
     #: True when the weights make the loss an unbiased estimate of the uniform-t objective.
     keeps_objective = True
 
-    def __init__(self, process: NoiseProcess, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 accum_steps: int = 1, params: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def __init__(self, process: NoiseProcess, seed: int = 0, params: Mapping[str, Mapping[str, Any]] | None = None
+                 ) -> None:
         self.process = process
         self.seed = seed
-        self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.params = dict(params or {})
         self.progress = 0.0
         self.generator = torch.Generator().manual_seed(seed)
@@ -57,8 +56,8 @@ class TimestepSampler:
         """Share of the training budget done so far (0 to 1); called by the trainer before each step."""
         self.progress = fraction
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
-        """``n`` times in [0, 1] and their weights (float64 tensors on the CPU)."""
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` times in [0, 1] and their weights (float64 tensors on the CPU): one optimizer step's global batch."""
         raise NotImplementedError
 
     def density(self, t: Tensor) -> Tensor:
@@ -77,35 +76,22 @@ class TimestepSampler:
 
     # ---- helpers for subclasses -------------------------------------------------------------
     def _uniform(self, n: int) -> Tensor:
-        """n draws from U(0, 1) for this rank: draws for every rank, keeps this rank's share."""
-        u = torch.rand(n * self.world_size, generator=self.generator, dtype=F64)
-        return rank_share(u, self.rank, self.world_size)
+        """n draws from U(0, 1)."""
+        return torch.rand(n, generator=self.generator, dtype=F64)
 
     def _normal(self, n: int) -> Tensor:
-        """n draws from N(0, 1) for this rank, as :meth:`_uniform`."""
-        z = torch.randn(n * self.world_size, generator=self.generator, dtype=F64)
-        return rank_share(z, self.rank, self.world_size)
+        """n draws from N(0, 1)."""
+        return torch.randn(n, generator=self.generator, dtype=F64)
 
-    def _normal_or_stratified(self, n: int, micro_step: int, stratified: bool) -> Tensor:
+    def _normal_or_stratified(self, n: int, stratified: bool) -> Tensor:
         """n draws from N(0, 1): independent, or the normal quantiles of :meth:`_stratified` points."""
         if not stratified:
             return self._normal(n)
-        u = self._stratified(n, micro_step).clamp(1e-12, 1 - 1e-12)
-        return torch.special.ndtri(u)
+        return torch.special.ndtri(self._stratified(n).clamp(1e-12, 1 - 1e-12))
 
-    def _stratified(self, n: int, micro_step: int) -> Tensor:
-        """n points of [0, 1), one in each of the strata g, g + G, g + 2G, … of n·G equal strata.
-
-        g = micro_step·world_size + rank out of G = accum_steps·world_size groups, so the G calls of
-        one optimizer step put exactly one point in every stratum. Each stratum has its own uniform
-        jitter; all n·G jitters are drawn on every call (the same on every rank).
-        """
-        if not 0 <= micro_step < self.accum_steps:
-            raise ValueError(f"micro_step {micro_step} is outside 0..{self.accum_steps - 1}")
-        groups = self.accum_steps * self.world_size
-        jitter = torch.rand(n * groups, generator=self.generator, dtype=F64)
-        strata = torch.arange(micro_step * self.world_size + self.rank, n * groups, groups)
-        return (strata + jitter[strata]) / (n * groups)
+    def _stratified(self, n: int) -> Tensor:
+        """n points of [0, 1), point i in stratum [i/n, (i + 1)/n) with its own uniform jitter."""
+        return (torch.arange(n) + self._uniform(n)) / n
 
     def _require(self, ok: bool, param: str, value: Any, valid: str) -> None:
         """Raise a one-line FrugalError naming ``timestep_sampler.<name>.<param>`` unless ``ok``."""
@@ -144,7 +130,7 @@ class _PiecewiseConstant:
 class UniformSampler(TimestepSampler):
     """t ~ U(0, 1), weight 1: the standard objective (keeps the uniform objective)."""
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
         t = self._uniform(n)
         return t, torch.ones_like(t)
 
@@ -154,14 +140,14 @@ class UniformSampler(TimestepSampler):
 
 @TIMESTEP_SAMPLERS.register("stratified")
 class StratifiedSampler(UniformSampler):
-    """One draw per stratum of [0, 1) across batch, ranks and micro-steps (k-diffusion); keeps the uniform objective.
+    """One draw per stratum of [0, 1) across the global batch (k-diffusion); keeps the uniform objective.
 
-    The n·G strata (G = ranks × accumulation steps) are filled once per optimizer step, each with its
+    The n strata of a batch of n (all ranks and micro-steps) are filled once per optimizer step, each with its
     own uniform jitter; every single draw is uniform on [0, 1], so the weight is 1.
     """
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
-        t = self._stratified(n, micro_step)
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        t = self._stratified(n)
         return t, torch.ones_like(t)
 
 
@@ -172,7 +158,7 @@ class AntitheticSampler(UniformSampler):
     An odd batch ends with a lone uniform draw. Lowers the variance for losses that are monotone in t.
     """
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
         u = self._uniform((n + 1) // 2)
         t = torch.stack([u, 1 - u], dim=1).flatten()[:n]
         return t, torch.ones_like(t)
@@ -196,8 +182,8 @@ class LogNormalSampler(TimestepSampler):
         self._require(0 < p_std < math.inf, "p_std", p_std, "a number > 0")
         self.p_mean, self.p_std, self.stratified = p_mean, p_std, stratified
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
-        log_sigma = self.p_mean + self.p_std * self._normal_or_stratified(n, micro_step, self.stratified)
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        log_sigma = self.p_mean + self.p_std * self._normal_or_stratified(n, self.stratified)
         t = self.process.t_of_log_snr(-2 * log_sigma)
         return t, torch.ones_like(t)
 
@@ -220,8 +206,8 @@ class LogitNormalSampler(TimestepSampler):
         self._require(0 < s < math.inf, "s", s, "a number > 0")
         self.m, self.s, self.stratified = m, s, stratified
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
-        t = torch.sigmoid(self.m + self.s * self._normal_or_stratified(n, micro_step, self.stratified))
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        t = torch.sigmoid(self.m + self.s * self._normal_or_stratified(n, self.stratified))
         return t, torch.ones_like(t)
 
 
@@ -243,7 +229,7 @@ class ModeSampler(TimestepSampler):
         self._require(-1 <= scale <= _MODE_SCALE_MAX, "scale", scale, f"a number in [-1, {_MODE_SCALE_MAX:.4f}]")
         self.scale = scale
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
         u = self._uniform(n)
         t = (1 - u - self.scale * (torch.cos(0.5 * math.pi * u) ** 2 - 1 + u)).clamp(0, 1)
         return t, torch.ones_like(t)
@@ -264,10 +250,9 @@ class BetaSampler(TimestepSampler):
         self._require(0 < b < math.inf, "b", b, "a number > 0")
         self.a, self.b = a, b
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
         seed = int(torch.randint(2**63 - 1, (1,), generator=self.generator))
-        draws = np.random.default_rng(seed).beta(self.a, self.b, size=n * self.world_size)
-        t = torch.from_numpy(rank_share(draws, self.rank, self.world_size)).to(F64)
+        t = torch.from_numpy(np.random.default_rng(seed).beta(self.a, self.b, size=n)).to(F64)
         return t, torch.ones_like(t)
 
 
@@ -295,7 +280,7 @@ class NearZeroSampler(TimestepSampler):
     def keeps_objective(self) -> bool:  # type: ignore[override]
         return self.keep_objective
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
         u = self._uniform(n)
         t = self.step_density.inverse(u)[0] if self.shape == "step" else u**self.power
         return t, 1 / self.density(t) if self.keep_objective else torch.ones_like(t)
@@ -318,7 +303,7 @@ class RangeSampler(TimestepSampler):
         self._require(lo < hi <= 1, "hi", hi, f"a number in ({lo}, 1]")
         self.lo, self.hi = lo, hi
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
         t = self.lo + (self.hi - self.lo) * self._uniform(n)
         return t, torch.ones_like(t)
 
@@ -353,9 +338,9 @@ class _BinnedImportanceSampler(TimestepSampler):
     def _distribution(self) -> _PiecewiseConstant:
         return _PiecewiseConstant(self.edges, self.bin_probabilities())
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
         dist = self._distribution()
-        t, bins = dist.inverse(self._stratified(n, micro_step) if self.stratify else self._uniform(n))
+        t, bins = dist.inverse(self._stratified(n) if self.stratify else self._uniform(n))
         return t, 1 / dist.values[bins]
 
     def density(self, t: Tensor) -> Tensor:
@@ -483,9 +468,8 @@ class _CompositeSampler(TimestepSampler):
         self._require(name in valid, param, name, "one of " + ", ".join(valid))
 
     def _build(self, names: list[str]) -> None:
-        self.children = [TIMESTEP_SAMPLERS.create(
-            name, process=self.process, seed=self.seed, rank=self.rank, world_size=self.world_size,
-            accum_steps=self.accum_steps, params=self.params, **self.params.get(name, {})) for name in names]
+        self.children = [TIMESTEP_SAMPLERS.create(name, process=self.process, seed=self.seed, params=self.params,
+                                                  **self.params.get(name, {})) for name in names]
         for child in self.children:
             child.generator = self.generator
 
@@ -502,7 +486,7 @@ class _CompositeSampler(TimestepSampler):
         for child in self.children:
             child.set_progress(fraction)
 
-    def sample(self, n: int, micro_step: int = 0) -> tuple[Tensor, Tensor]:
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
         u = (torch.arange(n, dtype=F64) + torch.rand(n, generator=self.generator, dtype=F64)) / n
         cdf = torch.cumsum(self.mix_weights(), 0)
         which = torch.searchsorted(cdf[:-1], u, right=True)
@@ -510,7 +494,7 @@ class _CompositeSampler(TimestepSampler):
         for k, child in enumerate(self.children):
             chosen = which == k
             if bool(chosen.any()):
-                t[chosen] = child.sample(int(chosen.sum()), micro_step)[0]
+                t[chosen] = child.sample(int(chosen.sum()))[0]
         return t, 1 / self.density(t) if self.keeps_objective else torch.ones_like(t)
 
     def density(self, t: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """Loss weightings: how much each time t counts, expressed as a weight on the x0-space error.
 
 Because a weighting lives in x0 space (a function of t through α, σ and the SNR), it composes with
-every prediction type: ``PredictionType.objective`` applies it (a linear type multiplies its own error by
-the weight times A(t)²; the mixed type weights the mixture's x0 error directly).
-``none`` keeps the prediction type's own unit-variance loss.
+every prediction type: ``PredictionType.loss`` applies it (a linear type multiplies its own error by the
+weight times A(t)², :meth:`Weighting.weigh`; the mixed type weights the mixture's x0 error directly).
+``none`` keeps the prediction type's own unit-variance loss: its x0 weight is 1/A(t)².
 
 All weights are computed from λ = log SNR (``process.log_snr``), SNR = α²/σ², so they stay finite over
 [t_min, t_max] on every process. Conversions used in the docstrings below:
@@ -27,27 +27,37 @@ from torch.nn import functional as F
 
 from .errors import FrugalError
 from .noise import NoiseProcess
+from .prediction import PredictionType
 from .registry import Registry
 
 
 class Weighting:
-    """Base class: ``x0_weight`` gives the weight per sample, or None for the type's own loss.
+    """Base class: ``x0_weight`` gives the weight per sample of the x0-space squared error.
 
     Parameters are keyword arguments with typed defaults; the config exposes them as
-    ``weighting.<name>.<param>``. A weighting with learnable parameters is also an ``nn.Module``:
-    the trainer gives its parameters their own optimizer group and checkpoints them.
+    ``weighting.<name>.<param>``. A weighting that learns (EDM2's) puts its parameters in the denoiser as
+    its :meth:`uncertainty` module, so the model's optimizer, EMA, DDP and checkpoints carry them.
     """
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor | None:
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        """The weight on ‖x̂0 − x0‖² per sample at times ``t`` for ``prediction``'s model."""
         raise NotImplementedError
 
-    def adjust(self, loss: Tensor, t: Tensor) -> Tensor:
-        """Final per-sample loss from the weighted one; identity except for learned weightings."""
-        return loss
+    def weigh(self, error: Tensor, prediction: PredictionType, t: Tensor) -> Tensor:
+        """A linear type's unit-scale error [B] as this weighting's loss: error · x0 weight · A(t)²."""
+        return error * self.x0_weight(prediction, t) * prediction.x0_factor(t)
 
-    def bind(self, process: NoiseProcess) -> Weighting:
-        """Attach the noise process (needed by ``adjust`` of the learned weighting); returns self."""
-        return self
+    def uncertainty(self, process: NoiseProcess) -> Uncertainty:
+        """The denoiser's module that turns the weighted loss into the loss minimised (the identity here)."""
+        return Uncertainty()
+
+
+class Uncertainty(nn.Module):
+    """The loss minimised is the weighted loss itself (no learned uncertainty)."""
+
+    def adjust(self, loss: Tensor, t: Tensor) -> Tensor:
+        """The loss to minimise from the weighted per-sample loss."""
+        return loss
 
 
 def _require(ok: bool, key: str, valid: str, value: object) -> None:
@@ -68,16 +78,19 @@ WEIGHTINGS: Registry[Weighting] = Registry("diffusion.weighting")
 class NoWeighting(Weighting):
     """The prediction type's own loss (x0 weight 1/A(t)²)."""
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor | None:
-        return None
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        return 1 / prediction.x0_factor(t)
+
+    def weigh(self, error: Tensor, prediction: PredictionType, t: Tensor) -> Tensor:
+        return error  # exactly the type's own loss (error · 1/A² · A² would round)
 
 
 @WEIGHTINGS.register("snr")
 class SNRWeighting(Weighting):
     """ε-equivalent loss: x0 weight SNR (the ε-MSE whatever the prediction type)."""
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
-        return process.log_snr(t).exp()
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        return prediction.process.log_snr(t).exp()
 
 
 @WEIGHTINGS.register("min_snr")
@@ -94,8 +107,8 @@ class MinSNRWeighting(Weighting):
         self.gamma = _positive("min_snr.gamma", gamma)
         self.plus_one = plus_one
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
-        snr = process.log_snr(t).exp() + (1.0 if self.plus_one else 0.0)
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        snr = prediction.process.log_snr(t).exp() + (1.0 if self.plus_one else 0.0)
         return snr.clamp(max=self.gamma)
 
 
@@ -106,8 +119,8 @@ class SoftMinSNRWeighting(Weighting):
     def __init__(self, *, gamma: float = 5.0) -> None:
         self.gamma = _positive("soft_min_snr.gamma", gamma)
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
-        return self.gamma * torch.sigmoid(process.log_snr(t) - math.log(self.gamma))
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        return self.gamma * torch.sigmoid(prediction.process.log_snr(t) - math.log(self.gamma))
 
 
 @WEIGHTINGS.register("p2")
@@ -122,8 +135,8 @@ class P2Weighting(Weighting):
         _require(math.isfinite(gamma) and gamma >= 0, "p2.gamma", "a finite number ≥ 0", gamma)
         self.gamma = float(gamma)
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
-        lam, log_k = process.log_snr(t), math.log(self.k)
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        lam, log_k = prediction.process.log_snr(t), math.log(self.k)
         return torch.exp(lam - self.gamma * (log_k + F.softplus(lam - log_k)))
 
 
@@ -138,16 +151,16 @@ class EDMWeighting(Weighting):
     def __init__(self, *, sigma_data: float = 0.5) -> None:
         self.sigma_data = _positive("edm.sigma_data", sigma_data)
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
-        return process.log_snr(t).exp() + self.sigma_data**-2
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        return prediction.process.log_snr(t).exp() + self.sigma_data**-2
 
 
 @WEIGHTINGS.register("debias")
 class DebiasWeighting(Weighting):
     """Debiased estimation (Yu et al.): ε weight 1/√SNR, so x0 weight √SNR = exp(λ/2)."""
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
-        return torch.exp(process.log_snr(t) / 2)
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        return torch.exp(prediction.process.log_snr(t) / 2)
 
 
 def _log_flow_sigma(lam: Tensor) -> Tensor:
@@ -163,8 +176,8 @@ class SigmaSqrtWeighting(Weighting):
     s⁻² on an x0 loss instead, which is just the unweighted flow-matching loss.
     """
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
-        return torch.exp(-4 * _log_flow_sigma(process.log_snr(t)))
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        return torch.exp(-4 * _log_flow_sigma(prediction.process.log_snr(t)))
 
 
 @WEIGHTINGS.register("cosmap")
@@ -175,46 +188,49 @@ class CosMapWeighting(Weighting):
     flow path. 1 − 2s + 2s² = s²(1 + SNR), hence the x0 form.
     """
 
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
-        lam = process.log_snr(t)
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        lam = prediction.process.log_snr(t)
         return (2 / math.pi) * torch.exp(-4 * _log_flow_sigma(lam) - F.softplus(lam))
 
 
 @WEIGHTINGS.register("learned")
-class LearnedWeighting(Weighting, nn.Module):
-    """EDM2's learned uncertainty: loss L·e^(−u(t)) + u(t), whose optimum is e^u = E[L | t].
+class LearnedWeighting(NoWeighting):
+    """EDM2's learned uncertainty: loss L·e^(−u(t)) + u(t) on the type's own loss L; optimum e^u = E[L | t].
+
+    Its x0 weight is that of ``none``; u lives in the denoiser (:class:`LearnedUncertainty`).
+    """
+
+    def __init__(self, *, features: int = 32) -> None:
+        _require(isinstance(features, int) and 1 <= features <= 4096, "learned.features",
+                 "an integer in [1, 4096]", features)
+        self.features = features
+
+    def uncertainty(self, process: NoiseProcess) -> LearnedUncertainty:
+        return LearnedUncertainty(process, self.features)
+
+
+class LearnedUncertainty(Uncertainty):
+    """u(t), the learned log of the expected loss at t, and the loss L·e^(−u) + u.
 
     u is a linear map (initialised to zero) of Fourier features √2·cos(2π(f·s + φ)) of the noise level
     s = σ/(α + σ) (SD3's σ, equal to t on the flow path), with fixed frequencies f ~ N(0, 1)
     and phases φ ~ U(0, 1) from a fixed seed, kept as buffers. s is bounded, unlike EDM2's ln(σ̃)/4 = −λ/8,
     whose far ends are rarely sampled under uniform t and then extrapolate wildly; and unlike t it spreads
-    out the low-noise end of VP paths. It needs the process, so the trainer calls :meth:`bind` once before
-    :meth:`adjust`. The x0 weight is None: it sits on top of the prediction type's own loss.
+    out the low-noise end of VP paths.
     """
 
-    def __init__(self, *, features: int = 32) -> None:
+    def __init__(self, process: NoiseProcess, features: int = 32) -> None:
         super().__init__()
-        _require(isinstance(features, int) and 1 <= features <= 4096, "learned.features",
-                 "an integer in [1, 4096]", features)
         generator = torch.Generator().manual_seed(0)
         self.register_buffer("freqs", torch.randn(features, generator=generator))
         self.register_buffer("phases", torch.rand(features, generator=generator))
         self.linear = nn.Linear(features, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
-        self.process: NoiseProcess | None = None
-
-    def bind(self, process: NoiseProcess) -> LearnedWeighting:
         self.process = process
-        return self
-
-    def x0_weight(self, process: NoiseProcess, t: Tensor) -> Tensor | None:
-        return None
 
     def forward(self, t: Tensor) -> Tensor:
-        """u(t), the learned log of the expected loss at t [B]."""
-        if self.process is None:
-            raise RuntimeError("LearnedWeighting.bind(process) must be called before use")
+        """u(t) [B]."""
         s = torch.exp(_log_flow_sigma(self.process.log_snr(t))).to(self.freqs.dtype)
         features = math.sqrt(2) * torch.cos(2 * math.pi * (s[:, None] * self.freqs + self.phases))
         return self.linear(features).squeeze(-1)

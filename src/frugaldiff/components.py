@@ -1,0 +1,158 @@
+"""Everything a run is built from, assembled once from a :class:`Config`.
+
+:func:`build` makes one noise process and hands it to the prediction type, the timestep sampler, the
+denoiser and the objective; :class:`TrainSettings` and :class:`SampleSettings` hold the ``train.*`` and
+``sample.*`` values as typed fields. The trainer, generation, the evaluator and the analyses take these
+objects, not the config and its string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+from torch import Tensor
+
+from .config import Config
+from .datasets import Data, load_dataset
+from .errors import FrugalError
+from .gmm import GaussianMixture, gmm_mixture
+from .networks import NETWORKS, Denoiser
+from .noise import NoiseProcess
+from .objective import Objective
+from .prediction import PredictionType
+from .runtime import Runtime
+from .timestep_samplers import TimestepSampler
+from .weighting import Weighting
+
+
+class _Settings:
+    """A dataclass whose every field is the config key ``<section>.<field>``."""
+
+    section: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, config: Config) -> Self:
+        return cls(**{f.name: config[f"{cls.section}.{f.name}"] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class TrainSettings(_Settings):
+    """The ``train.*`` keys (``frugaldiff config`` explains each)."""
+
+    section = "train"
+
+    batch_size: int
+    images_seen: int
+    lr: float
+    lr_schedule: str
+    warmup_images: int
+    weight_decay: float
+    grad_clip: float
+    ema_decay: float
+    grad_accum: int
+    precision: str
+    seed: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    ledger_bins: int
+    heldout_every: int
+    heldout_per_bin: int
+    tensorboard: bool
+    eval_every: int
+    eval_samples: int
+    device: str
+
+    def lr_at(self, images: int) -> float:
+        """The learning rate after ``images`` images: linear warm-up, then constant or cosine to 0."""
+        factor = min(1.0, (images + 1) / self.warmup_images) if self.warmup_images else 1.0
+        if self.lr_schedule == "cosine":
+            factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, images / self.images_seen)))
+        return self.lr * factor
+
+
+@dataclass(frozen=True)
+class SampleSettings(_Settings):
+    """The ``sample.*`` keys: how a trained model generates."""
+
+    section = "sample"
+
+    solver: str
+    steps: int
+    schedule: str
+    eta: float
+    clip: bool
+    n: int
+    seed: int
+
+
+def build_data(config: Config) -> Data:
+    """The configured dataset (``data.*`` keys)."""
+    return load_dataset(config["data.name"], image_size=config["data.image_size"], color=config["data.color"],
+                        heldout_fraction=config["data.heldout_fraction"], num_samples=config["data.num_samples"],
+                        seed=config["data.seed"], gmm_dim=config["data.gmm_dim"],
+                        gmm_components=config["data.gmm_components"], gmm_covariance=config["data.gmm_covariance"])
+
+
+def true_mixture(config: Config) -> GaussianMixture | None:
+    """The mixture a gmm run's data is drawn from (its data.* keys), None for other datasets."""
+    if config["data.name"] != "gmm":
+        return None
+    return gmm_mixture(config["data.seed"], config["data.gmm_dim"], config["data.gmm_components"],
+                       config["data.gmm_covariance"])
+
+
+def build_network(config: Config, prediction: PredictionType, sample_shape: tuple[int, ...]) -> Any:
+    """The ``model.*`` network for samples of ``sample_shape`` ((C, H, W) images or (D,) vectors)."""
+    name = config["model.name"]
+    if name == "auto":
+        name = "unet" if len(sample_shape) == 3 else "mlp"
+    if name == "unet":
+        if len(sample_shape) != 3:
+            raise FrugalError(f"model.name=unet needs image data, got samples of shape {sample_shape}; use mlp")
+        channels, size, _ = sample_shape
+        return NETWORKS.create(
+            "unet", channels, prediction.out_channels(channels), size, channels=config["model.channels"],
+            channel_mult=config["model.channel_mult"], num_res_blocks=config["model.num_res_blocks"],
+            attention_resolutions=config["model.attention_resolutions"], dropout=config["model.dropout"])
+    if len(sample_shape) != 1:
+        raise FrugalError(f"model.name={name} needs vector data, got samples of shape {sample_shape}; use unet")
+    features = math.prod(sample_shape)
+    return NETWORKS.create(name, features, prediction.out_channels(features), hidden=config["model.hidden"],
+                           depth=config["model.depth"], dropout=config["model.dropout"])
+
+
+def build_denoiser(config: Config, sample_shape: tuple[int, ...], process: NoiseProcess | None = None,
+                   weighting: Weighting | None = None) -> Denoiser:
+    """Prediction type, network and the weighting's uncertainty module, in this order (their initialisations draw
+    from torch's global generator in it)."""
+    process = process if process is not None else config.process()
+    prediction = config.prediction(process)
+    net = build_network(config, prediction, sample_shape)
+    weighting = weighting if weighting is not None else config.weighting()
+    return Denoiser(net, prediction, weighting.uncertainty(process))
+
+
+@dataclass
+class Components:
+    """The built parts of a run; ``process`` is shared by all of them."""
+
+    process: NoiseProcess
+    prediction: PredictionType
+    weighting: Weighting
+    denoiser: Denoiser
+    sampler: TimestepSampler
+    objective: Objective
+
+
+def build(config: Config, data: Data, runtime: Runtime) -> Components:
+    """Every part of a run of ``config`` on ``data``; the denoiser and the stable target's pool on the device."""
+    process = config.process()
+    weighting = config.weighting()
+    denoiser = build_denoiser(config, data.sample_shape, process, weighting).to(runtime.device)
+    pool: Tensor | None = data.train.to(runtime.device) if config["diffusion.reference_images"] else None
+    objective = Objective(denoiser, weighting, runtime, pool, config["diffusion.reference_images"])
+    return Components(process, denoiser.prediction, weighting, denoiser, config.timestep_sampler(process), objective)

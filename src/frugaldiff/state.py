@@ -1,0 +1,98 @@
+"""The training state: everything that changes while a run trains, and whose state dict is its checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, load_into, save_checkpoint
+from .components import Components, TrainSettings
+from .datasets import BatchStream, Data
+from .diagnostics import LossLedger
+from .ema import EMA
+from .objective import Batch, Objective
+
+
+def empty_log() -> dict[str, float]:
+    """Running sums of one logging period of metrics.csv."""
+    return {"loss": 0.0, "count": 0, "grad_norm": 0.0, "images": 0, "time": 0.0}
+
+
+class TrainState:
+    """Model, EMA, AdamW, timestep sampler, data position, noise generator, counters and the current logging
+    period (running sums and the loss ledger) of one run.
+
+    The data order, the times and the noise come from generators of their own (seeded by ``train.seed``), so
+    :meth:`state_dict` with torch's global generator (dropout) makes a resumed run identical to an uninterrupted
+    one.
+    """
+
+    def __init__(self, parts: Components, data: Data, settings: TrainSettings) -> None:
+        self.denoiser, self.sampler, self.process = parts.denoiser, parts.sampler, parts.process
+        self.ema = EMA(self.denoiser, settings.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=settings.lr,
+                                           weight_decay=settings.weight_decay)
+        self.stream = BatchStream(data.train, settings.seed)
+        self.noise = torch.Generator().manual_seed(settings.seed + 1)
+        self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
+        self.log = empty_log()
+        self.ledger = LossLedger(settings.ledger_bins)  # this logging period's losses per t bin, all ranks
+        self.sample_shape, self.data_kind = data.sample_shape, data.kind
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def draw(self, n: int, objective: Objective) -> Batch:
+        """The next global batch of ``n``: data, then times, then noise, then the stable target's references."""
+        device = self.device
+        x0 = self.stream.next(n).to(device)
+        t, importance = self.sampler.sample(n)
+        eps = torch.randn((n, *x0.shape[1:]), generator=self.noise).to(device)
+        return Batch(x0, self.process.clamp(t).to(device, torch.float32), importance.to(device, torch.float32), eps,
+                     objective.references(x0, self.noise))
+
+    def info(self) -> dict[str, Any]:
+        """Counters and data facts (``state.json`` beside each checkpoint)."""
+        return {"step": self.step, "images_seen": self.images_seen, "nonfinite_skipped": self.nonfinite_total,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_shape": list(self.sample_shape),
+                "data_kind": self.data_kind}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: weights (``model``, ``ema``), ``trainer`` state and ``info``."""
+        cuda = self.device.type == "cuda"
+        trainer = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                   "noise_rng": self.noise.get_state(), "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if cuda else [], "stream_position": self.stream.position,
+                   "log": dict(self.log), "ledger": self.ledger.state_dict()}
+        return {"model": self.denoiser.state_dict(), "ema": self.ema.model.state_dict(), "trainer": trainer,
+                "info": self.info()}
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        """Continue from ``state`` (a checkpoint's, read from ``source``)."""
+        load_into(self.denoiser, state["model"], source)
+        load_into(self.ema.model, state["ema"], source)
+        trainer, info = state["trainer"], state["info"]
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.sampler.load_state_dict(trainer["sampler"])
+        self.noise.set_state(trainer["noise_rng"])
+        torch.set_rng_state(trainer["torch_rng"])
+        if trainer["cuda_rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+        self.stream.position = trainer["stream_position"]
+        self.log = trainer["log"]
+        if "ledger" in trainer:  # checkpoints from before the ledger start it empty
+            self.ledger.load_state_dict(trainer["ledger"])
+        self.step, self.images_seen = info["step"], info["images_seen"]
+        self.nonfinite_total, self.nonfinite_in_a_row = info["nonfinite_skipped"], info["nonfinite_in_a_row"]
+
+    def save(self, folder: Path, keep: int) -> Path:
+        """Write the checkpoint of the current step under ``folder``, keeping the newest ``keep``."""
+        return save_checkpoint(folder, self.step, self.state_dict(), keep)
+
+    def restore(self, checkpoint: Path) -> None:
+        """Continue from the checkpoint folder ``checkpoint``."""
+        self.load_state_dict(load_checkpoint(checkpoint), checkpoint)
+
