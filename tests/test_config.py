@@ -44,7 +44,7 @@ def test_unknown_key_suggests_the_close_one():
     ({"diffusion.process": "vp"}, "vp-linear, vp-cosine, flow"),
     ({"diffusion.prediction": "score"}, "eps"),
     ({"model.channel_mult": [1, 0]}, "model.channel_mult"),
-    ({"model.channel_mult": 2}, "a list of int"),
+    ({"model.channel_mult": 2}, "a list of at least 1 integers"),
     ({"data.name": "cifar10"}, "mnist5000"),
     ({"train.batch_size": 6, "train.grad_accum": 4}, "divisible"),
     ({"timestep_sampler.near_zero.shape": "bogus"}, "timestep_sampler.near_zero.shape"),  # even when unused

@@ -10,6 +10,7 @@ import difflib
 import inspect
 import json
 import math
+import reprlib
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class Option:
     low: float | None = None
     high: float | None = None
     item: type | None = None  # element type of a list option
+    min_items: int = 0  # the fewest elements of a list option
+    max_length: int | None = None  # the longest string of a str option
     #: The value for a config saved before this key existed (None: the default), so a run resumed after an
     #: upgrade keeps training as it started.
     predating: Any = None
@@ -53,13 +56,16 @@ class Option:
         if self.choices is not None:
             return "one of " + ", ".join(self.choices())
         if self.kind is list:
-            return f"a list of {self.item.__name__}" + _range_text(self.low, self.high, " each")
-        return f"a {self.kind.__name__}" + _range_text(self.low, self.high)
+            least = f"at least {self.min_items} " if self.min_items else ""
+            return f"a list of {least}{_KINDS[self.item][1]}" + _range_text(self.low, self.high, " each")
+        if self.max_length is not None:
+            return f"a string of at most {self.max_length} characters"
+        return _KINDS[self.kind][0] + _range_text(self.low, self.high)
 
     def check(self, value: Any) -> Any:
         """The value converted to this option's type, or a FrugalError."""
         if self.kind is list:
-            if not isinstance(value, list):
+            if not isinstance(value, list) or len(value) < self.min_items:
                 raise self._bad(value)
             return [self._check_scalar(v, self.item) for v in value]
         return self._check_scalar(value, self.kind)
@@ -71,6 +77,8 @@ class Option:
             raise self._bad(value)
         if kind is float and not math.isfinite(value):
             raise self._bad(value)
+        if kind is str and len(value) > (self.max_length or MAX_STRING):
+            raise self._bad(value)
         if self.choices is not None and value not in self.choices() and not _prefix_match(value, self.choices()):
             raise self._bad(value)
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
@@ -78,7 +86,25 @@ class Option:
         return value
 
     def _bad(self, value: Any) -> FrugalError:
-        return FrugalError(f"config key '{self.key}' must be {self.describe()}; got {value!r}")
+        return FrugalError(f"config key '{self.key}' must be {self.describe()}; got {short_repr(value)}")
+
+
+#: The longest string any config value may hold (paths included), and the largest seed.
+MAX_STRING = 4096
+MAX_SEED = 2**32 - 1
+MAX_COMPONENT_INT = 10**6
+
+
+def short_repr(value: Any) -> str:
+    """repr of ``value`` cut to a readable length and depth, for one-line messages."""
+    cut = reprlib.Repr()
+    cut.maxlevel, cut.maxlist, cut.maxstring, cut.maxother, cut.maxlong = 3, 6, 60, 60, 40
+    return cut.repr(value)
+
+
+#: how a type is named in messages: (one, several)
+_KINDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "booleans")}
 
 
 def _range_text(low: float | None, high: float | None, prefix: str = "") -> str:
@@ -104,18 +130,20 @@ OPTIONS: list[Option] = [
     Option("data.color", "auto", "channels of folder/npz images", choices=lambda: ["auto", "grey", "rgb"]),
     Option("data.heldout_fraction", 0.2, "held-out share where a dataset has no official split", low=0.01,
            high=0.9),
-    Option("data.num_samples", 8000, "number of training points of generated data (2-D toys, gmm)", low=16),
+    Option("data.num_samples", 8000, "number of training points of generated data (2-D toys, gmm)", low=16,
+           high=10**7),
     Option("data.gmm_dim", GMM_DIM, "dimension of dataset gmm", low=1, high=4096),
     Option("data.gmm_components", GMM_COMPONENTS, "number of mixture components of dataset gmm", low=1, high=1024),
     Option("data.gmm_covariance", "diagonal", "component covariances of dataset gmm",
            choices=lambda: list(GMM_COVARIANCES)),
-    Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0),
+    Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0, high=MAX_SEED),
     Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
            choices=lambda: ["auto", *NETWORKS.names()]),
     Option("model.channels", 16, "UNet base channels", low=4, high=1024),
-    Option("model.channel_mult", [1, 2, 4], "UNet channel multiplier per resolution", item=int, low=1, high=16),
+    Option("model.channel_mult", [1, 2, 4], "UNet channel multiplier per resolution", item=int, low=1, high=16,
+           min_items=1),
     Option("model.num_res_blocks", 2, "UNet residual blocks per resolution", low=1, high=8),
-    Option("model.attention_resolutions", [7], "resolutions (sides) with self-attention", item=int, low=1),
+    Option("model.attention_resolutions", [7], "resolutions (sides) with self-attention", item=int, low=1, high=4096),
     Option("model.dropout", 0.0, "dropout probability", low=0.0, high=0.9),
     Option("model.hidden", 256, "MLP width", low=8, high=8192),
     Option("model.depth", 4, "MLP residual blocks", low=1, high=64),
@@ -131,33 +159,35 @@ OPTIONS: list[Option] = [
     Option("diffusion.reference_images", 4096, "stable target (Xu et al. 2023): train towards E[x0 | x_t] over the "
            "batch and this many random training images instead of the drawn x0 (0 = off; at least the train split's "
            "size: all of it)", low=0, predating=0),
-    Option("train.name", "", "run name (default: dataset-prediction)"),
+    Option("train.name", "", "run name (default: dataset-prediction)", max_length=100),
     Option("train.batch_size", 64, "global batch size", low=1, high=65536),
-    Option("train.images_seen", 38000, "training budget in images", low=1),
+    Option("train.images_seen", 38000, "training budget in images", low=1, high=10**10),
     Option("train.lr", 1e-3, "AdamW learning rate", low=0.0, high=1.0),
     Option("train.lr_schedule", "cosine", "learning rate after warm-up",
            choices=lambda: ["constant", "cosine"]),
-    Option("train.warmup_images", 2000, "linear learning-rate warm-up, in images", low=0),
+    Option("train.warmup_images", 2000, "linear learning-rate warm-up, in images", low=0, high=10**10),
     Option("train.weight_decay", 0.0, "AdamW weight decay", low=0.0),
     Option("train.grad_clip", 1.0, "gradient-norm clipping (0 = off)", low=0.0),
     Option("train.ema_decay", 0.999, "EMA decay (with warm-up (1+n)/(10+n))", low=0.0, high=1.0),
-    Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1),
+    Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1, high=65536),
     Option("train.precision", "auto", "fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)",
            choices=lambda: ["auto", "fp32", "bf16"]),
-    Option("train.seed", 0, "seed of weights, batches, noise and t", low=0),
-    Option("train.checkpoint_every", 10000, "checkpoint interval in images (0 = only at the end)", low=0),
-    Option("train.keep_checkpoints", 3, "how many checkpoints to keep", low=1),
-    Option("train.log_every", 20, "optimizer steps between rows of metrics.csv", low=1),
+    Option("train.seed", 0, "seed of weights, batches, noise and t", low=0, high=MAX_SEED),
+    Option("train.checkpoint_every", 10000, "checkpoint interval in images (0 = only at the end)", low=0,
+           high=10**10),
+    Option("train.keep_checkpoints", 3, "how many checkpoints to keep", low=1, high=1000),
+    Option("train.log_every", 20, "optimizer steps between rows of metrics.csv", low=1, high=10**9),
     Option("train.ledger_bins", 20, "equal-width t bins of the loss ledger (per-bin mean and variance of the "
            "training loss in metrics.csv) and of the held-out grid", low=1, high=1000),
     Option("train.heldout_every", 4000, "images between held-out losses per t bin on a fixed (image, t, noise) "
-           "grid (heldout_t<bin> in metrics.csv; 0 = off)", low=0),
-    Option("train.heldout_per_bin", 32, "held-out grid draws per t bin", low=1),
+           "grid (heldout_t<bin> in metrics.csv; 0 = off)", low=0, high=10**10),
+    Option("train.heldout_per_bin", 32, "held-out grid draws per t bin", low=1, high=100_000),
     Option("train.tensorboard", True, "also log metrics.csv's numbers to RUN/tensorboard when the tensorboard "
            "package is installed (pip install 'frugaldiff[tensorboard]')"),
     Option("train.eval_every", 0, "images between evaluations of EMA samples (eval_<metric> in metrics.csv, "
-           "eval.png; 0 = off)", low=0),
-    Option("train.eval_samples", 256, "samples generated (seed sample.seed) for each evaluation", low=10),
+           "eval.png; 0 = off)", low=0, high=10**10),
+    Option("train.eval_samples", 256, "samples generated (seed sample.seed) for each evaluation", low=10,
+           high=100_000),
     Option("train.device", "auto", "auto, cpu, cuda or mps", choices=lambda: ["auto", "cpu", "cuda", "mps"]),
     Option("sample.solver", "ddpm", "generation solver", choices=SOLVERS.names),
     Option("sample.steps", 100, "solver steps", low=1, high=10000),
@@ -165,13 +195,14 @@ OPTIONS: list[Option] = [
            choices=SCHEDULES.names),
     Option("sample.eta", 0.0, "DDIM η (0 = deterministic)", low=0.0, high=1.0),
     Option("sample.clip", True, "clamp x̂0 of images to [-1, 1] while generating (vectors are never clamped)"),
-    Option("sample.n", 64, "samples drawn for the grid at the end of training", low=1),
-    Option("sample.seed", 0, "seed of generation", low=0),
+    Option("sample.n", 64, "samples drawn for the grid at the end of training", low=1, high=100_000),
+    Option("sample.seed", 0, "seed of generation", low=0, high=MAX_SEED),
 ]
 
 
 def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
-    """Options ``GROUP.<name>.<param>`` for the keyword-only parameters of each registered class."""
+    """Options ``GROUP.<name>.<param>`` for the keyword-only parameters of each registered class (integers bounded by
+    ±MAX_COMPONENT_INT, so no value allocates without limit; each component checks its own ranges too)."""
     options = []
     for name in registry.names():
         factory = registry.get(name)
@@ -182,7 +213,9 @@ def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
             default, item = param.default, None
             if isinstance(default, list):
                 item = type(default[0]) if default else str
-            options.append(Option(f"{group}.{name}.{param.name}", default, f"{name}: {summary}", item=item))
+            bound = MAX_COMPONENT_INT if int in (type(default), item) else None
+            options.append(Option(f"{group}.{name}.{param.name}", default, f"{name}: {summary}", item=item,
+                                  low=-bound if bound else None, high=bound))
     return options
 
 
@@ -198,21 +231,25 @@ def component_params(config: Config, group: str, name: str) -> dict[str, Any]:
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} → {'a.b': 1}; keys that are already dotted pass through."""
+    """{'a': {'b': 1}} → {'a.b': 1}; keys that are already dotted pass through. Iterative, so any depth works."""
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, full + "."))
+    stack = [(prefix, iter(tree.items()))]
+    while stack:
+        base, items = stack[-1]
+        for key, value in items:
+            if isinstance(value, Mapping):
+                stack.append((f"{base}{key}.", iter(value.items())))
+                break
+            flat[f"{base}{key}"] = value
         else:
-            flat[full] = value
+            stack.pop()
     return flat
 
 
 def _unknown_key(key: str) -> FrugalError:
-    close = difflib.get_close_matches(key, OPTION_BY_KEY, n=1)
+    close = difflib.get_close_matches(key, OPTION_BY_KEY, n=1) if len(key) <= 200 else []
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return FrugalError(f"unknown config key '{key}'; {hint}run `frugaldiff config` to list every key")
+    return FrugalError(f"unknown config key {short_repr(key)}; {hint}run `frugaldiff config` to list every key")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -220,10 +257,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise FrugalError(f"--set needs KEY=VALUE, got {text!r}; e.g. --set train.batch_size=16")
+        raise FrugalError(f"--set needs KEY=VALUE, got {short_repr(text)}; e.g. --set train.batch_size=16")
+    if "\n" in raw:
+        raise FrugalError(f"--set {key}= holds a line break; give one TOML value on one line")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = parse_toml(f"v = {raw}")["v"]
+    except FrugalError as e:
+        if "nest too deeply" in str(e):
+            raise FrugalError(f"--set {key}= {e}; give a flat value") from None
         value = raw.strip()
     return key, value
 
@@ -263,6 +304,10 @@ class Config:
             )
         process = self.process()
         self.prediction(process)
+        for name in PREDICTIONS.names():  # the parameters of unused types too, on the process that defines them all
+            params = component_params(self, "diffusion", name)
+            if params and name != self["diffusion.prediction"]:
+                PREDICTIONS.create(name, PROCESSES.create("vp-linear"), self["diffusion.sigma_data"], **params)
         for name in TIMESTEP_SAMPLERS.names():  # parameters of every component, used or not, must be valid
             self.timestep_sampler(process, name)
         for name in WEIGHTINGS.names():
@@ -337,16 +382,42 @@ class _Section:
         return self._config[f"{self._name}.{key}"]
 
 
+#: The largest config file read (a config of every key is about 5 kB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file, with one-line errors for a missing or malformed file."""
+    """Parse a TOML file, with one-line errors for a file that is missing, unreadable, too large, not UTF-8 text or
+    not valid TOML."""
     path = Path(path)
+    where = f"config file {short_repr(str(path))}"
     try:
+        if path.is_dir():
+            raise FrugalError(f"{where} is a folder; pass a TOML file to --config")
         with path.open("rb") as f:
-            return tomllib.load(f)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise FrugalError(f"config file {path} does not exist; check the path given to --config") from None
+        raise FrugalError(f"{where} does not exist; check the path given to --config") from None
+    except OSError as e:
+        raise FrugalError(f"cannot read {where} ({e.strerror or e}); pass a readable TOML file") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise FrugalError(f"{where} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a short TOML file")
+    try:
+        return parse_toml(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FrugalError(f"{where} is not UTF-8 text; save it as UTF-8 TOML (see `frugaldiff config`)") from None
+    except FrugalError as e:
+        raise FrugalError(f"{where} is not valid TOML ({e}); fix the file") from None
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """``tomllib.loads``, with nesting too deep to parse reported as a FrugalError."""
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise FrugalError(f"config file {path} is not valid TOML ({e}); fix the file") from None
+        raise FrugalError(str(e)) from None
+    except RecursionError:
+        raise FrugalError("its arrays or tables nest too deeply") from None
 
 
 def _toml_value(value: Any) -> str:
