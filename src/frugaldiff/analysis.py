@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text, latest_checkpoint, list_checkpoints
+from .checkpoint import atomic_write_text, intact_checkpoints, latest_checkpoint
 from .components import SampleSettings, TrainSettings, build, build_data, true_mixture
 from .config import Config
 from .diagnostics import fixed_grid, heldout_loss_by_bin
@@ -318,12 +318,12 @@ def run_importance(run_dir: str | Path, out_dir: str | Path | None = None, bins:
     config, denoiser, info = load_run(run_dir)
     runtime = Runtime.create(config["train.device"], config["train.precision"])
     scores = _scores(config, info["data_kind"], metric, n)
-    result: dict[str, Any] = {"run": str(run_dir), "checkpoint": latest_checkpoint(run_dir).name,
+    result: dict[str, Any] = {"run": str(run_dir), "checkpoint": info["checkpoint"],
                               "images_seen": info["images_seen"], "degrade": degrade}
     if degrade == "noise":
         fn, result["error"] = noise_degrade(error), error
     else:
-        kept = list_checkpoints(run_dir / "checkpoints")
+        kept = intact_checkpoints(run_dir)
         _require(len(kept) >= 2, f"{run_dir} keeps only one checkpoint, so there is no earlier model; use "
                                  "--degrade noise, or train with train.checkpoint_every below train.images_seen")
         _, early, early_info = load_run(run_dir, kept[0])

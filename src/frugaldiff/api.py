@@ -6,9 +6,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import Config, parse_override
+from .config import OPTION_BY_KEY, Config, parse_override
 from .distributed import close_distributed, init_distributed
-from .errors import FrugalError
+from .errors import FrugalError, short_repr
 from .generate import save_samples
 from .images import to_uint8
 from .plots import plot_metrics
@@ -24,6 +24,20 @@ def newest_run(parent: Path = Path("runs")) -> Path:
     return runs[-1]
 
 
+#: The keys a resumed run may change (more images, other checkpoint or logging intervals, other sampling); the rest
+#: decide what its checkpoints hold and how it learns.
+RESUMABLE = ("train.", "sample.")
+
+
+def check_resume_changes(saved: Config, config: Config) -> None:
+    """A one-line refusal when ``config`` changes a key of ``saved`` that a resumed run must keep."""
+    changed = [k for k in OPTION_BY_KEY if saved[k] != config[k] and (not k.startswith(RESUMABLE) or k == "train.seed")]
+    if changed:
+        key = changed[0]
+        raise FrugalError(f"a resumed run keeps {key} ({short_repr(saved[key])}, asked {short_repr(config[key])}); "
+                          "train a new run with --out to change it")
+
+
 def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path | None = None,
           resume: str | Path | bool | None = None, overrides: Iterable[str] = (), progress: bool = True) -> Path:
     """Train a run and return its folder.
@@ -37,6 +51,7 @@ def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path 
             raise FrugalError("a resumed run keeps its own config.toml; pass changes with --set, not --config")
         root = newest_run() if resume is True else Path(resume)
         config = read_run_config(root, overrides)
+        check_resume_changes(read_run_config(root), config)
     else:
         config = config if isinstance(config, Config) else Config(config)
         config = config.updated(dict(parse_override(o) for o in overrides))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 from .analysis import disruption, run_importance
 from .api import train
 from .config import Config, parse_override
-from .errors import FrugalError
+from .errors import FrugalError, short_repr
 from .generate import sample, save_samples
 from .metrics import evaluate
 from .noise import PROCESSES
@@ -299,17 +301,41 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
+                  line: str | None = None) -> None:
+    """Warnings as one line on stderr, without the source line Python prints below them."""
+    print(f"frugaldiff: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; user errors print one line and exit with status 2."""
+    """Entry point. Every error prints one line and exits with status 2: the user's (FrugalError), the machine's
+    (a full disk, missing permissions, too little memory), and, as the last resort, a bug (the traceback with
+    FRUGALDIFF_DEBUG=1)."""
     args = _parser().parse_args(argv)
-    try:
-        commands = {"train": _train, "sample": _sample, "plot-timesteps": _plot_timesteps,
-                    "plot-amplification": _plot_amplification, "analyze": _analyze, "config": _config, "eval": _eval,
-                    "report": _report}
-        return commands[args.command](args)
-    except FrugalError as e:
-        print(f"frugaldiff: error: {e}", file=sys.stderr)
-        return 2
+    commands = {"train": _train, "sample": _sample, "plot-timesteps": _plot_timesteps,
+                "plot-amplification": _plot_amplification, "analyze": _analyze, "config": _config, "eval": _eval,
+                "report": _report}
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try:
+            return commands[args.command](args)
+        except FrugalError as e:
+            message = str(e)
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            message = f"{e.strerror or e}{where}; free space or fix the permissions, then run the command again"
+        except MemoryError:
+            message = "out of memory; use a smaller model (model.*), batch (train.batch_size) or --n"
+        except KeyboardInterrupt:
+            print("frugaldiff: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if os.environ.get("FRUGALDIFF_DEBUG"):
+                raise
+            message = (f"internal error ({type(e).__name__}: {short_repr(str(e))}); this is a bug in frugaldiff: rerun "
+                       "with FRUGALDIFF_DEBUG=1 for the traceback and report it")
+    print(f"frugaldiff: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import difflib
 import inspect
 import json
 import math
-import reprlib
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 
 from .checkpoint import atomic_write_text
 from .datasets import dataset_names
-from .errors import FrugalError
+from .errors import FrugalError, short_repr
 from .gmm import GMM_COMPONENTS, GMM_COVARIANCES, GMM_DIM
 from .networks import NETWORKS
 from .noise import PROCESSES, NoiseProcess
@@ -94,12 +93,6 @@ MAX_STRING = 4096
 MAX_SEED = 2**32 - 1
 MAX_COMPONENT_INT = 10**6
 
-
-def short_repr(value: Any) -> str:
-    """repr of ``value`` cut to a readable length and depth, for one-line messages."""
-    cut = reprlib.Repr()
-    cut.maxlevel, cut.maxlist, cut.maxstring, cut.maxother, cut.maxlong = 3, 6, 60, 60, 40
-    return cut.repr(value)
 
 
 #: how a type is named in messages: (one, several)

@@ -7,6 +7,7 @@ deterministic for a given seed; ``load_dataset`` is the single entry point.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import tempfile
 import warnings
@@ -16,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .errors import FrugalError
+from .errors import FrugalError, short_repr
 from .gmm import GMM_COMPONENTS, GMM_DIM, gmm_mixture
 from .registry import Registry
 
@@ -338,6 +340,88 @@ def _load_fashion_mnist(opts: LoadOptions) -> Data:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# .npy / .npz files read safely: every array's shape and dtype checked from its header before it is read
+
+#: Vectors whose values exceed this are refused: diffusion assumes data of unit scale (σ_data).
+MAX_VECTOR_VALUE = 1e4
+
+
+def max_array_bytes() -> int:
+    """The most bytes one array read from a file may hold: half this machine's memory, at most 16 GiB."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    return min(memory // 2, 16 << 30)
+
+
+def _read_npy(f: BinaryIO, source: str, limit: int) -> np.ndarray:
+    """One .npy array from an open stream, refused from its header when it holds objects, is not numeric or is
+    larger than ``limit`` bytes, and read without ever holding more than its declared size."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise FrugalError(f"{source} is a .npy of format {version}; save it with numpy.save")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except FrugalError:
+        raise
+    except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TokenError, ...
+        raise FrugalError(f"{source} has a damaged .npy header ({type(e).__name__}); save it again with numpy.save") \
+            from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise FrugalError(f"{source} holds {dtype} values; save a numeric array (no Python objects)")
+    size = math.prod(shape) * dtype.itemsize
+    if size > limit:
+        raise FrugalError(f"{source} declares an array of shape {shape} ({size / 2**30:.1f} GiB), more than "
+                          f"{limit / 2**30:.1f} GiB; save a smaller array")
+    array = np.empty(shape, dtype, order="F" if fortran else "C")
+    view, filled = memoryview(array.reshape(-1, order="A")).cast("B"), 0
+    while filled < size:
+        got = f.readinto(view[filled:])
+        if not got:
+            raise FrugalError(f"{source} ends after {filled} of its {size} bytes; the file is truncated")
+        filled += got
+    return array
+
+
+def read_arrays(path: Path, fix: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz (by name) or .npy (as "arr_0") file, each checked before it is read (:func:`_read_npy`);
+    a missing or unreadable file, or one without arrays, is a one-line FrugalError ending in ``fix``."""
+    limit = max_array_bytes()
+    try:
+        if not path.is_file():
+            raise FrugalError(f"no file {short_repr(str(path))}; {fix}")
+        with path.open("rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                f.seek(0)
+                return {"arr_0": _read_npy(f, str(path), limit)}
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if m.endswith(".npy")]
+            if not members:
+                raise FrugalError(f"{path} holds no array; write it with numpy.savez")
+            arrays = {}
+            for member in members:
+                with archive.open(member) as f:
+                    arrays[member[:-4]] = _read_npy(f, f"{path} ['{member[:-4]}']", limit)
+            return arrays
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+        raise FrugalError(f"cannot read {path} as .npz or .npy ({type(e).__name__}: {str(e)[:100]}); {fix}") from None
+
+
+def checked_vectors(a: np.ndarray, source: str) -> np.ndarray:
+    """Vectors [N, D] as float32, refused unless numeric, finite and of a scale diffusion can learn."""
+    if a.dtype.kind not in "uif" or a.size == 0:
+        raise FrugalError(f"{source} holds an empty or {a.dtype} array of shape {a.shape}; save numeric vectors [N, D]")
+    if not np.isfinite(a).all():
+        raise FrugalError(f"{source} holds NaN or infinite values; save finite vectors")
+    if np.abs(a).max() > MAX_VECTOR_VALUE:
+        raise FrugalError(f"{source} holds values up to {np.abs(a).max():.3g}; standardise each column "
+                          "((x − mean)/std) or rescale to unit size before saving")
+    return a.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # folder:PATH and npz:PATH
 
 
@@ -345,10 +429,15 @@ def _load_folder(name: str, root: Path, opts: LoadOptions) -> Data:
     """Every image Pillow can open under ``root`` (recursive, sorted), centre-cropped and resized."""
     if not opts.image_size:
         raise FrugalError(f"dataset {name!r} needs data.image_size: the side to resize images to, e.g. 32")
-    if not root.is_dir():
-        raise FrugalError(f"no folder {root}; give an existing folder of images as folder:PATH")
+    try:
+        if not root.is_dir():
+            raise FrugalError(f"no folder {short_repr(str(root))}; give an existing folder of images as folder:PATH")
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    except OSError as e:
+        raise FrugalError(f"cannot read folder {short_repr(str(root))} ({e.strerror or e}); give a readable folder "
+                          "of images as folder:PATH") from None
     images, grey, skipped = [], [], 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in files:
         try:
             with Image.open(path) as opened:
                 opened.load()
@@ -371,18 +460,7 @@ def _load_folder(name: str, root: Path, opts: LoadOptions) -> Data:
 
 def _load_npz(name: str, path: Path, opts: LoadOptions) -> Data:
     """Images or vectors [N, D] from one .npz array; an array named "labels" or "y" gives class labels."""
-    if not path.is_file():
-        raise FrugalError(f"no file {path}; give an existing .npz file as npz:PATH")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):  # a plain .npy file
-            arrays = {"arr_0": loaded}
-        else:
-            with loaded:
-                arrays = {key: loaded[key] for key in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        reason = f"{type(e).__name__}: {e}"
-        raise FrugalError(f"cannot read {path} as .npz ({reason}); write it with numpy.savez") from None
+    arrays = read_arrays(path, "give an existing .npz file as npz:PATH")
     data_keys = [key for key in arrays if key not in _LABEL_KEYS]
     key = next((k for k in _IMAGE_KEYS if k in arrays), data_keys[0] if len(data_keys) == 1 else None)
     if key is None:
@@ -398,10 +476,7 @@ def _load_npz(name: str, path: Path, opts: LoadOptions) -> Data:
         )
     source = f"{path} ['{key}']"
     if a.ndim == 2:
-        if a.dtype.kind not in "uif":
-            raise FrugalError(f"{source} holds {a.dtype} vectors; save numeric vectors [N, D]")
-        vectors = torch.from_numpy(a.astype(np.float32))
-        return _split_data(name, "vector", vectors, labels, opts, stratify=False)
+        return _split_data(name, "vector", torch.from_numpy(checked_vectors(a, source)), labels, opts, stratify=False)
     x = _finish_images(image_layout(a, source), opts.color, opts.image_size)
     return _split_data(name, "image", x, labels, opts, stratify=False)
 

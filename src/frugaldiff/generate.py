@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_into, load_trainer_state, load_weights
+from .checkpoint import damage, latest_checkpoint, load_into, load_trainer_state, load_weights
 from .components import SampleSettings, build_denoiser
 from .config import Config
+from .errors import FrugalError
 from .images import save_grid, to_uint8
 from .networks import Denoiser
 from .plots import plot_points
@@ -19,11 +20,16 @@ from .solvers import solve
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[Config, Denoiser, dict]:
-    """(config, EMA denoiser in eval mode, checkpoint info) of a run folder."""
+    """(config, EMA denoiser in eval mode, checkpoint info and its folder's name) of a run folder: its newest intact
+    checkpoint, or ``checkpoint``."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    reason = damage(ckpt) if checkpoint is not None else None
+    if reason is not None:
+        raise FrugalError(f"checkpoint {ckpt} cannot be used ({reason}); pass another --checkpoint or none")
     _, info = load_trainer_state(ckpt)
+    info["checkpoint"] = ckpt.name
     denoiser = build_denoiser(config, tuple(info["sample_shape"]))
     load_into(denoiser, load_weights(ckpt, "ema"), ckpt)
     return config, denoiser.eval().requires_grad_(False), info

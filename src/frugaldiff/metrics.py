@@ -15,7 +15,6 @@ import os
 import pickle
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from .components import build_data, true_mixture
 from .config import Config
-from .datasets import LUMA, BatchStream, Data, cache_dir, image_layout
+from .datasets import LUMA, BatchStream, Data, cache_dir, image_layout, read_arrays
 from .errors import FrugalError
 from .gmm import GaussianMixture
 
@@ -69,18 +68,7 @@ def load_samples(path: str | Path) -> np.ndarray:
     """Samples from an .npz (one array, or the one named "samples" or "images") or .npy file, in the layout
     of :func:`canonical_samples`."""
     path = Path(path)
-    if not path.is_file():
-        raise FrugalError(f"no file {path}; pass an .npz written by `frugaldiff sample --out` or numpy.savez")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            arrays = {"arr_0": loaded}
-        else:
-            with loaded:
-                arrays = {key: loaded[key] for key in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise FrugalError(f"cannot read {path} as .npz or .npy ({type(e).__name__}); write it with numpy.savez") \
-            from None
+    arrays = read_arrays(path, "pass an .npz written by `frugaldiff sample --out` or numpy.savez")
     key = next((k for k in ("samples", "images") if k in arrays), next(iter(arrays)) if len(arrays) == 1 else None)
     if key is None:
         raise FrugalError(f"{path} holds arrays {sorted(arrays)}; save one array, or name it 'samples' or 'images'")

@@ -33,8 +33,8 @@ def save_figure(plt: Any, fig: Any, out: Path) -> None:
 
 
 def plot_metrics(metrics_csv: Path, out: Path) -> None:
-    """Loss and learning rate against images seen."""
-    rows = read_metrics(metrics_csv)
+    """Loss and learning rate against images seen (nothing while metrics.csv has no rows)."""
+    rows = read_metrics(metrics_csv) if metrics_csv.is_file() else []
     if not rows:
         return
     images = np.array([float(r["images_seen"]) for r in rows])
@@ -60,13 +60,21 @@ def plot_eval(metrics_csv: Path, column: str, out: Path) -> None:
 
 
 def plot_points(samples: np.ndarray, out: Path, reference: np.ndarray | None = None) -> None:
-    """Scatter of 2-D samples (first two coordinates), over reference points if given."""
+    """Scatter of vector samples (first two coordinates) over reference points if given; a histogram of 1-D ones."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
-    if reference is not None:
-        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgrey", label="held-out data")
-    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:blue", label="samples")
-    ax.set_aspect("equal")
+    if samples.shape[1] == 1:
+        values = samples[:, 0] if reference is None else np.concatenate([samples[:, 0], reference[:, 0]])
+        bins = np.linspace(values.min(), values.max() + 1e-9, 51)
+        if reference is not None:
+            ax.hist(reference[:, 0], bins=bins, density=True, color="lightgrey", label="held-out data")
+        ax.hist(samples[:, 0], bins=bins, density=True, histtype="step", color="tab:blue", label="samples")
+        ax.set(xlabel="x", ylabel="density")
+    else:
+        if reference is not None:
+            ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgrey", label="held-out data")
+        ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:blue", label="samples")
+        ax.set_aspect("equal")
     ax.legend(loc="upper right")
     save_figure(plt, fig, out)
 

@@ -9,9 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, list_checkpoints, load_trainer_state
+from .checkpoint import atomic_write_text, intact_checkpoints, load_trainer_state
 from .components import build_data
 from .config import Config
+from .errors import FrugalError
 from .generate import sample, save_samples
 from .plots import plot_eval, plot_ledger, plot_metrics
 from .runs import METRIC_FIELDS, RunFiles, read_metrics, read_run_config
@@ -42,7 +43,7 @@ def _scalars(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _samples_section(run_dir: Path, config: Config, scratch: Path, n: int, steps: int | None) -> str:
-    checkpoints = list_checkpoints(RunFiles(run_dir).checkpoints)
+    checkpoints = intact_checkpoints(run_dir)
     if not checkpoints:
         return _note("no checkpoint yet")
     figures = []
@@ -59,7 +60,7 @@ def _samples_section(run_dir: Path, config: Config, scratch: Path, n: int, steps
 
 def _metrics_section(rows: list[dict[str, str]]) -> str:
     if not rows:
-        return _note("metrics.csv has no rows yet")
+        return _note("no rows of metrics.csv to show")
     last = rows[-1]
     parts = [_table([last], METRIC_FIELDS)]
     evaluated = [c for c in rows[0] if c.startswith("eval_")]
@@ -81,7 +82,11 @@ def _analyses_section(run_dir: Path) -> str:
     for folder in folders:
         parts.append(f"<h3>{html.escape(folder.name)}</h3>")
         for result in sorted(folder.glob("*.json")):
-            summary = _scalars(json.loads(result.read_text()))
+            try:
+                summary = _scalars(json.loads(result.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                parts.append(_note(f"{result.name} cannot be read ({type(e).__name__}); rerun the analysis"))
+                continue
             parts.append(_table([summary], list(summary)) if summary else "")
         parts.append('<div class="row">' + "".join(_image(p, p.name) for p in sorted(folder.glob("*.png"))) + "</div>")
     return "".join(parts)
@@ -100,7 +105,11 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, n: int = 1
     run_dir = Path(run_dir)
     files = RunFiles(run_dir)
     config = read_run_config(run_dir)  # a one-line error unless RUN_DIR is a run folder
-    rows = read_metrics(files.metrics) if files.metrics.is_file() else []
+    try:
+        rows, missing = (read_metrics(files.metrics), "metrics.csv has no rows yet") if files.metrics.is_file() else \
+            ([], "no metrics.csv yet")
+    except FrugalError as e:  # the rest of the report still renders
+        rows, missing = [], str(e)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         curves = []
@@ -115,8 +124,7 @@ def render_report(run_dir: str | Path, out: str | Path | None = None, n: int = 1
         body = {
             "Config": f"<details><summary>config.toml (every key)</summary><pre>{html.escape(files.config.read_text())}"
                       "</pre></details>",
-            "Training curves": '<div class="row">' + "".join(curves) + "</div>" if curves else
-            _note("metrics.csv has no rows yet"),
+            "Training curves": '<div class="row">' + "".join(curves) + "</div>" if curves else _note(missing),
             "Loss ledger": "".join(_image(p) for p in ledger) or _note("no per-bin columns in metrics.csv"),
             "Samples over training": _samples_section(run_dir, config, scratch, n, steps),
             "Metrics": _metrics_section(rows),

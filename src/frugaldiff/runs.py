@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+from .checkpoint import atomic_write_text, resume_point
 from .config import Config
-from .errors import FrugalError
+from .errors import FrugalError, short_repr
 
 #: The first columns of metrics.csv; the loss ledger, held-out grid and evaluation columns follow.
 METRIC_FIELDS = ["step", "images_seen", "loss", "lr", "grad_norm", "images_per_s", "nonfinite_skipped"]
@@ -53,6 +61,66 @@ class RunFiles:
         return self.root / "tensorboard"
 
 
+class RunLock:
+    """An advisory lock on a run folder (``fcntl.flock`` on ``RUN/.lock``, which holds the holder's PID) while a
+    process trains it; it dies with the process, so a killed trainer never leaves the folder locked."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self._file: Any = (root / ".lock").open("a+")
+        if fcntl is None:  # no flock on this platform: no lock
+            return
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read(32).strip() or "another process"
+            self._file.close()
+            raise FrugalError(f"run folder {root} is being trained by process {holder}; wait for it to finish "
+                              f"(or stop it: kill {holder}), then resume it") from None
+        self._file.truncate(0)
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        """Let another process train the folder."""
+        self._file.close()
+
+
+#: What a run folder may hold when its run never completed a checkpoint (so a new run may reuse the folder).
+UNFINISHED = {".lock", "config.toml", "metrics.csv", "tensorboard", "checkpoints"}
+
+
+def unfinished(root: Path) -> bool:
+    """Whether ``root`` holds only a run that never completed its first checkpoint (killed while writing it)."""
+    names = {p.name for p in root.iterdir()}
+    checkpoints = root / "checkpoints"
+    return (root / "config.toml").is_file() and names <= UNFINISHED and \
+        not (checkpoints.is_dir() and any(not p.name.startswith(".") for p in checkpoints.iterdir()))
+
+
+def start_run(root: Path, resume: bool) -> Path | None:
+    """Ready ``root`` for the trainer that holds its lock; returns the checkpoint to continue from (None: step 0).
+
+    A new run needs an empty folder, or one whose earlier run never completed a checkpoint (it is cleared, with a
+    warning). A resumed run continues from its newest intact checkpoint (:func:`~frugaldiff.checkpoint.resume_point`)
+    or, when it has none, starts over from step 0 with a warning."""
+    if not resume:
+        others = [p for p in root.iterdir() if p.name != ".lock"]
+        if others and not unfinished(root):
+            raise FrugalError(f"run folder {root} is not empty; resume it with --resume {root} or choose another --out")
+        if others:
+            warnings.warn(f"reusing {root}: the run in it never completed a checkpoint", stacklevel=2)
+            for path in others:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
+    point = resume_point(root)
+    if point is None:
+        warnings.warn(f"{root} has no intact checkpoint (its first one never completed, or all are damaged); "
+                      "training it from step 0", stacklevel=2)
+    return point
+
+
 def read_run_config(run_dir: Path, overrides: Iterable[str] = ()) -> Config:
     """The config.toml of a run folder (with ``KEY=VALUE`` overrides), or a one-line error if it is none."""
     path = RunFiles(Path(run_dir)).config
@@ -69,9 +137,35 @@ def new_run_dir(config: Config, parent: Path = Path("runs")) -> Path:
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
-    """The rows of a metrics.csv."""
-    with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+    """The rows of a metrics.csv; a damaged one (not UTF-8 text, a header without step and images_seen, a row with
+    more or fewer cells than the header or a cell that is no number) is refused in one line."""
+    path = Path(path)
+    fix = "restore it, or move it away (a resumed run then starts a new one)"
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FrugalError(f"cannot read {path} as a metrics.csv ({type(e).__name__}); {fix}") from None
+    if not rows or rows[0][:2] != ["step", "images_seen"]:
+        header = short_repr(rows[0] if rows else "")
+        raise FrugalError(f"{path} is not a metrics.csv (its header is {header}); {fix}")
+    header = rows[0]
+    for line, cells in enumerate(rows[1:], start=2):
+        if len(cells) != len(header):
+            raise FrugalError(f"{path} line {line} has {len(cells)} cells and the header {len(header)}: the file is "
+                              f"damaged; {fix}")
+        bad = next((c for c in cells if c and not _is_number(c)), None)
+        if bad is not None:
+            raise FrugalError(f"{path} line {line} holds {short_repr(bad)}, not a number: the file is damaged; {fix}")
+    return [dict(zip(header, cells, strict=True)) for cells in rows[1:]]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def training_seconds(metrics_csv: Path) -> float:
@@ -97,10 +191,15 @@ class MetricsLog:
         adds (e.g. eval_<metric>) join the file's, and the cells a row lacks stay empty."""
         if not self.path.exists():
             return
-        with self.path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if int(r["step"]) <= step]
-        fields = list(dict.fromkeys([*(reader.fieldnames or []), *self.fields]))
+        try:
+            rows = read_metrics(self.path)
+        except FrugalError as e:  # keep the damaged file beside the run, start a new one
+            aside = self.path.with_name(f"metrics.damaged-{datetime.now():%Y%m%d-%H%M%S}.csv")
+            self.path.rename(aside)
+            warnings.warn(f"{e}; moved it to {aside.name} and started a new metrics.csv", stacklevel=2)
+            return
+        fields = list(dict.fromkeys([*(rows[0] if rows else self.fields), *self.fields]))
+        rows = [r for r in rows if float(r["step"]) <= step]
         text = io.StringIO()
         writer = csv.DictWriter(text, fields, restval="")
         writer.writeheader()

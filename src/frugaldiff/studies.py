@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from .checkpoint import atomic_write_text, list_checkpoints
+from .checkpoint import atomic_write_text
 from .components import build_data, true_mixture
 from .config import Config
 from .diagnostics import denoiser_predictions, fixed_grid, gate_weights_by_bin, heldout_loss_by_bin, x0_error_by_bin
@@ -39,13 +38,10 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
 def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
     """A trainer of ``config`` in ``run`` trained to its budget: started, continued or, when finished, reused
     (an experiment rerun skips what is done); a run of another config there is an error. A run of this config
-    that was stopped before its first checkpoint holds nothing to continue: it is started again."""
+    that was stopped before its first checkpoint starts again from step 0 (the trainer does that)."""
     started = (run / "config.toml").is_file()
     if started and Config.load(run / "config.toml", saved=True) != config:
         raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
-    if started and not list_checkpoints(run / "checkpoints"):
-        shutil.rmtree(run)
-        started = False
     trainer = Trainer(config, run, resume=started, progress=progress)
     if not trainer.done:
         trainer.fit()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import checkpoint_path, latest_checkpoint
+from .checkpoint import checkpoint_path
 from .components import SampleSettings, TrainSettings, build, build_data, true_mixture
 from .config import Config
 from .diagnostics import HeldoutGrid, bin_columns, csv_cells, fixed_grid, heldout_loss_by_bin
@@ -30,7 +30,7 @@ from .images import to_uint8
 from .metrics import Evaluator, headline_metric
 from .objective import Objective
 from .plots import plot_eval
-from .runs import METRIC_FIELDS, MetricsLog, RunFiles
+from .runs import METRIC_FIELDS, MetricsLog, RunFiles, RunLock, start_run
 from .runtime import Runtime
 from .state import TrainState, empty_log
 
@@ -127,15 +127,21 @@ class Trainer:
         self.world, device_name = init_distributed(config["train.device"])
         self.config, self.settings = config, TrainSettings.from_config(config)
         self.files, self.progress = RunFiles(Path(run_dir)), progress and self.world.is_main
-        self._check_start(resume)
-        self.runtime = Runtime.create(device_name, self.settings.precision)
-        torch.manual_seed(self.settings.seed)
+        s = self.settings
+        if s.batch_size % (s.grad_accum * self.world.size):
+            raise FrugalError(f"train.batch_size ({s.batch_size}) must be divisible by train.grad_accum × "
+                              f"processes ({s.grad_accum} × {self.world.size}); change one of them")
+        self.runtime = Runtime.create(device_name, s.precision)
+        torch.manual_seed(s.seed)
         self.data = build_data(config)
         self.parts = build(config, self.data, self.runtime)
-        self.state = TrainState(self.parts, self.data, self.settings)
-        if resume:
-            self.state.restore(latest_checkpoint(self.files.root))
+        self.state = TrainState(self.parts, self.data, s)
         self.eval_column = self._eval_column()
+        # the folder is touched only now that the config has built: bad input leaves nothing behind
+        self.lock = RunLock(self.files.root) if self.world.is_main else None  # released at the end of fit
+        point = self.world.broadcast(start_run(self.files.root, resume) if self.world.is_main else None)
+        if point is not None:
+            self.state.restore(point)
         ledger = self.state.ledger
         heldout = bin_columns("heldout", ledger.bins) if self.settings.heldout_every else []
         fields = [*METRIC_FIELDS, *([self.eval_column] if self.eval_column else []), *ledger.columns(), *heldout]
@@ -152,16 +158,6 @@ class Trainer:
             ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.parts.denoiser, device_ids=ids)
         self._grid: HeldoutGrid | None = None
-
-    def _check_start(self, resume: bool) -> None:
-        """A new run needs an empty folder; the global batch must split over micro-steps and processes."""
-        root, s = self.files.root, self.settings
-        if not resume and root.exists() and any(root.iterdir()):
-            raise FrugalError(f"run folder {root} is not empty; resume it with --resume {root} or choose another --out")
-        if s.batch_size % (s.grad_accum * self.world.size):
-            raise FrugalError(f"train.batch_size ({s.batch_size}) must be divisible by train.grad_accum × "
-                              f"processes ({s.grad_accum} × {self.world.size}); change one of them")
-        self.world.barrier()  # every rank has checked the folder before rank 0 writes to it
 
     def _eval_column(self) -> str | None:
         """The metrics.csv column of ``train.eval_every``'s metric, ``eval_<name>`` (None while it is 0)."""
@@ -246,7 +242,24 @@ class Trainer:
         return self.state.images_seen >= self.settings.images_seen
 
     def fit(self) -> Path:
-        """Train until ``train.images_seen``; checkpoint periodically, at the end and on SIGINT/SIGTERM."""
+        """Train until ``train.images_seen``; checkpoint periodically, at the end and on SIGINT/SIGTERM. The run
+        folder's lock is released at the end, however training ends."""
+        try:
+            self._train()
+            if self.state.step == 0 and self.state.nonfinite_total:
+                raise FrugalError(f"training diverged: all {self.state.nonfinite_total} steps gave non-finite losses; "
+                                  "lower train.lr or set train.precision=fp32")
+            self.save()
+            if self.eval_column:
+                plot_eval(self.files.metrics, self.eval_column, self.files.eval_plot)
+            return self.files.root
+        finally:
+            self.metrics.close()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    def _train(self) -> None:
         s, state = self.settings, self.state
         evaluator = None
         if self.eval_column and self.world.is_main:  # rank 0 evaluates
@@ -269,8 +282,3 @@ class Trainer:
                     self.save()
                 if self.world.any(bool(stop), self.runtime.device):  # a signal stops every rank at the same step
                     raise Interrupted(stop[0] if stop else signal.SIGTERM, self.save())
-        self.save()
-        if self.eval_column:
-            plot_eval(self.files.metrics, self.eval_column, self.files.eval_plot)
-        self.metrics.close()
-        return self.files.root
