@@ -81,7 +81,8 @@ class BareLoop:
 def compare(batch: int, precision: str, device: str, blocks: int, steps: int, run_root: Path,
             extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Median step times of frugaldiff and the bare loop, in alternating blocks."""
-    config = Config({"data.name": "mnist5000", "train.batch_size": batch, "train.precision": precision,
+    config = Config({"data.name": "mnist5000", "model.num_classes": 0, "train.batch_size": batch,
+                     "train.precision": precision,
                      "train.device": device, "diffusion.process": "vp-linear", "diffusion.prediction": "x0",
                      "diffusion.timestep_sampler": "adaptive", "diffusion.reference_images": 0,
                      "train.heldout_every": 0, "train.tensorboard": False, "train.images_seen": 10**9, **(extra or {})})
@@ -130,7 +131,7 @@ def stable_target_overhead(batch: int, images: int, device: str, repeats: int, r
     x_t = process.add_noise(drawn.x0, drawn.eps, drawn.t)
 
     def target() -> None:
-        reference = objective.references(drawn.x0, state.noise)
+        reference, _ = objective.references(drawn.x0, None, state.noise)
         stable_target(process, x_t, drawn.t, drawn.x0, drawn.eps, reference)
 
     times = _time_steps(target, repeats + 1, trainer.runtime.device)

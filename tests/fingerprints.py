@@ -29,7 +29,7 @@ from frugaldiff.checkpoint import latest_checkpoint
 
 RECORD = Path(__file__).with_name("data") / "fingerprints.json"
 FP32 = {"data.name": "digits", "train.device": "cpu", "train.precision": "fp32", "sample.n": 4, "sample.steps": 2,
-        "train.tensorboard": False}
+        "train.tensorboard": False, "model.num_classes": 0}  # unconditional, as every run was when they were recorded
 TINY = {**FP32, "model.channels": 8, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
         "model.attention_resolutions": [4], "train.batch_size": 16, "train.warmup_images": 64}
 #: name -> config of a single-process run

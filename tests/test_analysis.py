@@ -102,19 +102,19 @@ class ExactGaussian(Denoiser):
     def __init__(self) -> None:
         super().__init__(nn.Identity(), PREDICTIONS.create("x0", VPLinear(), S))
 
-    def denoise(self, x_t, t):
+    def denoise(self, x_t, t, labels=None):
         a, sig = bcast(self.process.alpha(t), x_t), bcast(self.process.sigma(t), x_t)
         return a * S**2 / (a**2 * S**2 + sig**2) * x_t
 
 
 def test_window_degrades_exactly_inside_its_bin():
     class Zero(ExactGaussian):
-        def denoise(self, x_t, t):
+        def denoise(self, x_t, t, labels=None):
             return torch.zeros_like(x_t)
 
     t = torch.tensor([0.0, 0.2, 0.39, 0.4, 0.8, 1.0])
-    inner = WindowDegraded(Zero(), 0.2, 0.4, lambda x0, x_t, t, g: x0 + 1)
-    last = WindowDegraded(Zero(), 0.8, 1.0, lambda x0, x_t, t, g: x0 + 1)
+    inner = WindowDegraded(Zero(), 0.2, 0.4, lambda x0, x_t, t, labels, g: x0 + 1)
+    last = WindowDegraded(Zero(), 0.8, 1.0, lambda x0, x_t, t, labels, g: x0 + 1)
     assert inner.denoise(torch.zeros(6, 2), t)[:, 0].tolist() == [0, 1, 1, 0, 0, 0]
     assert last.denoise(torch.zeros(6, 2), t)[:, 0].tolist() == [0, 0, 0, 0, 1, 1]
 
@@ -127,7 +127,7 @@ def test_importance_is_largest_where_the_injected_error_is(solver):
     config = Config({"sample.solver": solver, "sample.steps": 20})
 
     def degrade_with(scale_loud):
-        def degrade(x0, x_t, t, generator):
+        def degrade(x0, x_t, t, labels, generator):
             scale = torch.where((t * bins).floor().clamp(max=bins - 1) == loud, scale_loud, 0.1)
             return x0 + bcast(scale, x0) * torch.randn(x0.shape, generator=generator)
         return degrade

@@ -38,9 +38,10 @@ def test_train_writes_every_file(run_dir):
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["step-00000006", "step-00000012"]
     assert {p.name for p in (run_dir / "checkpoints" / "step-00000012").iterdir()} == {
-        "model.safetensors", "ema.safetensors", "trainer.pt", "state.json"}
-    with Image.open(run_dir / "samples.png") as grid:
-        assert grid.size[0] >= 4 * 64  # 16 samples, 4 per row, cells upscaled to ≥ 64 px
+        "model.safetensors", "ema.safetensors", "phema.safetensors", "trainer.pt", "state.json"}
+    assert len(list((run_dir / "phema").glob("*.safetensors"))) == 8  # train.phema_snapshots over the budget
+    with Image.open(run_dir / "samples.png") as grid:  # a conditional run (digits' labels): one row per class
+        assert grid.size[1] >= 10 * 64 and grid.size[0] >= 64  # cells upscaled to ≥ 64 px
     assert (run_dir / "loss.png").stat().st_size > 1000
 
 

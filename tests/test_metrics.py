@@ -76,7 +76,11 @@ def test_every_accepted_layout_gives_the_same_canonical_array(tmp_path):
     np.save(tmp_path / "a.npy", u8)
     np.savez(tmp_path / "b.npz", samples=u8[..., 0], other=np.zeros(3))
     for path in ("a.npy", "b.npz"):
-        np.testing.assert_allclose(load_samples(tmp_path / path), expected, atol=1e-6)
+        samples, labels = load_samples(tmp_path / path)
+        np.testing.assert_allclose(samples, expected, atol=1e-6)
+        assert labels is None
+    np.savez(tmp_path / "c.npz", images=u8, labels=np.arange(6))
+    assert load_samples(tmp_path / "c.npz")[1].tolist() == list(range(6))
     vectors = np.random.default_rng(0).normal(size=(9, 2))
     np.testing.assert_array_equal(canonical_samples(vectors), vectors.astype(np.float32))
 

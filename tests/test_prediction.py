@@ -117,7 +117,7 @@ def test_denoiser_scales_input_to_unit_variance():
     seen = {}
 
     class Probe(torch.nn.Module):
-        def forward(self, x, t):
+        def forward(self, x, t, labels=None):
             seen["std"] = x.std().item()
             return torch.zeros_like(x)
 

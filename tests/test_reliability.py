@@ -169,7 +169,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning_line(copy, kind
 def test_a_flipped_byte_is_caught_by_the_digest(copy):
     checkpoint = latest_checkpoint(copy)
     assert set(json.loads((checkpoint / "state.json").read_text())["files"]) == {
-        "model.safetensors", "ema.safetensors", "trainer.pt"}
+        "model.safetensors", "ema.safetensors", "phema.safetensors", "trainer.pt"}
     _flip(checkpoint / "model.safetensors")
     assert damage(checkpoint) == "model.safetensors does not match its digest in state.json"
 

@@ -199,13 +199,13 @@ def disruption(run_dir: str | Path, out_dir: str | Path | None = None, bins: int
 # ---------------------------------------------------------------------------------------------------------
 # Timestep importance
 
-#: (x̂0, x_t, t, generator) → degraded x̂0; the generator is reseeded for every trial.
-Degrade = Callable[[Tensor, Tensor, Tensor, torch.Generator], Tensor]
+#: (x̂0, x_t, t, labels, generator) → degraded x̂0; the generator is reseeded for every trial.
+Degrade = Callable[[Tensor, Tensor, Tensor, Tensor | None, torch.Generator], Tensor]
 
 
 def noise_degrade(error: float) -> Degrade:
     """x̂0 + error·z, z ~ N(0, I) from the trial's generator."""
-    def degrade(x0: Tensor, x_t: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+    def degrade(x0: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
         return x0 + error * torch.randn(x0.shape, generator=generator).to(x0.device)
 
     return degrade
@@ -213,8 +213,8 @@ def noise_degrade(error: float) -> Degrade:
 
 def prediction_degrade(other: Denoiser) -> Degrade:
     """Another model's x̂0 (e.g. an early checkpoint's EMA) in place of the model's."""
-    def degrade(x0: Tensor, x_t: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
-        return other.denoise(x_t, t).float()
+    def degrade(x0: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        return other.denoise(x_t, t, labels).float()
 
     return degrade
 
@@ -227,12 +227,12 @@ class WindowDegraded(Denoiser):
         self.base, self.lo, self.hi, self.degrade = base, lo, hi, degrade
         self.generator = torch.Generator().manual_seed(seed)
 
-    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
-        x0 = self.base.denoise(x_t, t)
+    def denoise(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        x0 = self.base.denoise(x_t, t, labels)
         inside = (t >= self.lo) & ((t < self.hi) | (self.hi >= 1))
         if not bool(inside.any()):
             return x0
-        return torch.where(bcast(inside, x0), self.degrade(x0, x_t, t, self.generator), x0)
+        return torch.where(bcast(inside, x0), self.degrade(x0, x_t, t, labels, self.generator), x0)
 
 
 @dataclass

@@ -61,11 +61,13 @@ def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path 
     try:
         trainer = Trainer(config, root, resume=bool(resume), progress=progress)
         trainer.fit()
-        if world.is_main:
-            x = trainer.samples(config["sample.n"], progress=progress)
+        if world.is_main:  # a conditional run: sample.n // classes samples of each class, one grid row per class
+            classes = trainer.parts.denoiser.num_classes
+            n = max(1, config["sample.n"] // classes) * classes if classes else config["sample.n"]
+            x = trainer.samples(n, progress=progress)
             images = to_uint8(x) if trainer.data.kind == "image" else x.numpy()
             reference = None if trainer.data.kind == "image" else trainer.data.heldout.numpy()
-            save_samples(images, trainer.files.samples, reference)
+            save_samples(images, trainer.files.samples, reference, rows=classes or None)
             plot_metrics(trainer.files.metrics, trainer.files.loss_plot)
     finally:
         close_distributed()

@@ -30,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from .errors import FrugalError
 
 PREFIX = "step-"
-WEIGHTS = ("model", "ema")  # the parts of a state dict saved as safetensors
-FILES = ("model.safetensors", "ema.safetensors", "trainer.pt")  # the files state.json holds digests of
+WEIGHTS = ("model", "ema")  # the parts of a state dict saved as safetensors (every checkpoint has them)
+OPTIONAL_WEIGHTS = ("phema",)  # parts saved as safetensors when present (the power-function EMAs)
+FILES = ("model.safetensors", "ema.safetensors", "trainer.pt")  # the files every checkpoint has
 #: What reading a damaged file can raise (beside FrugalError).
 _READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError,
                 json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError)
@@ -75,21 +76,21 @@ def _digest(path: Path) -> str:
 
 def _write(tmp: Path, state: dict[str, Any]) -> None:
     """The files of checkpoint ``state`` in the folder ``tmp``, flushed to disk, digests in state.json."""
-    for name in WEIGHTS:
+    for name in (*WEIGHTS, *(n for n in OPTIONAL_WEIGHTS if n in state)):
         save_file({k: v.detach().cpu().contiguous() for k, v in state[name].items()}, str(tmp / f"{name}.safetensors"))
     torch.save(state["trainer"], tmp / "trainer.pt")
-    info = {**state["info"], "files": {name: _digest(tmp / name) for name in FILES}}
+    info = {**state["info"], "files": {p.name: _digest(p) for p in sorted(tmp.iterdir())}}
     (tmp / "state.json").write_text(json.dumps(info, indent=2))
     for f in tmp.iterdir():
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
 
 
-def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` ({"model", "ema": tensors, "trainer": tensors and plain values, "info": JSON}) as checkpoint
-    ``step`` under ``folder`` atomically and keep only the newest ``keep``. A full disk (or any write error) is a
+def write_checkpoint(final: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` ({"model", "ema": tensors, "trainer": tensors and plain values, "info": JSON}) as the checkpoint
+    folder ``final``, atomically (an existing one is replaced by two renames). A full disk (or any write error) is a
     one-line FrugalError with the previous checkpoints intact."""
-    final = checkpoint_path(folder, step)
+    folder = final.parent
     tmp = folder / f".tmp-{final.name}-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -108,11 +109,19 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
         shutil.rmtree(tmp, ignore_errors=True)
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e)
         reason = "the disk is full" if full else f"{type(e).__name__}: {str(e)[:120]}"
+        run = folder.parent
         raise FrugalError(f"could not write checkpoint {final} ({reason}); the previous checkpoints are intact: "
-                          f"free space, then resume with frugaldiff train --resume {folder.parent}") from None
+                          f"free space, then resume with frugaldiff train --resume {run}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` as checkpoint ``step`` under ``folder`` (:func:`write_checkpoint`) and keep the newest
+    ``keep``."""
+    final = write_checkpoint(checkpoint_path(folder, step), state)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -151,7 +160,9 @@ def damage(checkpoint: Path) -> str | None:
         missing = [name for name in FILES if not (checkpoint / name).is_file()]
         if missing:
             return f"{missing[0]} is missing"
-        altered = [name for name in FILES if "files" in info and _digest(checkpoint / name) != info["files"].get(name)]
+        listed = info.get("files", {})
+        altered = [name for name in listed if not (checkpoint / name).is_file() or _digest(checkpoint / name) !=
+                   listed[name]]
         if altered:
             return f"{altered[0]} does not match its digest in state.json"
         load_trainer_state(checkpoint)  # tensors and plain values only, whatever the digests say
@@ -237,4 +248,6 @@ def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]
 def load_checkpoint(checkpoint: Path) -> dict[str, Any]:
     """The state dict a checkpoint holds (see :func:`save_checkpoint`)."""
     trainer, info = load_trainer_state(checkpoint)
-    return {**{name: load_weights(checkpoint, name) for name in WEIGHTS}, "trainer": trainer, "info": info}
+    optional = [name for name in OPTIONAL_WEIGHTS if (checkpoint / f"{name}.safetensors").is_file()]
+    return {**{name: load_weights(checkpoint, name) for name in (*WEIGHTS, *optional)}, "trainer": trainer,
+            "info": info}

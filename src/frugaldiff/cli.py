@@ -16,10 +16,11 @@ from .analysis import disruption, run_importance
 from .api import train
 from .config import Config, parse_override
 from .errors import FrugalError, short_repr
-from .generate import sample, save_samples
+from .generate import sample_run, save_samples
 from .metrics import evaluate
 from .noise import PROCESSES
 from .plots import plot_amplification, plot_ledger, plot_timestep_densities
+from .posthoc import posthoc_sweep, write_posthoc
 from .prediction import LINEAR_TYPES, PREDICTIONS
 from .report import render_report
 from .runs import RunFiles
@@ -53,8 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="solver steps (default: the run's sample.steps)")
     sample.add_argument("--solver", help="solver (default: the run's sample.solver)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: the newest)")
+    sample.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: the newest intact one)")
+    sample.add_argument("--class", dest="which", type=_class_choice, metavar="K|all",
+                        help="a class of a conditional run, or all: --n samples of each, one grid row per class "
+                             "(default: --n balanced over the classes)")
+    sample.add_argument("--guidance", type=float, help="guidance weight w (default: the run's sample.guidance)")
+    sample.add_argument("--classes", dest="which", type=_class_choice, metavar="all", help="the same as --class")
+    sample.add_argument("--guide-checkpoint", type=Path,
+                        help="autoguidance with this weaker checkpoint (of the run or another run)")
     sample.add_argument("--out", type=Path, required=True, help="output .npz; a PNG is written next to it")
+
+    ema = sub.add_parser("ema", help="post-hoc EMA: reconstruct the EMA of any length from a run's snapshots "
+                         "(a checkpoint sample, eval and report take), or score a range of lengths")
+    ema.add_argument("run_dir", type=Path)
+    ema.add_argument("--sigma-rel", type=float, nargs="+", default=[0.1],
+                     help="relative EMA widths to reconstruct (EDM2: 0.05 short to 0.2 long)")
+    ema.add_argument("--sweep", action="store_true", help="score each --sigma-rel with the domain metric (table + PNG)")
+    ema.add_argument("--n", type=int, default=512, help="samples scored per length (--sweep)")
+    ema.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/posthoc)")
 
     plot = sub.add_parser("plot-timesteps", help="draw timestep samplers' densities over t (PNG)")
     plot.add_argument("samplers", nargs="*", help="sampler names (default: all)")
@@ -162,19 +179,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _class_choice(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a class number or all, not {text!r}") from None
+
+
 def _sample(args: argparse.Namespace) -> int:
     if args.out.suffix != ".npz":
         raise FrugalError(f"--out must end in .npz, got {args.out}; e.g. --out samples.npz")
-    if args.n < 1 or (args.steps is not None and args.steps < 1):
-        raise FrugalError("--n and --steps must be at least 1")
-    samples = sample(args.run_dir, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
-                     checkpoint=args.checkpoint, progress=True)
+    if not 1 <= args.n <= 100_000 or (args.steps is not None and not 1 <= args.steps <= 10_000):
+        raise FrugalError("--n must be in 1..100000 and --steps in 1..10000")
+    if args.guidance is not None and not 0 <= args.guidance <= 100:
+        raise FrugalError(f"--guidance must be in [0, 100], got {args.guidance}")
+    drawn = sample_run(args.run_dir, n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
+                       checkpoint=args.checkpoint, progress=True, which=args.which, guidance=args.guidance,
+                       guide_checkpoint=args.guide_checkpoint)
+    samples = drawn.values
     args.out.parent.mkdir(parents=True, exist_ok=True)
     key = "images" if samples.dtype == np.uint8 else "samples"
-    np.savez_compressed(args.out, **{key: samples})
+    np.savez_compressed(args.out, **{key: samples}, **({} if drawn.labels is None else {"labels": drawn.labels}))
     png = args.out.with_suffix(".png")
-    save_samples(samples, png)
-    print(f"wrote {args.out} ({key} {samples.dtype} {list(samples.shape)}) and {png}")
+    rows = len(np.unique(drawn.labels)) if args.which == "all" and drawn.labels is not None else None
+    save_samples(samples, png, rows=rows)
+    print(f"wrote {args.out} ({key} {samples.dtype} {list(samples.shape)}"
+          f"{'' if drawn.labels is None else ', labels'}) and {png}")
+    return 0
+
+
+def _ema(args: argparse.Namespace) -> int:
+    if args.sweep:
+        result = posthoc_sweep(args.run_dir, args.sigma_rel, args.n, args.out)
+        print(result["table"], end="")
+        return 0
+    for sigma_rel in args.sigma_rel:
+        print(f"wrote {write_posthoc(args.run_dir, sigma_rel, args.out)}")
     return 0
 
 
@@ -312,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (a full disk, missing permissions, too little memory), and, as the last resort, a bug (the traceback with
     FRUGALDIFF_DEBUG=1)."""
     args = _parser().parse_args(argv)
-    commands = {"train": _train, "sample": _sample, "plot-timesteps": _plot_timesteps,
+    commands = {"train": _train, "sample": _sample, "ema": _ema, "plot-timesteps": _plot_timesteps,
                 "plot-amplification": _plot_amplification, "analyze": _analyze, "config": _config, "eval": _eval,
                 "report": _report}
     with warnings.catch_warnings():

@@ -56,6 +56,9 @@ class TrainSettings(_Settings):
     precision: str
     seed: int
     checkpoint_every: int
+    phema_snapshots: int
+    label_dropout: float
+    guide_at: float
     keep_checkpoints: int
     log_every: int
     ledger_bins: int
@@ -85,6 +88,9 @@ class SampleSettings(_Settings):
     schedule: str
     eta: float
     clip: bool
+    guidance: float
+    guide: str
+    guidance_interval: list[float]
     n: int
     seed: int
 
@@ -105,8 +111,24 @@ def true_mixture(config: Config) -> GaussianMixture | None:
                        config["data.gmm_covariance"])
 
 
-def build_network(config: Config, prediction: PredictionType, sample_shape: tuple[int, ...]) -> Any:
-    """The ``model.*`` network for samples of ``sample_shape`` ((C, H, W) images or (D,) vectors)."""
+def num_classes(config: Config, data: Data) -> int:
+    """``model.num_classes`` resolved on ``data``: auto is the number of its classes (0 for unlabelled data and for
+    labels that only name mixture components); an explicit count must cover every label."""
+    wanted = config["model.num_classes"]
+    if wanted == "auto":
+        return data.num_classes if data.classes_to_learn else 0
+    if wanted and data.train_labels is None:
+        raise FrugalError(f"model.num_classes = {wanted} needs class labels and {data.name!r} has none; give the data "
+                          "labels (class sub-folders, or a 'labels' array in the npz) or set model.num_classes = 0")
+    if wanted and wanted < data.num_classes:
+        raise FrugalError(f"model.num_classes = {wanted} but {data.name!r} has labels up to {data.num_classes - 1}; "
+                          f"set model.num_classes = auto or {data.num_classes}")
+    return wanted
+
+
+def build_network(config: Config, prediction: PredictionType, sample_shape: tuple[int, ...], classes: int = 0) -> Any:
+    """The ``model.*`` network for samples of ``sample_shape`` ((C, H, W) images or (D,) vectors), conditioned on
+    ``classes`` labels (0: unconditional)."""
     name = config["model.name"]
     if name == "auto":
         name = "unet" if len(sample_shape) == 3 else "mlp"
@@ -117,21 +139,22 @@ def build_network(config: Config, prediction: PredictionType, sample_shape: tupl
         return NETWORKS.create(
             "unet", channels, prediction.out_channels(channels), size, channels=config["model.channels"],
             channel_mult=config["model.channel_mult"], num_res_blocks=config["model.num_res_blocks"],
-            attention_resolutions=config["model.attention_resolutions"], dropout=config["model.dropout"])
+            attention_resolutions=config["model.attention_resolutions"], dropout=config["model.dropout"],
+            num_classes=classes)
     if len(sample_shape) != 1:
         raise FrugalError(f"model.name={name} needs vector data, got samples of shape {sample_shape}; use unet")
     features = math.prod(sample_shape)
     return NETWORKS.create(name, features, prediction.out_channels(features), hidden=config["model.hidden"],
-                           depth=config["model.depth"], dropout=config["model.dropout"])
+                           depth=config["model.depth"], dropout=config["model.dropout"], num_classes=classes)
 
 
-def build_denoiser(config: Config, sample_shape: tuple[int, ...], process: NoiseProcess | None = None,
+def build_denoiser(config: Config, sample_shape: tuple[int, ...], classes: int = 0, process: NoiseProcess | None = None,
                    weighting: Weighting | None = None) -> Denoiser:
-    """Prediction type, network and the weighting's uncertainty module, in this order (their initialisations draw
-    from torch's global generator in it)."""
+    """Prediction type, network (conditioned on ``classes`` labels) and the weighting's uncertainty module, in this
+    order (their initialisations draw from torch's global generator in it)."""
     process = process if process is not None else config.process()
     prediction = config.prediction(process)
-    net = build_network(config, prediction, sample_shape)
+    net = build_network(config, prediction, sample_shape, classes)
     weighting = weighting if weighting is not None else config.weighting()
     return Denoiser(net, prediction, weighting.uncertainty(process))
 
@@ -152,7 +175,9 @@ def build(config: Config, data: Data, runtime: Runtime) -> Components:
     """Every part of a run of ``config`` on ``data``; the denoiser and the stable target's pool on the device."""
     process = config.process()
     weighting = config.weighting()
-    denoiser = build_denoiser(config, data.sample_shape, process, weighting).to(runtime.device)
+    classes = num_classes(config, data)
+    denoiser = build_denoiser(config, data.sample_shape, classes, process, weighting).to(runtime.device)
     pool: Tensor | None = data.train.to(runtime.device) if config["diffusion.reference_images"] else None
-    objective = Objective(denoiser, weighting, runtime, pool, config["diffusion.reference_images"])
+    pool_labels = data.train_labels.to(runtime.device) if pool is not None and classes else None
+    objective = Objective(denoiser, weighting, runtime, pool, config["diffusion.reference_images"], pool_labels)
     return Components(process, denoiser.prediction, weighting, denoiser, config.timestep_sampler(process), objective)

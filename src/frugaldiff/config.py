@@ -20,6 +20,7 @@ from .checkpoint import atomic_write_text
 from .datasets import dataset_names
 from .errors import FrugalError, short_repr
 from .gmm import GMM_COMPONENTS, GMM_COVARIANCES, GMM_DIM
+from .guidance import GUIDES
 from .networks import NETWORKS
 from .noise import PROCESSES, NoiseProcess
 from .prediction import PREDICTIONS, PredictionType
@@ -42,13 +43,14 @@ class Option:
     item: type | None = None  # element type of a list option
     min_items: int = 0  # the fewest elements of a list option
     max_length: int | None = None  # the longest string of a str option
+    auto: type | None = None  # the option takes "auto" or a value of this type
     #: The value for a config saved before this key existed (None: the default), so a run resumed after an
     #: upgrade keeps training as it started.
     predating: Any = None
 
     @property
     def kind(self) -> type:
-        return type(self.default)
+        return self.auto or type(self.default)
 
     def describe(self) -> str:
         """The valid values, for messages and ``frugaldiff config``."""
@@ -59,10 +61,12 @@ class Option:
             return f"a list of {least}{_KINDS[self.item][1]}" + _range_text(self.low, self.high, " each")
         if self.max_length is not None:
             return f"a string of at most {self.max_length} characters"
-        return _KINDS[self.kind][0] + _range_text(self.low, self.high)
+        return ('"auto" or ' if self.auto else "") + _KINDS[self.kind][0] + _range_text(self.low, self.high)
 
     def check(self, value: Any) -> Any:
         """The value converted to this option's type, or a FrugalError."""
+        if self.auto and value == "auto":
+            return value
         if self.kind is list:
             if not isinstance(value, list) or len(value) < self.min_items:
                 raise self._bad(value)
@@ -138,6 +142,9 @@ OPTIONS: list[Option] = [
     Option("model.num_res_blocks", 2, "UNet residual blocks per resolution", low=1, high=8),
     Option("model.attention_resolutions", [7], "resolutions (sides) with self-attention", item=int, low=1, high=4096),
     Option("model.dropout", 0.0, "dropout probability", low=0.0, high=0.9),
+    Option("model.num_classes", "auto", "class-conditional on this many labels (a class embedding in the network; "
+           "auto: the dataset's labels, none for unlabelled data; 0: unconditional)", low=0, high=100_000, auto=int,
+           predating=0),
     Option("model.hidden", 256, "MLP width", low=8, high=8192),
     Option("model.depth", 4, "MLP residual blocks", low=1, high=64),
     Option("diffusion.process", "flow", "noise process", choices=PROCESSES.names),
@@ -162,6 +169,13 @@ OPTIONS: list[Option] = [
     Option("train.weight_decay", 0.0, "AdamW weight decay", low=0.0),
     Option("train.grad_clip", 1.0, "gradient-norm clipping (0 = off)", low=0.0),
     Option("train.ema_decay", 0.999, "EMA decay (with warm-up (1+n)/(10+n))", low=0.0, high=1.0),
+    Option("train.phema_snapshots", 8, "snapshots of two power-function EMAs (EDM2: σ_rel 0.05 and 0.10) kept over the "
+           "budget in RUN/phema, from which `frugaldiff ema` reconstructs an EMA of any length (0 = none)", low=0,
+           high=1000, predating=0),
+    Option("train.label_dropout", 0.1, "share of labels replaced by the null label in conditional training (the "
+           "unconditional model classifier-free guidance needs)", low=0.0, high=1.0),
+    Option("train.guide_at", 0.0, "keep the checkpoint at this share of the budget in RUN/guide, the weaker model "
+           "autoguidance (sample.guide = early) guides with (0 = none)", low=0.0, high=0.99, predating=0.0),
     Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1, high=65536),
     Option("train.precision", "auto", "fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)",
            choices=lambda: ["auto", "fp32", "bf16"]),
@@ -188,6 +202,13 @@ OPTIONS: list[Option] = [
            choices=SCHEDULES.names),
     Option("sample.eta", 0.0, "DDIM η (0 = deterministic)", low=0.0, high=1.0),
     Option("sample.clip", True, "clamp x̂0 of images to [-1, 1] while generating (vectors are never clamped)"),
+    Option("sample.guidance", 1.0, "guidance weight w: x̂0 = x̂0_guide + w·(x̂0 − x̂0_guide) (1 = none)", low=0.0,
+           high=100.0),
+    Option("sample.guide", "auto", "what guidance contrasts with: cfg (the model without its label, classifier-free), "
+           "early (the run's checkpoint at train.guide_at, autoguidance), none, or auto (cfg for conditional models, "
+           "early where a run kept one, else none)", choices=lambda: list(GUIDES)),
+    Option("sample.guidance_interval", [0.0, 1.0], "guide only for t in [lo, hi] (Kynkäänniemi et al. 2024)",
+           item=float, low=0.0, high=1.0, min_items=2),
     Option("sample.n", 64, "samples drawn for the grid at the end of training", low=1, high=100_000),
     Option("sample.seed", 0, "seed of generation", low=0, high=MAX_SEED),
 ]

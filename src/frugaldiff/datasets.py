@@ -48,11 +48,22 @@ class Data:
     heldout: torch.Tensor
     train_labels: torch.Tensor | None = None  # int64 class labels where the dataset has them
     heldout_labels: torch.Tensor | None = None
+    #: False where the labels only name a mixture component (toys, gmm), for their metrics: not classes to train on
+    classes_to_learn: bool = True
+    class_names: list[str] | None = None  # the name of each class where the dataset has them
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample, e.g. (1, 28, 28) or (2,)."""
         return tuple(self.train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        """1 + the largest label (0 without labels)."""
+        if self.train_labels is None:
+            return 0
+        labels = [x for x in (self.train_labels, self.heldout_labels) if x is not None and len(x)]
+        return int(max(int(x.max()) for x in labels)) + 1
 
 
 @dataclass(frozen=True)
@@ -425,37 +436,71 @@ def checked_vectors(a: np.ndarray, source: str) -> np.ndarray:
 # folder:PATH and npz:PATH
 
 
+#: Files taken as images when deciding whether a folder is flat (images in it) or holds one sub-folder per class.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
+
+def _folder_files(root: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
+    """The files under ``root`` (sorted) and, when ``root`` holds no image itself but sub-folders (the ImageFolder
+    convention), each file's class index and the class names (the sub-folders' names, sorted)."""
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    folders = [p for p in entries if p.is_dir()]
+    if not folders or any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries):
+        return sorted(p for p in root.rglob("*") if p.is_file()), None, None
+    files, labels = [], []
+    for label, folder in enumerate(folders):
+        found = sorted(p for p in folder.rglob("*") if p.is_file())
+        files += found
+        labels += [label] * len(found)
+    return files, labels, [f.name for f in folders]
+
+
+def _read_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
+    """One image as uint8 RGB [size, size, 3] (transparency composited on white, 16-bit grey kept in range) and
+    whether it was grey."""
+    with Image.open(path) as opened:
+        opened.load()
+        is_grey = Image.getmodebase(opened.mode) == "L"
+        image = opened
+        if opened.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip at 255
+            image = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+        return np.asarray(_fit_square(image.convert("RGB"), size)), is_grey
+
+
 def _load_folder(name: str, root: Path, opts: LoadOptions) -> Data:
-    """Every image Pillow can open under ``root`` (recursive, sorted), centre-cropped and resized."""
+    """Every image Pillow can open under ``root`` (recursive, sorted), centre-cropped and resized; one sub-folder per
+    class (and no image directly in ``root``) gives labels, as torchvision's ImageFolder."""
     if not opts.image_size:
         raise FrugalError(f"dataset {name!r} needs data.image_size: the side to resize images to, e.g. 32")
     try:
         if not root.is_dir():
             raise FrugalError(f"no folder {short_repr(str(root))}; give an existing folder of images as folder:PATH")
-        files = sorted(p for p in root.rglob("*") if p.is_file())
+        files, labels, class_names = _folder_files(root)
     except OSError as e:
         raise FrugalError(f"cannot read folder {short_repr(str(root))} ({e.strerror or e}); give a readable folder "
                           "of images as folder:PATH") from None
-    images, grey, skipped = [], [], 0
-    for path in files:
+    images, grey, kept = [], [], []
+    for i, path in enumerate(files):
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                is_grey = Image.getmodebase(opened.mode) == "L"
-                image = opened
-                if opened.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip at 255
-                    image = Image.fromarray((np.asarray(opened) >> 8).astype(np.uint8))
-                images.append(np.asarray(_fit_square(image.convert("RGB"), opts.image_size)))
-                grey.append(is_grey)
+            image, is_grey = _read_image(path, opts.image_size)
         except _UNREADABLE:
-            skipped += 1
-    if skipped:
+            continue
+        images.append(image)
+        grey.append(is_grey)
+        kept.append(i)
+    if len(kept) < len(files):
+        skipped = len(files) - len(kept)
         warnings.warn(f"skipped {skipped} unreadable file{'s' * (skipped != 1)} in {root}", stacklevel=3)
     if not images:
         raise FrugalError(f"no readable image in {root}; put PNG/JPEG files there or pick another data.name")
     color = opts.color if opts.color != "auto" else "grey" if all(grey) else "rgb"
     x = _finish_images(_u8_to_unit(np.stack(images)), color, 0)
-    return _split_data(name, "image", x, None, opts, stratify=False)
+    classes = None if labels is None else np.asarray([labels[i] for i in kept], dtype=np.int64)
+    data = _split_data(name, "image", x, classes, opts, stratify=classes is not None)
+    data.class_names = class_names
+    return data
 
 
 def _load_npz(name: str, path: Path, opts: LoadOptions) -> Data:
@@ -510,7 +555,7 @@ def _load_toy(name: str, sampler: ToySampler, opts: LoadOptions) -> Data:
         (torch.from_numpy(((points - mean) / std).astype(np.float32)), _labels(labels))
         for points, labels in draws
     )
-    return Data(name, "vector", train, heldout, train_labels, heldout_labels)
+    return Data(name, "vector", train, heldout, train_labels, heldout_labels, classes_to_learn=False)
 
 
 def _toy(name: str) -> Callable[[ToySampler], ToySampler]:
@@ -559,4 +604,4 @@ def _load_gmm(opts: LoadOptions) -> Data:
         mixture.sample(n, torch.Generator().manual_seed(int(stream.generate_state(1)[0])))
         for n, stream in zip(sizes, streams, strict=True)
     )
-    return Data("gmm", "vector", train.float(), heldout.float(), train_labels, heldout_labels)
+    return Data("gmm", "vector", train.float(), heldout.float(), train_labels, heldout_labels, classes_to_learn=False)

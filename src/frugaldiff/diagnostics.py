@@ -30,12 +30,13 @@ GRID_SEED = 1234
 
 @dataclass
 class GridBin:
-    """One bin of the held-out grid: clean samples, their t, noise and noisy inputs (float64)."""
+    """One bin of the held-out grid: clean samples, their t, noise and noisy inputs (float64), and their labels."""
 
     x0: Tensor
     t: Tensor
     eps: Tensor
     x_t: Tensor
+    labels: Tensor | None = None
 
 
 @dataclass
@@ -47,23 +48,26 @@ class HeldoutGrid:
 
 
 def heldout_grid(process: NoiseProcess, x0: Tensor, bins: int = 10, per_bin: int | None = None,
-                 generator: torch.Generator | None = None) -> HeldoutGrid:
+                 generator: torch.Generator | None = None, labels: Tensor | None = None) -> HeldoutGrid:
     """Each bin draws t uniformly inside it (clamped to [t_min, t_max]) and fresh noise for every row of ``x0``
-    or, with ``per_bin``, for that many rows drawn with replacement. Same generator state, same grid."""
+    or, with ``per_bin``, for that many rows drawn with replacement (their ``labels`` alongside). Same generator
+    state, same grid."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     x0 = x0.to(torch.float64)
     cells = []
     for b in range(bins):
-        rows = x0 if per_bin is None else x0[torch.randint(len(x0), (per_bin,), generator=generator)]
+        index = torch.arange(len(x0)) if per_bin is None else torch.randint(len(x0), (per_bin,), generator=generator)
+        rows = x0[index]
         t = process.clamp((b + torch.rand(len(rows), generator=generator, dtype=torch.float64)) / bins)
         eps = torch.randn(rows.shape, generator=generator, dtype=torch.float64)
-        cells.append(GridBin(rows, t, eps, process.add_noise(rows, eps, t)))
+        cells.append(GridBin(rows, t, eps, process.add_noise(rows, eps, t), None if labels is None else labels[index]))
     return HeldoutGrid(torch.linspace(0, 1, bins + 1).tolist(), cells)
 
 
-def fixed_grid(process: NoiseProcess, x0: Tensor, bins: int, per_bin: int) -> HeldoutGrid:
+def fixed_grid(process: NoiseProcess, x0: Tensor, bins: int, per_bin: int, labels: Tensor | None = None
+               ) -> HeldoutGrid:
     """The held-out grid every analysis, run and benchmark measures on: ``per_bin`` draws per bin from GRID_SEED."""
-    return heldout_grid(process, x0, bins, per_bin, torch.Generator().manual_seed(GRID_SEED))
+    return heldout_grid(process, x0, bins, per_bin, torch.Generator().manual_seed(GRID_SEED), labels)
 
 
 def x0_error_by_bin(predict: Predict, grid: HeldoutGrid, mixture: GaussianMixture | None = None,
@@ -204,8 +208,8 @@ class LossLedger:
 
 def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Weighting, batch: int = 512) -> list[float]:
     """Mean training objective (the prediction type's loss under ``weighting``, importance and a learned
-    uncertainty left out) per bin of a fixed held-out grid: comparable across steps and runs of the same config.
-    Runs on the denoiser's device."""
+    uncertainty left out; a conditional model given the grid's labels) per bin of a fixed held-out grid: comparable
+    across steps and runs of the same config. Runs on the denoiser's device."""
     prediction = denoiser.prediction
     device = next(denoiser.parameters()).device
     losses = []
@@ -214,7 +218,8 @@ def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Weight
         for start in range(0, len(cell.x0), batch):
             part = slice(start, start + batch)
             x0, eps, x_t, t = (v[part].to(device, torch.float32) for v in (cell.x0, cell.eps, cell.x_t, cell.t))
+            labels = cell.labels[part].to(device) if cell.labels is not None and denoiser.num_classes else None
             with torch.no_grad():
-                total += prediction.loss(denoiser(x_t, t), x_t, x0, eps, t, weighting).sum().item()
+                total += prediction.loss(denoiser(x_t, t, labels), x_t, x0, eps, t, weighting).sum().item()
         losses.append(total / len(cell.x0))
     return losses

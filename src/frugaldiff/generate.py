@@ -1,7 +1,8 @@
-"""Generation from a trained run: load its EMA model and run a solver."""
+"""Generation from a trained run: load its EMA model, choose labels and guidance, run a solver."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,11 @@ from .checkpoint import damage, latest_checkpoint, load_into, load_trainer_state
 from .components import SampleSettings, build_denoiser
 from .config import Config
 from .errors import FrugalError
+from .guidance import NONE, Guidance, guided
 from .images import save_grid, to_uint8
 from .networks import Denoiser
 from .plots import plot_points
-from .runs import read_run_config
+from .runs import RunFiles, read_run_config
 from .runtime import CPU, Runtime
 from .solvers import solve
 
@@ -30,23 +32,45 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple
         raise FrugalError(f"checkpoint {ckpt} cannot be used ({reason}); pass another --checkpoint or none")
     _, info = load_trainer_state(ckpt)
     info["checkpoint"] = ckpt.name
-    denoiser = build_denoiser(config, tuple(info["sample_shape"]))
+    denoiser = build_denoiser(config, tuple(info["sample_shape"]), info.get("num_classes", 0))
     load_into(denoiser, load_weights(ckpt, "ema"), ckpt)
     return config, denoiser.eval().requires_grad_(False), info
 
 
+def class_labels(n: int, classes: int, which: int | str | None = None) -> torch.Tensor | None:
+    """Labels of ``n`` samples of a model of ``classes`` classes (None when it is unconditional): all ``which`` for
+    a class number, else balanced and in class order (sample i has class ⌊i·classes/n⌋)."""
+    if not classes:
+        if which is not None:
+            raise FrugalError(f"--class {which} needs a class-conditional run and this one is unconditional; train "
+                              "one with labelled data (model.num_classes = auto)")
+        return None
+    if isinstance(which, int):
+        if not 0 <= which < classes:
+            raise FrugalError(f"--class {which} is not a class of this run; choose 0 to {classes - 1} or all")
+        return torch.full((n,), which, dtype=torch.long)
+    return torch.arange(n) * classes // n
+
+
 def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape: tuple[int, ...],
              runtime: Runtime = CPU, steps: int | None = None, solver: str | None = None, seed: int | None = None,
-             progress: bool = False) -> torch.Tensor:
-    """``n`` samples (float, data scale) from ``denoiser`` on ``runtime`` with ``settings`` unless given."""
+             progress: bool = False, labels: torch.Tensor | None = None, guidance: Guidance = NONE) -> torch.Tensor:
+    """``n`` samples (float, data scale) from ``denoiser`` on ``runtime`` with ``settings`` unless given, for
+    ``labels`` (default: balanced over the classes of a conditional model) under ``guidance``."""
     device = runtime.device
     denoiser = denoiser.to(device)
+    if labels is None:
+        labels = class_labels(n, denoiser.num_classes)
+    labels = None if labels is None else labels.to(device)
+    if guidance.model is not None:
+        guidance.model.to(device)
     generator = torch.Generator().manual_seed(settings.seed if seed is None else seed)
     clip = settings.clip and len(sample_shape) == 3
+    model_x0 = guided(denoiser, labels, guidance)
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with runtime.autocast():
-            x0 = denoiser.denoise(x, t.to(device, torch.float32)).float()
+            x0 = model_x0(x, t.to(device, torch.float32)).float()
         return x0.clamp(-1, 1) if clip else x0
 
     return solve(denoise, denoiser.process, (n, *sample_shape), steps or settings.steps,
@@ -54,19 +78,79 @@ def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape:
                  generator=generator, device=device, progress=progress).cpu()
 
 
+def early_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a run kept at ``train.guide_at`` (RUN/guide), or None."""
+    kept = sorted(p for p in RunFiles(run_dir).guide.glob("step-*") if p.is_dir())
+    return kept[-1] if kept else None
+
+
+def run_guidance(run_dir: Path, settings: SampleSettings, denoiser: Denoiser, weight: float | None = None,
+                 guide_checkpoint: Path | None = None) -> Guidance:
+    """The guidance of ``sample.guidance``/``sample.guide``/``sample.guidance_interval`` (``weight`` and
+    ``guide_checkpoint`` take precedence) for a run's ``denoiser``. ``auto`` is classifier-free guidance for a
+    conditional model, autoguidance from the run's early checkpoint for an unconditional one that kept it, and none
+    otherwise; asking explicitly for a guide the run cannot give is an error."""
+    weight = settings.guidance if weight is None else weight
+    interval = (settings.guidance_interval[0], settings.guidance_interval[1])
+    if guide_checkpoint is not None:
+        return Guidance(weight, interval, load_run(guide_checkpoint.parent.parent, guide_checkpoint)[1])
+    guide, early = settings.guide, early_checkpoint(run_dir)
+    if weight == 1.0 or (guide == "auto" and not denoiser.num_classes and early is None):
+        return NONE  # auto with nothing to guide with: no guidance, as documented
+    if guide == "auto":
+        guide = "cfg" if denoiser.num_classes else "early"
+    if guide == "none":
+        raise FrugalError(f"guidance weight {weight} needs a guide and this run has none; train it class-conditional "
+                          "(cfg) or with train.guide_at > 0 (early), pass --guide-checkpoint, or use --guidance 1")
+    if guide == "cfg":
+        if not denoiser.num_classes:
+            raise FrugalError("sample.guide = cfg needs a class-conditional run; use sample.guide = early or auto")
+        return Guidance(weight, interval)
+    if early is None:
+        raise FrugalError(f"{run_dir} kept no early checkpoint for autoguidance; train with train.guide_at > 0 or "
+                          "pass --guide-checkpoint")
+    return Guidance(weight, interval, load_run(run_dir, early)[1])
+
+
+@dataclass
+class Samples:
+    """Generated samples (uint8 images [N, H, W, C] or float32 vectors [N, D]) and their labels (None:
+    unconditional)."""
+
+    values: np.ndarray
+    labels: np.ndarray | None
+
+
+def sample_run(run_dir: str | Path, n: int = 64, steps: int | None = None, solver: str | None = None, seed: int = 0,
+               checkpoint: str | Path | None = None, progress: bool = False, which: int | str | None = None,
+               guidance: float | None = None, guide_checkpoint: str | Path | None = None) -> Samples:
+    """Samples of a run's EMA model with its sampling settings: ``which`` is a class or "all" (``n`` per class, in
+    class order) for conditional runs; ``guidance`` a weight and ``guide_checkpoint`` a weaker model's checkpoint."""
+    run_dir = Path(run_dir)
+    config, denoiser, info = load_run(run_dir, checkpoint)
+    runtime = Runtime.create(config["train.device"], config["train.precision"])
+    settings = SampleSettings.from_config(config)
+    classes = denoiser.num_classes
+    total = n * classes if which == "all" and classes else n
+    labels = class_labels(total, classes, which)
+    plan = run_guidance(run_dir, settings, denoiser, guidance, None if guide_checkpoint is None else
+                        Path(guide_checkpoint))
+    x = generate(denoiser, settings, total, tuple(info["sample_shape"]), runtime, steps, solver, seed, progress,
+                 labels, plan)
+    values = to_uint8(x) if info["data_kind"] == "image" else x.numpy().astype(np.float32)
+    return Samples(values, None if labels is None else labels.numpy())
+
+
 def sample(run_dir: str | Path, n: int = 64, steps: int | None = None, solver: str | None = None,
            seed: int = 0, checkpoint: str | Path | None = None, progress: bool = False) -> np.ndarray:
     """Samples of a run's EMA model: uint8 [N, H, W, C] for images, float32 [N, D] for vectors."""
-    config, denoiser, info = load_run(run_dir, checkpoint)
-    runtime = Runtime.create(config["train.device"], config["train.precision"])
-    x = generate(denoiser, SampleSettings.from_config(config), n, tuple(info["sample_shape"]), runtime, steps, solver,
-                 seed, progress)
-    return to_uint8(x) if info["data_kind"] == "image" else x.numpy().astype(np.float32)
+    return sample_run(run_dir, n, steps, solver, seed, checkpoint, progress).values
 
 
-def save_samples(samples: np.ndarray, png: Path, reference: np.ndarray | None = None) -> None:
-    """A PNG of samples: a grid for images (uint8 [N,H,W,C]), a scatter for vectors."""
+def save_samples(samples: np.ndarray, png: Path, reference: np.ndarray | None = None, rows: int | None = None) -> None:
+    """A PNG of samples: a grid for images (uint8 [N,H,W,C]; ``rows`` rows, e.g. one per class), a scatter for
+    vectors."""
     if samples.dtype == np.uint8:
-        save_grid(samples, png)
+        save_grid(samples, png, ncols=-(-len(samples) // rows) if rows else None)
     else:
         plot_points(samples, png, reference)

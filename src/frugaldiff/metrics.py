@@ -64,15 +64,20 @@ def canonical_samples(a: np.ndarray, source: str = "samples") -> np.ndarray:
     return a.astype(np.float32)
 
 
-def load_samples(path: str | Path) -> np.ndarray:
+def load_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Samples from an .npz (one array, or the one named "samples" or "images") or .npy file, in the layout
-    of :func:`canonical_samples`."""
+    of :func:`canonical_samples`, and the classes they were asked for (an array "labels", as ``frugaldiff sample``
+    writes for conditional runs; None without one)."""
     path = Path(path)
     arrays = read_arrays(path, "pass an .npz written by `frugaldiff sample --out` or numpy.savez")
+    labels = arrays.pop("labels", None)
     key = next((k for k in ("samples", "images") if k in arrays), next(iter(arrays)) if len(arrays) == 1 else None)
     if key is None:
         raise FrugalError(f"{path} holds arrays {sorted(arrays)}; save one array, or name it 'samples' or 'images'")
-    return canonical_samples(arrays[key], f"{path} ['{key}']")
+    samples = canonical_samples(arrays[key], f"{path} ['{key}']")
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != samples.shape[:1]):
+        raise FrugalError(f"{path}: 'labels' is {labels.dtype} {labels.shape}; save integer labels, one per sample")
+    return samples, labels
 
 
 def _fit_images(x: Tensor, shape: tuple[int, ...], dataset: str) -> Tensor:
@@ -287,6 +292,15 @@ def headline_metric(data: Data) -> str | None:
     return "loglik" if data.name == "gmm" else "swd"
 
 
+def eval_column(data: Data) -> str:
+    """The metrics.csv column ``eval_<headline metric>`` of ``train.eval_every``, or a FrugalError without one."""
+    name = headline_metric(data)
+    if name is None:
+        raise FrugalError(f"train.eval_every needs a dataset with a quality metric and {data.name!r} has no class "
+                          "labels; set train.eval_every=0")
+    return f"eval_{name}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The evaluator
 
@@ -346,8 +360,10 @@ class Evaluator:
             self.kid.update(chunk, real=True)
         self.reference_features = _apply(features, self.reference)
 
-    def __call__(self, samples: np.ndarray) -> dict[str, Any]:
-        """Every metric that applies, for samples in any layout :func:`canonical_samples` accepts."""
+    def __call__(self, samples: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
+        """Every metric that applies, for samples in any layout :func:`canonical_samples` accepts; with the
+        ``labels`` they were generated for, also the conditional accuracy (the share the domain classifier puts in
+        the requested class)."""
         x = torch.from_numpy(canonical_samples(samples))
         shape = self.data.sample_shape
         if (x.ndim == 4) != (self.data.kind == "image") or (x.ndim == 2 and tuple(x.shape[1:]) != shape):
@@ -363,6 +379,8 @@ class Evaluator:
             x = _fit_images(x, shape, self.data.name)
             if self.classifier is not None:
                 result |= self._domain_metrics(x)
+                if labels is not None:
+                    result["conditional_accuracy"] = self.conditional_accuracy(x, labels)
             if self.inception is not None:
                 self.inception.reset()
                 for chunk in x.split(CHUNK):
@@ -371,6 +389,14 @@ class Evaluator:
         if self.skipped:
             result["skipped"] = dict(self.skipped)
         return result
+
+    def conditional_accuracy(self, x: Tensor, labels: np.ndarray) -> float:
+        """Share of images [N, C, H, W] in [-1, 1] that the domain classifier puts in the class they were asked for."""
+        if len(labels) != len(x) or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.classes):
+            raise FrugalError(f"labels must be one class in 0..{self.classes - 1} per sample; got {len(labels)} labels "
+                              f"for {len(x)} samples")
+        predicted = _apply(self.classifier, x).argmax(1)
+        return (predicted == torch.from_numpy(labels.astype(np.int64))).double().mean().item()
 
     def _vector_metrics(self, x: Tensor) -> dict[str, float]:
         result = {"swd": sliced_wasserstein(x, self.reference), "mmd": mmd(x, self.reference, self.bandwidth)}
@@ -429,9 +455,9 @@ def _inception_input(x: Tensor) -> Tensor:
 
 
 def evaluate(samples: np.ndarray | str | Path, dataset: str | Config, ref: str = "heldout",
-             inception_weights: str | Path | None = None) -> dict[str, Any]:
-    """Every metric that applies to ``samples`` (an array or an .npz/.npy path) against ``dataset``'s ``ref``
-    split, with ``n_samples``, ``n_ref``, ``dataset`` and ``ref``; see docs/metrics.md."""
+             inception_weights: str | Path | None = None, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Every metric that applies to ``samples`` (an array, or an .npz/.npy path whose "labels" are read too) against
+    ``dataset``'s ``ref`` split, with ``n_samples``, ``n_ref``, ``dataset`` and ``ref``; see docs/metrics.md."""
     if not isinstance(samples, np.ndarray):
-        samples = load_samples(samples)
-    return Evaluator.for_dataset(dataset, ref, inception_weights)(samples)
+        samples, labels = load_samples(samples)
+    return Evaluator.for_dataset(dataset, ref, inception_weights)(samples, labels)

@@ -39,6 +39,25 @@ class TimeEmbedding(nn.Module):
         return self.mlp(timestep_embedding(t, self.base))
 
 
+class ClassEmbedding(nn.Module):
+    """A learned vector per class, added to the time embedding; index ``num_classes`` is the null label (no class),
+    which labels of None stand for. With 0 classes (unconditional) it has no parameters and adds nothing."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim) if num_classes else None
+        if self.table is not None:
+            nn.init.normal_(self.table.weight, std=0.02)  # as DiT: the labels start as a small nudge
+
+    def forward(self, emb: Tensor, labels: Tensor | None) -> Tensor:
+        if self.table is None:
+            return emb
+        if labels is None:
+            labels = torch.full((len(emb),), self.num_classes, dtype=torch.long, device=emb.device)
+        return emb + self.table(labels).to(emb.dtype)
+
+
 def _norm(channels: int) -> nn.GroupNorm:
     groups = math.gcd(channels, 32)
     return nn.GroupNorm(groups if groups >= 4 else 1, channels)
@@ -91,10 +110,11 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, image_size: int, channels: int = 32,
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
-                 attention_resolutions: Sequence[int] = (7,), dropout: float = 0.0) -> None:
+                 attention_resolutions: Sequence[int] = (7,), dropout: float = 0.0, num_classes: int = 0) -> None:
         super().__init__()
         emb_dim = 4 * channels
         self.time = TimeEmbedding(channels, emb_dim)
+        self.label = ClassEmbedding(num_classes, emb_dim)
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
         widths = [channels * m for m in channel_mult]
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -120,8 +140,8 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.time(t)
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        emb = self.label(self.time(t), labels)
         h = self.stem(x)
         hs = [h]
         for i, level in enumerate(self.down):
@@ -146,9 +166,10 @@ class MLP(nn.Module):
     """A residual MLP for vector data; the time embedding is added in every block."""
 
     def __init__(self, in_features: int, out_features: int, hidden: int = 256, depth: int = 4,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, num_classes: int = 0) -> None:
         super().__init__()
         self.time = TimeEmbedding(min(hidden, 128), hidden)
+        self.label = ClassEmbedding(num_classes, hidden)
         self.inp = nn.Linear(in_features, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
@@ -158,8 +179,8 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        emb = self.time(t)
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        emb = self.label(self.time(t), labels)
         h = self.inp(x)
         for block in self.blocks:
             h = h + block(h + emb)
@@ -189,9 +210,19 @@ class Denoiser(nn.Module):
         gradient clipping bounds their step."""
         return [p for name, p in self.named_parameters() if not name.startswith("uncertainty.")]
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        return self.net(x_t * bcast(self.prediction.input_scale(t), x_t), t)
+    @property
+    def num_classes(self) -> int:
+        """How many classes the network is conditioned on (0: unconditional, or a network without a label input)."""
+        return getattr(getattr(self.net, "label", None), "num_classes", 0)
 
-    def denoise(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """x̂0(x_t, t) in float32."""
-        return self.prediction.to_x0(self(x_t, t).float(), x_t, t)
+    @property
+    def null_label(self) -> int:
+        """The label that stands for no class (classifier-free guidance's unconditional model)."""
+        return self.num_classes
+
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.net(x_t * bcast(self.prediction.input_scale(t), x_t), t, labels)
+
+    def denoise(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """x̂0(x_t, t) in float32, for ``labels`` (None: no class)."""
+        return self.prediction.to_x0(self(x_t, t, labels).float(), x_t, t)

@@ -77,9 +77,11 @@ class NoiseProcess:
         return bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x0) * eps
 
 
-def empirical_posterior_mean(process: NoiseProcess, x_t: Tensor, t: Tensor, reference: Tensor) -> Tensor:
-    """E[x0 | x_t] when x0 is drawn uniformly from ``reference`` [R, ...]: the softmax over references of
-    −‖x_t − α·x0_r‖²/(2σ²), averaging the references (float32; one row of ``x_t`` per entry of ``t``).
+def empirical_posterior_mean(process: NoiseProcess, x_t: Tensor, t: Tensor, reference: Tensor,
+                             allowed: Tensor | None = None) -> Tensor:
+    """E[x0 | x_t] when x0 is drawn uniformly from ``reference`` [R, ...] (or, with the bool mask ``allowed`` [B, R],
+    from the references each row allows): the softmax over references of −‖x_t − α·x0_r‖²/(2σ²), averaging the
+    references (float32; one row of ``x_t`` per entry of ``t``).
 
     With the batch's own x0 among the references this is the stable target of Xu et al. 2023: near t = 0
     it is the sample's own x0, near t = 1 the references' mean.
@@ -88,8 +90,10 @@ def empirical_posterior_mean(process: NoiseProcess, x_t: Tensor, t: Tensor, refe
     alpha, sigma = process.alpha(t).float()[:, None], process.sigma(t).float()[:, None]
     # ‖x_t − α·r‖² up to a term that does not depend on r
     distance = alpha**2 * torch.linalg.vector_norm(refs, dim=1).square()[None, :] - 2 * alpha * (flat @ refs.T)
-    weights = torch.softmax(-distance / (2 * sigma**2), dim=1)
-    return (weights @ refs).reshape(x_t.shape)
+    logits = -distance / (2 * sigma**2)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -math.inf)
+    return (torch.softmax(logits, dim=1) @ refs).reshape(x_t.shape)
 
 
 def bcast(v: Tensor, like: Tensor) -> Tensor:

@@ -302,3 +302,17 @@ def plot_batch_sweep(result: dict[str, Any], out: Path) -> None:
     ax_bins.set(xlabel="t", ylabel="held-out loss (EMA model)", yscale="log", title="held-out loss per t bin")
     ax_bins.legend(fontsize="small")
     save_figure(plt, fig, out)
+
+
+def plot_posthoc_sweep(result: dict[str, Any], out: Path) -> None:
+    """The metric of each post-hoc EMA length against σ_rel, with the training EMA as a line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sigmas = [r["sigma_rel"] for r in result["posthoc"]]
+    ax.plot(sigmas, [r["value"] for r in result["posthoc"]], marker="o", label="post-hoc EMA")
+    ax.axhline(result["train_ema"]["value"], color="grey", ls="--",
+               label=f"training EMA (decay {result['train_ema']['decay']})")
+    ax.set(xlabel="σ_rel (EMA length relative to training time)", ylabel=result["metric"],
+           title=f"{result['metric']} of {result['n']} samples")
+    ax.legend(fontsize="small")
+    save_figure(plt, fig, out)

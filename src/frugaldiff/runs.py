@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import warnings
@@ -60,6 +61,16 @@ class RunFiles:
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
+    @property
+    def guide(self) -> Path:
+        """The early checkpoint kept for autoguidance (``train.guide_at``)."""
+        return self.root / "guide"
+
+    @property
+    def phema(self) -> Path:
+        """Snapshots of the power-function EMAs (``train.phema_snapshots``)."""
+        return self.root / "phema"
+
 
 class RunLock:
     """An advisory lock on a run folder (``fcntl.flock`` on ``RUN/.lock``, which holds the holder's PID) while a
@@ -88,7 +99,7 @@ class RunLock:
 
 
 #: What a run folder may hold when its run never completed a checkpoint (so a new run may reuse the folder).
-UNFINISHED = {".lock", "config.toml", "metrics.csv", "tensorboard", "checkpoints"}
+UNFINISHED = {".lock", "config.toml", "metrics.csv", "tensorboard", "checkpoints", "phema", "guide"}
 
 
 def unfinished(root: Path) -> bool:
@@ -118,7 +129,20 @@ def start_run(root: Path, resume: bool) -> Path | None:
     if point is None:
         warnings.warn(f"{root} has no intact checkpoint (its first one never completed, or all are damaged); "
                       "training it from step 0", stacklevel=2)
+    _drop_after(root, 0 if point is None else json.loads((point / "state.json").read_text())["images_seen"])
     return point
+
+
+def _drop_after(root: Path, images: int) -> None:
+    """Remove what the run kept after ``images`` images (the resumed run writes it again): EMA snapshots and an
+    early checkpoint for autoguidance, so nothing of an abandoned stretch mixes with the new one."""
+    files = RunFiles(root)
+    for snapshot in files.phema.glob("*.safetensors"):
+        if snapshot.stem.isdigit() and int(snapshot.stem) > images:
+            snapshot.unlink()
+    for guide in files.guide.glob("step-*"):
+        if json.loads((guide / "state.json").read_text()).get("images_seen", 0) > images:
+            shutil.rmtree(guide)
 
 
 def read_run_config(run_dir: Path, overrides: Iterable[str] = ()) -> Config:

@@ -11,7 +11,7 @@ from .checkpoint import load_checkpoint, load_into, save_checkpoint
 from .components import Components, TrainSettings
 from .datasets import BatchStream, Data
 from .diagnostics import LossLedger
-from .ema import EMA
+from .ema import EMA, PowerEMA
 from .objective import Batch, Objective
 
 
@@ -32,9 +32,13 @@ class TrainState:
     def __init__(self, parts: Components, data: Data, settings: TrainSettings) -> None:
         self.denoiser, self.sampler, self.process = parts.denoiser, parts.sampler, parts.process
         self.ema = EMA(self.denoiser, settings.ema_decay)
+        self.phema = PowerEMA(self.denoiser) if settings.phema_snapshots else None
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=settings.lr,
                                            weight_decay=settings.weight_decay)
-        self.stream = BatchStream(data.train, settings.seed)
+        self.train, self.classes = data.train, parts.denoiser.num_classes
+        self.train_labels = data.train_labels if self.classes else None
+        self.label_dropout = settings.label_dropout
+        self.stream = BatchStream(torch.arange(len(data.train)), settings.seed)
         self.noise = torch.Generator().manual_seed(settings.seed + 1)
         self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
         self.log = empty_log()
@@ -46,19 +50,26 @@ class TrainState:
         return next(self.denoiser.parameters()).device
 
     def draw(self, n: int, objective: Objective) -> Batch:
-        """The next global batch of ``n``: data, then times, then noise, then the stable target's references."""
+        """The next global batch of ``n``: data, then times, then noise, then the stable target's references, then
+        (conditional training) which labels are dropped to the null label."""
         device = self.device
-        x0 = self.stream.next(n).to(device)
+        index = self.stream.next(n)
+        x0 = self.train[index].to(device)
         t, importance = self.sampler.sample(n)
         eps = torch.randn((n, *x0.shape[1:]), generator=self.noise).to(device)
+        labels = None if self.train_labels is None else self.train_labels[index].to(device)
+        reference, reference_labels = objective.references(x0, labels, self.noise)
+        if labels is not None:
+            dropped = (torch.rand(n, generator=self.noise) < self.label_dropout).to(device)
+            labels = labels.masked_fill(dropped, self.classes)
         return Batch(x0, self.process.clamp(t).to(device, torch.float32), importance.to(device, torch.float32), eps,
-                     objective.references(x0, self.noise))
+                     reference, labels, reference_labels)
 
     def info(self) -> dict[str, Any]:
         """Counters and data facts (``state.json`` beside each checkpoint)."""
         return {"step": self.step, "images_seen": self.images_seen, "nonfinite_skipped": self.nonfinite_total,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_shape": list(self.sample_shape),
-                "data_kind": self.data_kind}
+                "data_kind": self.data_kind, "num_classes": self.classes}
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: weights (``model``, ``ema``), ``trainer`` state and ``info``."""
@@ -67,13 +78,20 @@ class TrainState:
                    "noise_rng": self.noise.get_state(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if cuda else [], "stream_position": self.stream.position,
                    "log": dict(self.log), "ledger": self.ledger.state_dict()}
-        return {"model": self.denoiser.state_dict(), "ema": self.ema.model.state_dict(), "trainer": trainer,
-                "info": self.info()}
+        state = {"model": self.denoiser.state_dict(), "ema": self.ema.model.state_dict(), "trainer": trainer,
+                 "info": self.info()}
+        if self.phema is not None:
+            state["phema"] = self.phema.state_dict(self.denoiser)
+        return state
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         """Continue from ``state`` (a checkpoint's, read from ``source``)."""
         load_into(self.denoiser, state["model"], source)
         load_into(self.ema.model, state["ema"], source)
+        if self.phema is not None and "phema" in state:
+            self.phema.load_state_dict(state["phema"], self.denoiser)
+        elif self.phema is not None:  # a run that tracked none before starts its averages here
+            self.phema.reset(self.denoiser)
         trainer, info = state["trainer"], state["info"]
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.sampler.load_state_dict(trainer["sampler"])

@@ -24,10 +24,11 @@ from .components import SampleSettings, TrainSettings, build, build_data, true_m
 from .config import Config
 from .diagnostics import HeldoutGrid, bin_columns, csv_cells, fixed_grid, heldout_loss_by_bin
 from .distributed import World, init_distributed
+from .ema import save_snapshot
 from .errors import FrugalError
-from .generate import generate
+from .generate import generate, run_guidance
 from .images import to_uint8
-from .metrics import Evaluator, headline_metric
+from .metrics import Evaluator, eval_column
 from .objective import Objective
 from .plots import plot_eval
 from .runs import METRIC_FIELDS, MetricsLog, RunFiles, RunLock, start_run
@@ -90,6 +91,8 @@ def _finish_step(state: TrainState, host: Tensor, images: int) -> tuple[float, f
     state.optimizer.step()
     state.step += 1
     state.ema.update(state.denoiser, state.step)
+    if state.phema is not None:
+        state.phema.update(state.denoiser, state.images_seen, images)
     t, losses = host[2:].view(-1, 2).unbind(1)
     state.sampler.update(t, losses)
     state.ledger.update(t, losses)
@@ -136,7 +139,7 @@ class Trainer:
         self.data = build_data(config)
         self.parts = build(config, self.data, self.runtime)
         self.state = TrainState(self.parts, self.data, s)
-        self.eval_column = self._eval_column()
+        self.eval_column = eval_column(self.data) if s.eval_every else None
         # the folder is touched only now that the config has built: bad input leaves nothing behind
         self.lock = RunLock(self.files.root) if self.world.is_main else None  # released at the end of fit
         point = self.world.broadcast(start_run(self.files.root, resume) if self.world.is_main else None)
@@ -147,7 +150,6 @@ class Trainer:
         fields = [*METRIC_FIELDS, *([self.eval_column] if self.eval_column else []), *ledger.columns(), *heldout]
         self.metrics = MetricsLog(self.files, fields, self.settings.tensorboard)
         if self.world.is_main:
-            self.files.root.mkdir(parents=True, exist_ok=True)
             config.save(self.files.config)
             if resume:
                 self.metrics.truncate(self.state.step)
@@ -159,22 +161,12 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.parts.denoiser, device_ids=ids)
         self._grid: HeldoutGrid | None = None
 
-    def _eval_column(self) -> str | None:
-        """The metrics.csv column of ``train.eval_every``'s metric, ``eval_<name>`` (None while it is 0)."""
-        if not self.settings.eval_every:
-            return None
-        name = headline_metric(self.data)
-        if name is None:
-            raise FrugalError(f"train.eval_every needs a dataset with a quality metric and {self.data.name!r} has "
-                              "no class labels; set train.eval_every=0")
-        return f"eval_{name}"
-
     def heldout_losses(self) -> dict[str, str]:
         """The training objective of the current model per t bin on the fixed held-out grid, as metrics.csv cells:
         comparable across steps and runs."""
         if self._grid is None:
             self._grid = fixed_grid(self.parts.process, self.data.heldout, self.settings.ledger_bins,
-                                    self.settings.heldout_per_bin)
+                                    self.settings.heldout_per_bin, self.data.heldout_labels)
         denoiser = self.parts.denoiser.eval()
         try:
             losses = heldout_loss_by_bin(denoiser, self._grid, self.parts.weighting)
@@ -183,13 +175,26 @@ class Trainer:
         return csv_cells(bin_columns("heldout", self.settings.ledger_bins), losses)
 
     def samples(self, n: int, progress: bool = False) -> Tensor:
-        """``n`` samples of the EMA model with the run's sampling settings (seed ``sample.seed``)."""
-        model = self.state.ema.model.eval()
+        """``n`` samples of the EMA model with the run's sampling settings and guidance (seed ``sample.seed``;
+        labels balanced over the classes of a conditional run)."""
+        model, settings = self.state.ema.model.eval(), SampleSettings.from_config(self.config)
         try:
-            return generate(model, SampleSettings.from_config(self.config), n, self.data.sample_shape, self.runtime,
-                            progress=progress)
+            guidance = run_guidance(self.files.root, settings, model)
+            return generate(model, settings, n, self.data.sample_shape, self.runtime, progress=progress,
+                            guidance=guidance)
         finally:
             model.train()
+
+    def _keep(self, before: int) -> None:
+        """Rank 0 keeps a power-function EMA snapshot and the early checkpoint for autoguidance when the images seen
+        cross their times."""
+        s, state, now = self.settings, self.state, self.state.images_seen
+        if not self.world.is_main:
+            return
+        if state.phema is not None and crossed(before, now, max(1, s.images_seen // s.phema_snapshots), s.images_seen):
+            save_snapshot(self.files.phema, state.phema, state.denoiser, now)
+        if s.guide_at and before < int(s.guide_at * s.images_seen) <= now:
+            state.save(self.files.guide, keep=1)
 
     def evaluate(self, evaluator: Evaluator, n: int | None = None) -> float:
         """The headline metric of ``n`` (default ``train.eval_samples``) EMA samples, scored as ``frugaldiff eval``
@@ -276,6 +281,7 @@ class Trainer:
                 extra, force = self._periodic(before, evaluator)
                 shown = {k: f"{float(v):.4g}" for k, v in extra.items() if k == self.eval_column} or shown
                 self._log(loss, grad_norm, seconds, extra, force)
+                self._keep(before)
                 bar.update(state.images_seen - before)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{s.batch_size / seconds:.0f}", **shown, refresh=False)
                 if crossed(before, state.images_seen, s.checkpoint_every, math.inf) and not self.done:
