@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testkit import TINY_UNET
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -41,3 +43,27 @@ def test_throughput_smoke_reports_every_measurement(tmp_path):
     assert set(results["sampler_us"]["4"]) >= {"uniform", "stratified", "adaptive", "lognormal"}
     assert list(results["stable_target_us"]) == ["batch 4, 256 images", "batch 4, 4096 images"]
     assert all(v > 0 for v in results["stable_target_us"].values())
+
+
+def test_sampling_and_guidance_smoke_score_every_setting(tmp_path):
+    from frugaldiff.cli import main
+
+    args = [a for k, v in {**TINY_UNET, "train.images_seen": 96, "train.guide_at": 0.4, "train.keep_checkpoints": 5,
+                           "train.checkpoint_every": 32}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    runs = tmp_path / "runs"
+    assert main(["train", *args, "--out", str(runs / "cond-s0"), "--no-progress"]) == 0
+    assert main(["train", *args, "--set", "model.num_classes=0", "--out", str(runs / "uncond-s0"),
+                 "--no-progress"]) == 0
+    _run("sampling.py", str(runs / "cond-s0"), "--out", str(tmp_path / "sampling"))
+    result = json.loads((tmp_path / "sampling" / "results.json").read_text())
+    assert [(r["solver"], r["steps"], r["nfe"]) for r in result["rows"]] == [("ddim", 2, 2), ("ddim", 3, 3),
+                                                                             ("heun", 2, 3), ("heun", 3, 5)]
+    assert "| heun | karras |" in (tmp_path / "sampling" / "table.md").read_text()
+    _run("guidance.py", "--runs", str(runs), "--out", str(tmp_path / "guidance"))
+    rows = json.loads((tmp_path / "guidance" / "results.json").read_text())["rows"]
+    cond = [r for r in rows if r["run"] == "cond-s0"]
+    assert [(r["guide"], r["weight"]) for r in cond] == [("none", 1.0), ("cfg", 2.0)]
+    assert all(0 <= r["conditional_accuracy"] <= 1 for r in cond)
+    guides = [r["guide"] for r in rows if r["run"] == "uncond-s0" and r["weight"] == 2.0]
+    assert guides[0] == "step-00000003" and "step-00000002" in guides  # RUN/guide first, then the checkpoints
+    assert (tmp_path / "guidance" / "guidance.png").stat().st_size > 5000

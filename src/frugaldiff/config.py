@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_text
-from .datasets import dataset_names
+from .datasets import TWEMOJI_VARIANTS, dataset_names
 from .errors import FrugalError, short_repr
 from .gmm import GMM_COMPONENTS, GMM_COVARIANCES, GMM_DIM
 from .guidance import GUIDES
@@ -133,6 +133,8 @@ OPTIONS: list[Option] = [
     Option("data.gmm_components", GMM_COMPONENTS, "number of mixture components of dataset gmm", low=1, high=1024),
     Option("data.gmm_covariance", "diagonal", "component covariances of dataset gmm",
            choices=lambda: list(GMM_COVARIANCES)),
+    Option("data.twemoji_variants", "keep", "twemoji: keep or drop the skin-tone variants (60 % of the set)",
+           choices=lambda: list(TWEMOJI_VARIANTS)),
     Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0, high=MAX_SEED),
     Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
            choices=lambda: ["auto", *NETWORKS.names()]),

