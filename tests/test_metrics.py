@@ -222,3 +222,14 @@ def test_training_evaluates_ema_samples_and_resume_adds_the_column(tmp_path):
     assert sorted(evaluated) == [64, 96] and all(v > 0 for v in evaluated.values())
     assert [int(r["step"]) for r in rows] == sorted({int(r["step"]) for r in rows})
     assert rows[0]["eval_domain_fid"] == "" and (run / "eval.png").stat().st_size > 1000
+
+
+def test_the_twemoji_evaluator_ranks_the_real_floor_below_every_degradation(fresh_cache, monkeypatch):
+    monkeypatch.setattr(metrics, "CLASSIFIER_IMAGES", 3000)  # a quick classifier on 16-pixel emoji
+    evaluator = Evaluator.for_dataset(Config({"data.name": "twemoji", "data.image_size": 16}), ref="train")
+    heldout = evaluator.data.heldout.numpy()
+    floor = evaluator(heldout)["domain_fid"]
+    degraded = {"blur": gaussian_blur(heldout, 1.0), "noise": metrics.add_noise(heldout, 0.3),
+                "rotated colours": metrics.shift_colours(heldout), "grey": metrics.to_grey(heldout)}
+    scores = {name: evaluator(x)["domain_fid"] for name, x in degraded.items()}
+    assert all(score > 3 * floor for score in scores.values()), (floor, scores)  # grey included: colour is seen

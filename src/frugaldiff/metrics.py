@@ -108,6 +108,25 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     return x.reshape(n, c, h, w).numpy()
 
 
+def to_grey(images: np.ndarray) -> np.ndarray:
+    """Images [N, C, H, W] in [-1, 1] with every channel replaced by their luma (grey in colour's shape)."""
+    if images.shape[1] != 3:
+        return images.copy()
+    luma = np.einsum("nchw,c->nhw", images, LUMA)[:, None]
+    return np.repeat(luma, 3, axis=1).astype(np.float32)
+
+
+def shift_colours(images: np.ndarray) -> np.ndarray:
+    """Images [N, C, H, W] with their colour channels rotated (R → G → B → R): every hue changes, nothing else."""
+    return np.roll(images, 1, axis=1) if images.shape[1] == 3 else images.copy()
+
+
+def add_noise(images: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
+    """Images with Gaussian noise of ``std`` added (clipped to [-1, 1])."""
+    noise = np.random.default_rng(seed).normal(scale=std, size=images.shape)
+    return np.clip(images + noise, -1, 1).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The domain classifier
 
