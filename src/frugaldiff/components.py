@@ -19,8 +19,8 @@ from .config import Config
 from .datasets import Data, load_dataset
 from .errors import FrugalError
 from .gmm import GaussianMixture, gmm_mixture
-from .networks import NETWORKS, Denoiser
-from .noise import NoiseProcess
+from .networks import NETWORKS, Denoiser, preset_for, unet_size
+from .noise import NoiseProcess, shifted
 from .objective import Objective
 from .prediction import PredictionType
 from .runtime import Runtime
@@ -127,6 +127,29 @@ def num_classes(config: Config, data: Data) -> int:
     return wanted
 
 
+#: The data size (1 × 28 × 28, MNIST) the recipe was tuned on: diffusion.shift = auto scales from it.
+BASE_SIZE = 784
+
+
+def build_process(config: Config, sample_shape: tuple[int, ...]) -> NoiseProcess:
+    """The configured noise process, shifted by ``diffusion.shift`` (auto: √(size / BASE_SIZE) for images, 1 for
+    vectors)."""
+    shift = config["diffusion.shift"]
+    if shift == "auto":
+        shift = math.sqrt(math.prod(sample_shape) / BASE_SIZE) if len(sample_shape) == 3 else 1.0
+    return shifted(config.process(), shift)
+
+
+def unet_keys(config: Config, side: int) -> dict[str, Any]:
+    """The UNet's size for images of ``side`` px: ``model.preset`` (auto: by the side), each model.* key overriding."""
+    preset = config["model.preset"]
+    keys = unet_size(preset_for(side) if preset == "auto" else preset, side)
+    for key in keys:
+        if config[f"model.{key}"] != "auto":
+            keys[key] = config[f"model.{key}"]
+    return keys
+
+
 def build_network(config: Config, prediction: PredictionType, sample_shape: tuple[int, ...], classes: int = 0) -> Any:
     """The ``model.*`` network for samples of ``sample_shape`` ((C, H, W) images or (D,) vectors), conditioned on
     ``classes`` labels (0: unconditional)."""
@@ -136,12 +159,9 @@ def build_network(config: Config, prediction: PredictionType, sample_shape: tupl
     if name == "unet":
         if len(sample_shape) != 3:
             raise FrugalError(f"model.name=unet needs image data, got samples of shape {sample_shape}; use mlp")
-        channels, size, _ = sample_shape
-        return NETWORKS.create(
-            "unet", channels, prediction.out_channels(channels), size, channels=config["model.channels"],
-            channel_mult=config["model.channel_mult"], num_res_blocks=config["model.num_res_blocks"],
-            attention_resolutions=config["model.attention_resolutions"], dropout=config["model.dropout"],
-            num_classes=classes)
+        channels, side, _ = sample_shape
+        return NETWORKS.create("unet", channels, prediction.out_channels(channels), side,
+                               dropout=config["model.dropout"], num_classes=classes, **unet_keys(config, side))
     if len(sample_shape) != 1:
         raise FrugalError(f"model.name={name} needs vector data, got samples of shape {sample_shape}; use unet")
     features = math.prod(sample_shape)
@@ -153,7 +173,7 @@ def build_denoiser(config: Config, sample_shape: tuple[int, ...], classes: int =
                    weighting: Weighting | None = None) -> Denoiser:
     """Prediction type, network (conditioned on ``classes`` labels) and the weighting's uncertainty module, in this
     order (their initialisations draw from torch's global generator in it)."""
-    process = process if process is not None else config.process()
+    process = process if process is not None else build_process(config, sample_shape)
     prediction = config.prediction(process)
     net = build_network(config, prediction, sample_shape, classes)
     weighting = weighting if weighting is not None else config.weighting()
@@ -174,7 +194,7 @@ class Components:
 
 def build(config: Config, data: Data, runtime: Runtime) -> Components:
     """Every part of a run of ``config`` on ``data``; the denoiser and the stable target's pool on the device."""
-    process = config.process()
+    process = build_process(config, data.sample_shape)
     weighting = config.weighting()
     classes = num_classes(config, data)
     denoiser = build_denoiser(config, data.sample_shape, classes, process, weighting).to(runtime.device)

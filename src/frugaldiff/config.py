@@ -21,7 +21,7 @@ from .datasets import TWEMOJI_VARIANTS, dataset_names
 from .errors import FrugalError, short_repr
 from .gmm import GMM_COMPONENTS, GMM_COVARIANCES, GMM_DIM
 from .guidance import GUIDES
-from .networks import NETWORKS
+from .networks import NETWORKS, PRESETS
 from .noise import PROCESSES, NoiseProcess
 from .prediction import PREDICTIONS, PredictionType
 from .registry import Registry
@@ -58,7 +58,8 @@ class Option:
             return "one of " + ", ".join(self.choices())
         if self.kind is list:
             least = f"at least {self.min_items} " if self.min_items else ""
-            return f"a list of {least}{_KINDS[self.item][1]}" + _range_text(self.low, self.high, " each")
+            auto = '"auto" or ' if self.auto else ""
+            return f"{auto}a list of {least}{_KINDS[self.item][1]}" + _range_text(self.low, self.high, " each")
         if self.max_length is not None:
             return f"a string of at most {self.max_length} characters"
         return ('"auto" or ' if self.auto else "") + _KINDS[self.kind][0] + _range_text(self.low, self.high)
@@ -138,11 +139,16 @@ OPTIONS: list[Option] = [
     Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0, high=MAX_SEED),
     Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
            choices=lambda: ["auto", *NETWORKS.names()]),
-    Option("model.channels", 16, "UNet base channels", low=4, high=1024),
-    Option("model.channel_mult", [1, 2, 4], "UNet channel multiplier per resolution", item=int, low=1, high=16,
-           min_items=1),
-    Option("model.num_res_blocks", 2, "UNet residual blocks per resolution", low=1, high=8),
-    Option("model.attention_resolutions", [7], "resolutions (sides) with self-attention", item=int, low=1, high=4096),
+    Option("model.preset", "auto", "UNet size by image side: small (≤ 32 px; 16 channels × [1, 2, 4]), medium (≤ 64; "
+           "32 × [1, 2, 2, 4]), large (32 × [1, 1, 2, 2, 4]); auto picks by the data; the model.* keys below override",
+           choices=lambda: ["auto", *PRESETS]),
+    Option("model.channels", "auto", "UNet base channels (auto: the preset's)", low=4, high=1024, auto=int),
+    Option("model.channel_mult", "auto", "UNet channel multiplier per resolution (auto: the preset's)", item=int,
+           low=1, high=16, min_items=1, auto=list),
+    Option("model.num_res_blocks", "auto", "UNet residual blocks per resolution (auto: the preset's)", low=1, high=8,
+           auto=int),
+    Option("model.attention_resolutions", "auto", "resolutions (sides) with self-attention (auto: the preset's, "
+           "about 8 px)", item=int, low=1, high=4096, auto=list),
     Option("model.dropout", 0.0, "dropout probability", low=0.0, high=0.9),
     Option("model.num_classes", "auto", "class-conditional on this many labels (a class embedding in the network; "
            "auto: the dataset's labels, none for unlabelled data; 0: unconditional)", low=0, high=100_000, auto=int,
@@ -156,6 +162,10 @@ OPTIONS: list[Option] = [
            choices=TIMESTEP_SAMPLERS.names),
     Option("diffusion.weighting", "none", "loss weight over t (in x0 space)",
            choices=WEIGHTINGS.names),
+    Option("diffusion.shift", 1.0, "shift of the noise schedule's log-SNR by −2·ln(shift) (SD3's timestep shift on "
+           "flow, simple diffusion's on VP paths; > 1: more time at high noise, for larger images); auto: "
+           "√(pixels × channels / 784), the size against MNIST's on which the recipe was tuned", low=0.1, high=100.0,
+           auto=float, predating=1.0),
     Option("diffusion.sigma_data", 0.5, "data standard deviation for target and input scaling", low=1e-3,
            high=100.0),
     Option("diffusion.reference_images", 4096, "stable target (Xu et al. 2023): train towards E[x0 | x_t] over the "

@@ -17,6 +17,28 @@ from .weighting import Uncertainty
 
 NETWORKS: Registry[nn.Module] = Registry("model.name")
 
+#: UNet sizes by image side: channels, multipliers per resolution, residual blocks, and the side divided by which
+#: gives the resolution with attention (about 8 px).
+PRESETS: dict[str, dict[str, object]] = {
+    "small": {"channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 2, "attention_every": 4},
+    "medium": {"channels": 32, "channel_mult": [1, 2, 2, 4], "num_res_blocks": 2, "attention_every": 8},
+    "large": {"channels": 32, "channel_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attention_every": 16},
+}
+
+
+def preset_for(side: int) -> str:
+    """The preset of images ``side`` pixels wide: small up to 32, medium up to 64, large beyond."""
+    return "small" if side <= 32 else "medium" if side <= 64 else "large"
+
+
+def unet_size(preset: str, side: int) -> dict[str, object]:
+    """The UNet keywords of ``preset`` for images of ``side``: attention at ⌈side / attention_every⌉ (none below 16
+    px, where the coarsest maps are already tiny)."""
+    size = dict(PRESETS[preset])
+    every = size.pop("attention_every")
+    size["attention_resolutions"] = [-(-side // every)] if side >= 16 else []
+    return size
+
 
 def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal features of ``scale·t`` (t ∈ [0, 1]), shape [B, dim]."""

@@ -211,6 +211,41 @@ class Flow(NoiseProcess):
         return self.clamp(torch.sigmoid(-0.5 * lam.to(torch.float64)))
 
 
+class ShiftedProcess(NoiseProcess):
+    """``base`` with its log-SNR lowered by 2·ln(``shift``) at every t: α(t), σ(t) = α_base(w(t)), σ_base(w(t)) with
+    w(t) the base time of log-SNR λ_base(t) − 2·ln(shift). On flow this is SD3's timestep shift
+    w(t) = s·t/(1 + (s − 1)·t); on VP paths simple diffusion's shift of the log-SNR (Hoogeboom et al. 2023). A shift
+    above 1 spends more of [0, 1] at high noise, which larger images need (their pixels average out more noise);
+    shift = 1 is the base process itself. Derivatives come from autograd through w."""
+
+    def __init__(self, base: NoiseProcess, shift: float) -> None:
+        self.base, self.shift = base, float(shift)
+        self.name, self.t_min, self.t_max = base.name, base.t_min, base.t_max
+        self._offset = 2 * math.log(self.shift)
+
+    def warp(self, t: Tensor) -> Tensor:
+        """The base process's time w(t) (float64 inside, ``t``'s dtype out), clamped to its [t_min, t_max]."""
+        t64 = t.to(torch.float64)
+        return self.base.t_of_log_snr(self.base.log_snr(t64) - self._offset).clamp(self.t_min, self.t_max).to(t.dtype)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self.base.alpha(self.warp(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.base.sigma(self.warp(t))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        return self.base.log_snr(self.warp(t))
+
+    def t_of_log_snr(self, lam: Tensor) -> Tensor:
+        return self.clamp(self.base.t_of_log_snr(lam.to(torch.float64) + self._offset))
+
+
+def shifted(process: NoiseProcess, shift: float) -> NoiseProcess:
+    """``process`` shifted by ``shift`` (:class:`ShiftedProcess`), or itself for shift = 1."""
+    return process if shift == 1 else ShiftedProcess(process, shift)
+
+
 def ddpm_alphas_cumprod(steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """ᾱ_i = Π_{j≤i}(1 − β_j) of discrete DDPM; it matches VP-linear at t = (i + 1)/steps."""
     betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
