@@ -1,7 +1,19 @@
+import math
+
 import pytest
 import torch
 
-from frugaldiff.noise import PROCESSES, NoiseProcess, VPLinear, ddpm_alphas_cumprod, empirical_posterior_mean
+from frugaldiff.components import build_process
+from frugaldiff.config import Config
+from frugaldiff.noise import (
+    PROCESSES,
+    NoiseProcess,
+    ShiftedProcess,
+    VPLinear,
+    ddpm_alphas_cumprod,
+    empirical_posterior_mean,
+    shifted,
+)
 
 T = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
 
@@ -86,3 +98,23 @@ def test_empirical_posterior_mean_ends_at_the_own_image_and_the_references_mean(
                                reference.mean(0, keepdim=True).expand(8, -1, -1, -1), atol=1e-6, rtol=0)
     one = reference[5:6]
     assert torch.equal(empirical_posterior_mean(process, x_t, torch.full((8,), 0.5), one), one.expand(8, -1, -1, -1))
+
+
+@pytest.mark.parametrize("name", ["flow", "vp-linear", "vp-cosine"])
+def test_a_shift_of_one_is_the_process_itself_and_a_shift_maps_t_monotonically_onto_the_interval(name):
+    base = PROCESSES.create(name)
+    assert type(build_process(Config({"diffusion.process": name, "diffusion.shift": 1.0}), (3, 32, 32))) is type(base)
+    assert shifted(base, 1.0) is base
+    t = torch.linspace(base.t_min, base.t_max, 2001, dtype=torch.float64)
+    for shift in (0.5, 2.0, 4.0):
+        process = ShiftedProcess(base, shift)
+        w = process.warp(t)
+        assert bool((w[1:] >= w[:-1]).all()) and base.t_min <= w.min() and w.max() <= base.t_max
+        free = (w > base.t_min) & (w < base.t_max)  # away from the clamped ends, exactly λ − 2 ln s
+        torch.testing.assert_close(process.log_snr(t)[free], base.log_snr(t)[free] - 2 * math.log(shift),
+                                   rtol=1e-9, atol=1e-9)
+        assert (shift > 1) == bool((process.log_snr(t)[free] < base.log_snr(t)[free]).all())
+    if name == "flow":  # SD3's closed form
+        torch.testing.assert_close(ShiftedProcess(base, 3.0).warp(t), (3 * t / (1 + 2 * t)).clamp(max=base.t_max))
+    auto = build_process(Config({"diffusion.process": name, "diffusion.shift": "auto"}), (3, 32, 32))
+    assert auto.shift == pytest.approx(math.sqrt(3 * 32 * 32 / 784))

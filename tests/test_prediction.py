@@ -129,3 +129,23 @@ def test_denoiser_scales_input_to_unit_variance():
     x_t = process.add_noise(x0, torch.randn(x0.shape, generator=g), t)
     denoiser(x_t, t)
     assert seen["std"] == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize(("side", "expected"), [
+    (8, {"channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 2, "attention_resolutions": []}),
+    (28, {"channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 2, "attention_resolutions": [7]}),
+    (32, {"channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 2, "attention_resolutions": [8]}),
+    (64, {"channels": 32, "channel_mult": [1, 2, 2, 4], "num_res_blocks": 2, "attention_resolutions": [8]}),
+    (128, {"channels": 32, "channel_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attention_resolutions": [8]}),
+])
+def test_presets_give_the_documented_unets_and_keys_override_them(side, expected):
+    from frugaldiff.components import build_network, unet_keys
+    from frugaldiff.config import Config
+
+    config = Config()
+    assert unet_keys(config, side) == expected
+    assert unet_keys(Config({"model.channels": 24, "model.preset": "small"}), side)["channels"] == 24
+    if side in (32, 64):
+        net = build_network(config, PREDICTIONS.create("velocity", PROCESSES.create("flow"), 0.5), (3, side, side))
+        x = torch.randn(2, 3, side, side)
+        assert net(x, torch.rand(2)).shape == x.shape
