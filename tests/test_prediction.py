@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from frugaldiff.components import build_network, unet_keys
 from frugaldiff.config import Config
 from frugaldiff.errors import FrugalError
 from frugaldiff.networks import Denoiser
@@ -139,9 +140,6 @@ def test_denoiser_scales_input_to_unit_variance():
     (128, {"channels": 32, "channel_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2, "attention_resolutions": [8]}),
 ])
 def test_presets_give_the_documented_unets_and_keys_override_them(side, expected):
-    from frugaldiff.components import build_network, unet_keys
-    from frugaldiff.config import Config
-
     config = Config()
     assert unet_keys(config, side) == expected
     assert unet_keys(Config({"model.channels": 24, "model.preset": "small"}), side)["channels"] == 24
