@@ -347,3 +347,17 @@ def test_a_checkpoint_from_before_the_learned_weighting_moved_into_the_denoiser_
     for key, value in expected.items():
         torch.testing.assert_close(found[key], value, rtol=0 if exact else 1e-4, atol=0 if exact else 1e-6, msg=key)
     assert len(frugaldiff.sample(run, n=4, steps=2)) == 4
+
+
+def test_data_flip_mirrors_about_half_of_the_images_and_keeps_them_in_the_stable_targets_pool(tmp_path):
+    config = Config({**TINY_UNET, "data.flip": True, "diffusion.reference_images": 100_000})
+    trainer = Trainer(config, tmp_path / "r", progress=False)
+    batch = trainer.state.draw(512, trainer.parts.objective)
+    index = BatchStream(torch.arange(len(trainer.data.train)), config["train.seed"]).next(512)
+    original = trainer.data.train[index]
+    same = (batch.x0 == original).flatten(1).all(1)
+    mirrored = (batch.x0 == original.flip(-1)).flatten(1).all(1) & ~same
+    assert bool((same | mirrored).all()) and abs(mirrored.double().mean().item() - 0.5) < 4 * (0.25 / 512) ** 0.5
+    assert torch.equal(batch.reference[:512], batch.x0)  # the batch (mirrored or not) leads the pool
+    plain = Trainer(Config({**TINY_UNET, "diffusion.reference_images": 100_000}), tmp_path / "p", progress=False)
+    assert torch.equal(plain.state.draw(512, plain.parts.objective).x0, original)

@@ -29,20 +29,23 @@ from .weighting import Weighting
 
 
 class _Settings:
-    """A dataclass whose every field is the config key ``<section>.<field>``."""
+    """A dataclass whose every field is the config key ``<section>.<field>`` (or one of ``borrowed``)."""
 
     section: ClassVar[str]
+    borrowed: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> Self:
-        return cls(**{f.name: config[f"{cls.section}.{f.name}"] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: config[cls.borrowed.get(f.name, f"{cls.section}.{f.name}")]
+                      for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
 class TrainSettings(_Settings):
-    """The ``train.*`` keys (``frugaldiff config`` explains each)."""
+    """The ``train.*`` keys (``frugaldiff config`` explains each) and data.flip."""
 
     section = "train"
+    borrowed = {"flip": "data.flip"}
 
     batch_size: int
     images_seen: int
@@ -55,6 +58,7 @@ class TrainSettings(_Settings):
     grad_accum: int
     precision: str
     seed: int
+    flip: bool
     checkpoint_every: int
     phema_snapshots: int
     label_dropout: float

@@ -134,6 +134,7 @@ OPTIONS: list[Option] = [
     Option("data.gmm_components", GMM_COMPONENTS, "number of mixture components of dataset gmm", low=1, high=1024),
     Option("data.gmm_covariance", "diagonal", "component covariances of dataset gmm",
            choices=lambda: list(GMM_COVARIANCES)),
+    Option("data.flip", False, "mirror each training image left–right with probability 1/2 (images only)"),
     Option("data.twemoji_variants", "keep", "twemoji: keep or drop the skin-tone variants (60 % of the set)",
            choices=lambda: list(TWEMOJI_VARIANTS)),
     Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0, high=MAX_SEED),

@@ -55,16 +55,20 @@ class Objective:
         self.denoiser, self.weighting, self.runtime = denoiser, weighting, runtime
         self.pool, self.reference_images, self.pool_labels = pool, reference_images, pool_labels
 
-    def references(self, x0: Tensor, labels: Tensor | None, generator: torch.Generator
+    def references(self, x0: Tensor, labels: Tensor | None, generator: torch.Generator, batch_in_pool: bool = True
                    ) -> tuple[Tensor | None, Tensor | None]:
         """The stable target's references (and their labels, for conditional training) for a step whose global
         batch is ``x0`` with ``labels``: the whole pool when it has at most ``reference_images``, else the batch and
-        that many pool images drawn with ``generator``."""
+        that many pool images drawn with ``generator``. A batch that is not in the pool as it is (mirrored images)
+        joins the whole pool too, so that near t = 0 the target is each image itself."""
         n = self.reference_images
         if not n or self.pool is None:
             return None, None
         if n >= len(self.pool):
-            return self.pool, self.pool_labels
+            if batch_in_pool:
+                return self.pool, self.pool_labels
+            both = None if self.pool_labels is None or labels is None else torch.cat([labels, self.pool_labels])
+            return torch.cat([x0, self.pool]), both
         chosen = torch.randperm(len(self.pool), generator=generator)[:n].to(self.pool.device)
         pool_labels = None if self.pool_labels is None or labels is None else \
             torch.cat([labels, self.pool_labels[chosen]])

@@ -37,7 +37,7 @@ class TrainState:
                                            weight_decay=settings.weight_decay)
         self.train, self.classes = data.train, parts.denoiser.num_classes
         self.train_labels = data.train_labels if self.classes else None
-        self.label_dropout = settings.label_dropout
+        self.label_dropout, self.flip = settings.label_dropout, settings.flip and data.kind == "image"
         self.stream = BatchStream(torch.arange(len(data.train)), settings.seed)
         self.noise = torch.Generator().manual_seed(settings.seed + 1)
         self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
@@ -50,15 +50,19 @@ class TrainState:
         return next(self.denoiser.parameters()).device
 
     def draw(self, n: int, objective: Objective) -> Batch:
-        """The next global batch of ``n``: data, then times, then noise, then the stable target's references, then
-        (conditional training) which labels are dropped to the null label."""
+        """The next global batch of ``n``: data, then times, then noise, then (data.flip) which images are mirrored,
+        then the stable target's references, then (conditional training) which labels are dropped to the null
+        label."""
         device = self.device
         index = self.stream.next(n)
         x0 = self.train[index].to(device)
         t, importance = self.sampler.sample(n)
         eps = torch.randn((n, *x0.shape[1:]), generator=self.noise).to(device)
+        if self.flip:
+            mirrored = (torch.rand(n, generator=self.noise) < 0.5).to(device)
+            x0 = torch.where(mirrored.view(-1, 1, 1, 1), x0.flip(-1), x0)
         labels = None if self.train_labels is None else self.train_labels[index].to(device)
-        reference, reference_labels = objective.references(x0, labels, self.noise)
+        reference, reference_labels = objective.references(x0, labels, self.noise, batch_in_pool=not self.flip)
         if labels is not None:
             dropped = (torch.rand(n, generator=self.noise) < self.label_dropout).to(device)
             labels = labels.masked_fill(dropped, self.classes)
