@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="relative EMA widths to reconstruct (EDM2: 0.05 short to 0.2 long)")
     ema.add_argument("--sweep", action="store_true", help="score each --sigma-rel with the domain metric (table + PNG)")
     ema.add_argument("--n", type=int, default=512, help="samples scored per length (--sweep)")
+    ema.add_argument("--steps", type=int, help="solver steps of the scored samples (default: the run's sample.steps)")
+    ema.add_argument("--solver", help="solver of the scored samples (default: the run's sample.solver)")
     ema.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/posthoc)")
 
     plot = sub.add_parser("plot-timesteps", help="draw timestep samplers' densities over t (PNG)")
@@ -212,7 +214,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _ema(args: argparse.Namespace) -> int:
     if args.sweep:
-        result = posthoc_sweep(args.run_dir, args.sigma_rel, args.n, args.out)
+        result = posthoc_sweep(args.run_dir, args.sigma_rel, args.n, args.out, args.steps, args.solver)
         print(result["table"], end="")
         return 0
     for sigma_rel in args.sigma_rel:

@@ -10,6 +10,7 @@ which answers which EMA length a short run wants.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,17 @@ def write_posthoc(run_dir: str | Path, sigma_rel: float, out: Path | None = None
     return write_checkpoint((out or run_dir / "posthoc") / f"sigma-{sigma_rel:.3f}", state)
 
 
-def posthoc_sweep(run_dir: str | Path, sigma_rels: list[float], n: int = 512, out: Path | None = None
-                  ) -> dict[str, Any]:
-    """The headline metric of ``n`` samples (the run's sampling settings and guidance) of each post-hoc EMA in
-    ``sigma_rels`` and of the run's own EMA; writes sweep.json, sweep.md and sweep.png under ``out`` (default
-    RUN/posthoc)."""
+def posthoc_sweep(run_dir: str | Path, sigma_rels: list[float], n: int = 512, out: Path | None = None,
+                  steps: int | None = None, solver: str | None = None) -> dict[str, Any]:
+    """The headline metric of ``n`` samples (the run's sampling settings and guidance, or ``steps`` and ``solver``)
+    of each post-hoc EMA in ``sigma_rels`` and of the run's own EMA; writes sweep.json, sweep.md and sweep.png under
+    ``out`` (default RUN/posthoc)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     snapshots, newest = _snapshots(run_dir), latest_checkpoint(run_dir)
     state = load_checkpoint(newest)
     info, settings = state["info"], SampleSettings.from_config(config)
+    settings = replace(settings, steps=steps or settings.steps, solver=solver or settings.solver)
     runtime = Runtime.create(config["train.device"], config["train.precision"])
     data = build_data(config)
     evaluator = Evaluator(data)
@@ -72,7 +74,8 @@ def posthoc_sweep(run_dir: str | Path, sigma_rels: list[float], n: int = 512, ou
                      guidance=run_guidance(run_dir, settings, denoiser))
         return evaluator(to_uint8(x) if data.kind == "image" else x.numpy())[evaluator.headline]
 
-    result: dict[str, Any] = {"run": str(run_dir), "metric": evaluator.headline, "n": n,
+    result: dict[str, Any] = {"run": str(run_dir), "metric": evaluator.headline, "n": n, "solver": settings.solver,
+                              "steps": settings.steps,
                               "higher_is_better": evaluator.headline in HIGHER_IS_BETTER,
                               "train_ema": {"decay": config["train.ema_decay"], "value": score(state["ema"])},
                               "posthoc": []}
