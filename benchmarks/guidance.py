@@ -41,19 +41,19 @@ def _score(evaluator: Evaluator, x: torch.Tensor, labels: torch.Tensor | None) -
 
 
 def score_run(run: Path, samples: int, weights: list[float], intervals: list[tuple[float, float]],
-              overrides: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows (guide, share of the budget the guide saw, weight, interval, scores) of one run."""
+              overrides: dict[str, Any], kinds: tuple[str, ...] = ("cfg", "checkpoints")) -> list[dict[str, Any]]:
+    """Rows (guide, share of the budget the guide saw, weight, interval, scores) of one run: classifier-free
+    guidance (conditional runs) and autoguidance from each earlier checkpoint, as ``kinds`` asks."""
     config, denoiser, info = load_run(run)
     runtime = Runtime.create(config["train.device"], config["train.precision"])
     settings = replace(SampleSettings.from_config(config), **overrides)
     evaluator, shape = Evaluator.for_dataset(config), tuple(info["sample_shape"])
     labels = class_labels(samples, denoiser.num_classes)
-    if denoiser.num_classes:
-        guides = [("cfg", None, 1.0)]
-    else:
+    guides = [("cfg", None, 1.0)] if denoiser.num_classes and "cfg" in kinds else []
+    if "checkpoints" in kinds:
         earlier = [*sorted((run / "guide").glob("step-*")), *intact_checkpoints(run)[:-1]]
-        guides = [(p.name, load_run(run, p)[1], json.loads((p / "state.json").read_text())["images_seen"]
-                   / info["images_seen"]) for p in earlier]
+        guides += [(p.name, load_run(run, p)[1], json.loads((p / "state.json").read_text())["images_seen"]
+                    / info["images_seen"]) for p in earlier]
     rows = []
     for weight in weights:
         for name, model, share in (guides if weight != 1 else [("none", None, 1.0)]):
@@ -127,6 +127,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
     parser.add_argument("--intervals", nargs="+", default=["0,1"], help="lo,hi pairs of t")
+    parser.add_argument("--guides", nargs="+", default=["cfg", "checkpoints"], choices=["cfg", "checkpoints"],
+                        help="cfg (conditional runs) and/or autoguidance from every earlier checkpoint")
+    parser.add_argument("--only", nargs="+", default=["cond", "uncond"], choices=["cond", "uncond"],
+                        help="which runs of DIR to score")
     parser.add_argument("--solver")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--schedule")
@@ -137,8 +141,10 @@ def main() -> None:
     if args.smoke:
         args.samples, args.weights, overrides = 20, [1.0, 2.0], {**overrides, "steps": 2}
     intervals = [tuple(float(v) for v in text.split(",")) for text in args.intervals]
-    runs = sorted(p for p in args.runs.iterdir() if p.is_dir() and p.name.startswith(("cond-s", "uncond-s")))
-    rows = [row for run in runs for row in score_run(run, args.samples, args.weights, intervals, overrides)]
+    prefixes = tuple(f"{kind}-s" for kind in args.only)
+    runs = sorted(p for p in args.runs.iterdir() if p.is_dir() and p.name.startswith(prefixes))
+    rows = [row for run in runs for row in score_run(run, args.samples, args.weights, intervals, overrides,
+                                                     tuple(args.guides))]
     result = {"runs": [r.name for r in runs], "samples": args.samples, "settings": overrides, "rows": rows,
               "machine": machine(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                                              capture_output=True, text=True,

@@ -91,12 +91,13 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], out: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for solver in dict.fromkeys(r["solver"] for r in result["rows"]):
+    for i, solver in enumerate(dict.fromkeys(r["solver"] for r in result["rows"])):
         for schedule, style in zip(dict.fromkeys(r["schedule"] for r in result["rows"]), ("-", "--", ":"),
                                    strict=False):
             rows = sorted((r for r in result["rows"] if r["solver"] == solver and r["schedule"] == schedule),
                           key=lambda r: r["nfe"])
-            ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], style, marker="o", label=f"{solver} {schedule}")
+            ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], style, marker="o", color=f"C{i}",
+                    label=f"{solver} {schedule}")
     ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel="domain FID",
            title=f"{result['samples']} samples of {Path(result['run']).name}")
     ax.legend(fontsize="x-small", ncol=2)
