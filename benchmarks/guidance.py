@@ -1,14 +1,16 @@
-"""Guidance on finished runs: classifier-free guidance of conditional runs, autoguidance of unconditional ones.
+"""Guidance on finished runs: classifier-free guidance and autoguidance, scored at equal samples and seed.
 
     python benchmarks/guidance.py --runs DIR --out OUT [--samples 500] [--weights 1 1.25 1.5 2 3]
-        [--intervals 0,1 0,0.8 0.2,0.8] [--solver S --steps K --schedule NAME] [--smoke]
+        [--intervals 0,1 0,0.8 0.2,0.8] [--guides cfg checkpoints] [--only cond uncond]
+        [--solver S --steps K --schedule NAME] [--smoke]
+    python benchmarks/guidance.py --merge A/results.json B/results.json --out OUT   # one table from several
 
 DIR holds run folders named ``cond-s<seed>`` (class-conditional, label dropout) and ``uncond-s<seed>``, trained at
 the same budget (the same CPU time: a class embedding costs nothing measurable), with every checkpoint kept
 (``train.keep_checkpoints``) and an early one in RUN/guide (``train.guide_at``). For every conditional run it scores
 classifier-free guidance at each weight and interval (domain FID, KID and conditional accuracy: the share the
-domain classifier puts in the class asked for); for every unconditional run, autoguidance at each weight from each
-of its earlier checkpoints. Every score uses the same --samples, seed and solver settings (default: the run's
+domain classifier puts in the class asked for); for every run (conditional or not), autoguidance at each weight from
+each of its earlier checkpoints. Every score uses the same --samples, seed and solver settings (default: the run's
 sample.* keys). Writes OUT/results.json, OUT/table.md (means ± std over seeds) and OUT/guidance.png (FID against w).
 """
 
@@ -17,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from sampling import machine
+from provenance import joined_provenance, provenance
 
 from frugaldiff.checkpoint import intact_checkpoints
 from frugaldiff.components import SampleSettings
@@ -68,6 +69,15 @@ def score_run(run: Path, samples: int, weights: list[float], intervals: list[tup
     return rows
 
 
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several of the same samples and solver settings (a later row wins a repeated setting)."""
+    if any((r["samples"], r["settings"]) != (results[0]["samples"], results[0]["settings"]) for r in results):
+        raise SystemExit("--merge takes results of the same --samples and solver settings")
+    rows = {(r["run"], r["guide"], r["weight"], tuple(r["interval"])): r for result in results for r in result["rows"]}
+    runs = list(dict.fromkeys(name for result in results for name in result["runs"]))
+    return {**results[0], "runs": runs, "rows": list(rows.values()), **joined_provenance(results)}
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -102,7 +112,7 @@ def _label(row: dict[str, Any]) -> str:
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     series: dict[str, dict[float, list[float]]] = {}
     for r in rows:
         series.setdefault(_label(r), {}).setdefault(r["weight"], []).append(r["domain_fid"])
@@ -116,13 +126,15 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
         ax.plot(weights, [statistics.mean(points[w]) for w in weights], marker="o", label=label)
     ax.set(xlabel="guidance weight w", ylabel="domain FID (mean over seeds)", yscale="log",
            title="guidance at the default budget")
-    ax.legend(fontsize="xx-small")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save_figure(plt, fig, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--runs", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="no scoring: join earlier results.json files (same samples and solver settings)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--weights", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
@@ -140,15 +152,19 @@ def main() -> None:
                  if v is not None}
     if args.smoke:
         args.samples, args.weights, overrides = 20, [1.0, 2.0], {**overrides, "steps": 2}
-    intervals = [tuple(float(v) for v in text.split(",")) for text in args.intervals]
-    prefixes = tuple(f"{kind}-s" for kind in args.only)
-    runs = sorted(p for p in args.runs.iterdir() if p.is_dir() and p.name.startswith(prefixes))
-    rows = [row for run in runs for row in score_run(run, args.samples, args.weights, intervals, overrides,
-                                                     tuple(args.guides))]
-    result = {"runs": [r.name for r in runs], "samples": args.samples, "settings": overrides, "rows": rows,
-              "machine": machine(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                                             capture_output=True, text=True,
-                                                             cwd=Path(__file__).parent).stdout.strip()}
+    if args.merge:
+        result = merge([json.loads(p.read_text()) for p in args.merge])
+    elif args.runs is None:
+        parser.error("give --runs DIR to score or --merge RESULTS_JSON ...")
+    else:
+        intervals = [tuple(float(v) for v in text.split(",")) for text in args.intervals]
+        prefixes = tuple(f"{kind}-s" for kind in args.only)
+        runs = sorted(p for p in args.runs.iterdir() if p.is_dir() and p.name.startswith(prefixes))
+        rows = [row for run in runs for row in score_run(run, args.samples, args.weights, intervals, overrides,
+                                                         tuple(args.guides))]
+        result = {"runs": [r.name for r in runs], "samples": args.samples, "settings": overrides, "rows": rows,
+                  **provenance()}
+    rows = result["rows"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "table.md").write_text(table(rows))

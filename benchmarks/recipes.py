@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from provenance import provenance
 
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_loss_by_bin
@@ -63,9 +62,8 @@ RECIPES: dict[str, dict[str, Any]] = with_published({
             "diffusion.weighting": "none"},
 })
 RECIPES["frugal"] = {}
-#: What every recipe shares: the evaluation solver and the dataset.
-COMMON = {"data.name": "mnist5000", "sample.solver": "dpm++2m", "sample.steps": 20, "train.heldout_every": 0,
-          "train.tensorboard": False, "train.checkpoint_every": 0}
+#: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
+COMMON = {"data.name": "mnist5000", "train.heldout_every": 0, "train.tensorboard": False, "train.checkpoint_every": 0}
 METRIC = "eval_domain_fid"
 
 
@@ -130,8 +128,9 @@ def report(results: dict[str, Any], out: Path) -> None:
     if not batch_sizes:
         (out / "table.md").write_text("no finished runs yet\n")
         return
-    lines = [f"domain FID (lower is better) of {results['eval_samples']} EMA samples ({COMMON['sample.solver']}, "
-             f"{COMMON['sample.steps']} steps) after {results['images']} images, mean ± std over seeds "
+    sampling = Config(COMMON)
+    lines = [f"domain FID (lower is better) of {results['eval_samples']} EMA samples ({sampling['sample.solver']}, "
+             f"{sampling['sample.steps']} steps) after {results['images']} images, mean ± std over seeds "
              f"{results['seeds']}; held-out x0 MSE ×1000 of the EMA model beside it (not a quality ranking); "
              "train min = training minutes per run (mean)\n",
              "| recipe | " + " | ".join(f"batch {b} FID | x0 MSE | train min" for b in batch_sizes) + " |",
@@ -158,12 +157,6 @@ def report(results: dict[str, Any], out: Path) -> None:
         ax.set(xlabel="images seen", ylabel="domain FID (mean over seeds)", yscale="log", title=f"batch {b}")
         ax.legend(fontsize="small")
     save_figure(plt, fig, out / "curves.png")
-
-
-def machine() -> str:
-    """The processor (or GPU, when training ran on one), torch version and threads, for the record."""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
-    return f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -213,11 +206,9 @@ def main() -> None:
     if count > 1:
         print("shard done; run again without --shard for the report")
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     results = {"recipes": args.recipes, "batch_sizes": args.batch_sizes, "seeds": args.seeds, "images": args.images,
-               "eval_every": args.eval_every, "eval_samples": args.eval_samples, "commit": commit,
-               "machine": machine(), "settings": {k: RECIPES[k] for k in args.recipes},
+               "eval_every": args.eval_every, "eval_samples": args.eval_samples, **provenance(),
+               "settings": {k: RECIPES[k] for k in args.recipes},
                "common": COMMON, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

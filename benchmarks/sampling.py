@@ -2,6 +2,7 @@
 
     python benchmarks/sampling.py RUN_DIR --out DIR [--samples 500] [--seed 0] [--solvers ddpm ddim heun dpm++2m]
         [--steps 10 20 50 100] [--schedules karras logsnr uniform] [--smoke]
+    python benchmarks/sampling.py --merge A/results.json B/results.json --out DIR   # one table from two sweeps
 
 The run's EMA model (its newest checkpoint; labels balanced over the classes of a conditional run, no guidance, so
 only the solver changes) generates --samples images from the same seed for every setting; the domain FID against
@@ -15,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import joined_provenance, provenance
 
 from frugaldiff.components import SampleSettings
 from frugaldiff.generate import generate, load_run
@@ -36,16 +36,6 @@ from frugaldiff.solvers import SCHEDULES, SOLVERS
 def nfe(solver: str, steps: int) -> int:
     """Network evaluations of a solver run of ``steps`` steps (the step onto t = 0 returns x̂0 itself)."""
     return 2 * steps - 1 if solver == "heun" else steps
-
-
-def machine() -> str:
-    """Processor model, torch version and threads, for the record."""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[int], schedules: list[str]
@@ -71,6 +61,16 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
                       f", {seconds:.1f} s", flush=True)
     return {"run": str(run), "images_seen": info["images_seen"], "samples": samples, "seed": seed,
             "num_classes": denoiser.num_classes, "rows": rows}
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from sweeps of the same run, samples and seed (the later sweep's row wins a repeated setting)."""
+    keys = ("run", "images_seen", "samples", "seed")
+    if any(tuple(r[k] for k in keys) != tuple(results[0][k] for k in keys) for r in results):
+        raise SystemExit("--merge takes sweeps of one run with the same --samples and --seed")
+    rows = {(r["solver"], r["schedule"], r["steps"]): r for result in results for r in result["rows"]}
+    return {**results[0], "rows": list(rows.values()), **joined_provenance(results)}
+
 
 
 def table(result: dict[str, Any]) -> str:
@@ -106,8 +106,11 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
+    parser.add_argument("run", type=Path, nargs="?")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="no sweep: join earlier results.json files of one run (e.g. a 100-step sweep run later) "
+                             "into one table and plot")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--solvers", nargs="+", default=SOLVERS.names())
@@ -117,10 +120,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.samples, args.solvers, args.steps, args.schedules = 20, ["ddim", "heun"], [2, 3], ["karras"]
-    result = sweep(args.run, args.samples, args.seed, args.solvers, args.steps, args.schedules)
-    result["machine"] = machine()
-    result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                      cwd=Path(__file__).parent).stdout.strip()
+    if args.merge:
+        result = merge([json.loads(p.read_text()) for p in args.merge])
+    elif args.run is None:
+        parser.error("give a RUN_DIR to sweep or --merge RESULTS_JSON ...")
+    else:
+        result = {**sweep(args.run, args.samples, args.seed, args.solvers, args.steps, args.schedules),
+                  **provenance()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "table.md").write_text(table(result))

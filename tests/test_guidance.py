@@ -149,6 +149,26 @@ def test_sample_draws_classes_and_guides_as_asked(runs, tmp_path, capsys):
     assert np.array_equal(images[1], images[2])  # which is that checkpoint
 
 
+def test_the_auto_weight_autoguides_an_unconditional_run_and_leaves_a_conditional_one_unguided(runs):
+    from frugaldiff.components import SampleSettings
+    from frugaldiff.generate import AUTOGUIDANCE_WEIGHT, NONE, early_checkpoint, load_run, run_guidance
+
+    for name, weight, guide in (("conditional", 1.0, None), ("unconditional", AUTOGUIDANCE_WEIGHT, "early")):
+        config, denoiser = load_run(runs / name)[:2]
+        settings = SampleSettings.from_config(config)
+        assert settings.guidance == "auto" and settings.guide == "auto"
+        plan = run_guidance(runs / name, settings, denoiser)
+        if guide is None:
+            assert plan == NONE
+            continue
+        assert plan.weight == weight == 2.0 and plan.interval == (0.0, 1.0)
+        expected = load_run(runs / name, early_checkpoint(runs / name))[1]
+        assert all(torch.equal(a, b) for a, b in zip(plan.model.state_dict().values(),
+                                                     expected.state_dict().values(), strict=True))
+    plain = SampleSettings.from_config(load_run(runs / "unconditional")[0].updated({"sample.guide": "none"}))
+    assert run_guidance(runs / "unconditional", plain, load_run(runs / "unconditional")[1]) == NONE
+
+
 def test_a_conditional_run_scores_its_requested_classes(runs, tmp_path, capsys):
     out = tmp_path / "s.npz"
     assert main(["sample", str(runs / "conditional"), "--n", "20", "--steps", "4", "--out", str(out)]) == 0

@@ -92,7 +92,7 @@ class SampleSettings(_Settings):
     schedule: str
     eta: float
     clip: bool
-    guidance: float
+    guidance: float | str  # "auto" resolves in generate.run_guidance
     guide: str
     guidance_interval: list[float]
     n: int

@@ -187,7 +187,7 @@ OPTIONS: list[Option] = [
            high=1000, predating=0),
     Option("train.label_dropout", 0.1, "share of labels replaced by the null label in conditional training (the "
            "unconditional model classifier-free guidance needs)", low=0.0, high=1.0),
-    Option("train.guide_at", 0.0, "keep the checkpoint at this share of the budget in RUN/guide, the weaker model "
+    Option("train.guide_at", 0.5, "keep the checkpoint at this share of the budget in RUN/guide, the weaker model "
            "autoguidance (sample.guide = early) guides with (0 = none)", low=0.0, high=0.99, predating=0.0),
     Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1, high=65536),
     Option("train.precision", "auto", "fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)",
@@ -209,14 +209,15 @@ OPTIONS: list[Option] = [
     Option("train.eval_samples", 256, "samples generated (seed sample.seed) for each evaluation", low=10,
            high=100_000),
     Option("train.device", "auto", "auto, cpu, cuda or mps", choices=lambda: ["auto", "cpu", "cuda", "mps"]),
-    Option("sample.solver", "ddpm", "generation solver", choices=SOLVERS.names),
-    Option("sample.steps", 100, "solver steps", low=1, high=10000),
+    Option("sample.solver", "dpm++2m", "generation solver (measured in docs/guidance.md)", choices=SOLVERS.names),
+    Option("sample.steps", 10, "solver steps", low=1, high=10000),
     Option("sample.schedule", "karras", "time spacing of solver steps",
            choices=SCHEDULES.names),
     Option("sample.eta", 0.0, "DDIM η (0 = deterministic)", low=0.0, high=1.0),
     Option("sample.clip", True, "clamp x̂0 of images to [-1, 1] while generating (vectors are never clamped)"),
-    Option("sample.guidance", 1.0, "guidance weight w: x̂0 = x̂0_guide + w·(x̂0 − x̂0_guide) (1 = none)", low=0.0,
-           high=100.0),
+    Option("sample.guidance", "auto", "guidance weight w: x̂0 = x̂0_guide + w·(x̂0 − x̂0_guide) (1 = none; auto: "
+           "2 for autoguidance of an unconditional model, else 1, as measured in docs/guidance.md)", low=0.0,
+           high=100.0, auto=float, predating=1.0),
     Option("sample.guide", "auto", "what guidance contrasts with: cfg (the model without its label, classifier-free), "
            "early (the run's checkpoint at train.guide_at, autoguidance), none, or auto (cfg for conditional models, "
            "early where a run kept one, else none)", choices=lambda: list(GUIDES)),

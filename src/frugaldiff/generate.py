@@ -84,17 +84,26 @@ def early_checkpoint(run_dir: Path) -> Path | None:
     return kept[-1] if kept else None
 
 
-def run_guidance(run_dir: Path, settings: SampleSettings, denoiser: Denoiser, weight: float | None = None,
+#: ``sample.guidance = auto`` for an unconditional model guided by its own early checkpoint: the weight that lowered
+#: the default run's domain FID most reliably (docs/guidance.md); a conditional model is best unguided there.
+AUTOGUIDANCE_WEIGHT = 2.0
+
+
+def run_guidance(run_dir: Path, settings: SampleSettings, denoiser: Denoiser, weight: float | str | None = None,
                  guide_checkpoint: Path | None = None) -> Guidance:
     """The guidance of ``sample.guidance``/``sample.guide``/``sample.guidance_interval`` (``weight`` and
-    ``guide_checkpoint`` take precedence) for a run's ``denoiser``. ``auto`` is classifier-free guidance for a
-    conditional model, autoguidance from the run's early checkpoint for an unconditional one that kept it, and none
-    otherwise; asking explicitly for a guide the run cannot give is an error."""
+    ``guide_checkpoint`` take precedence) for a run's ``denoiser``. The ``auto`` guide is classifier-free guidance for
+    a conditional model, autoguidance from the run's early checkpoint for an unconditional one that kept it, and none
+    otherwise; the ``auto`` weight is AUTOGUIDANCE_WEIGHT for that autoguidance and 1 (none) otherwise. Asking
+    explicitly for a guide the run cannot give is an error."""
     weight = settings.guidance if weight is None else weight
     interval = (settings.guidance_interval[0], settings.guidance_interval[1])
+    guide, early = settings.guide, early_checkpoint(run_dir)
+    if weight == "auto":
+        autoguided = not denoiser.num_classes and guide in ("auto", "early") and (guide_checkpoint or early) is not None
+        weight = AUTOGUIDANCE_WEIGHT if autoguided else 1.0
     if guide_checkpoint is not None:
         return Guidance(weight, interval, load_run(guide_checkpoint.parent.parent, guide_checkpoint)[1])
-    guide, early = settings.guide, early_checkpoint(run_dir)
     if weight == 1.0 or (guide == "auto" and not denoiser.num_classes and early is None):
         return NONE  # auto with nothing to guide with: no guidance, as documented
     if guide == "auto":
