@@ -10,7 +10,7 @@ stable target off: its cost is measured on its own, below), and
 targets, no EMA. Blocks of steps of the two alternate (so both see the same machine load) and the median step
 time of each is reported, with their ratio (images/s of frugaldiff ÷ images/s of the bare loop; the target is
 ≥ 0.95). Then: the cost of each timestep sampler's sample + update per step (µs), the step time of the
-mixed prediction against x0, and the cost of the stable target (``diffusion.reference_images``) per step (µs).
+mixed prediction and of a class-conditional model (mnist5000's 10 labels) against the bare loop, and the cost of the stable target (``diffusion.reference_images``) per step (µs).
 The model is the default config's UNet on mnist5000 (28×28).
 """
 
@@ -169,6 +169,14 @@ def main() -> None:
                             "mixed_img_s": mixed["frugaldiff_img_s"], "bare_x0_img_s": mixed["bare_img_s"]}
         print(f"batch {batch} mixed (x0, velocity, acceleration heads): {mixed['frugaldiff_img_s']:.1f} img/s, "
               f"{mixed['ratio']:.3f} of the bare x0 loop's speed", flush=True)
+        conditional = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
+                              {"model.num_classes": "auto", "train.label_dropout": 0.1})
+        results["conditional"] = {"batch_size": batch, "bare_over_conditional_step_time": conditional["ratio"],
+                                  "conditional_img_s": conditional["frugaldiff_img_s"],
+                                  "bare_img_s": conditional["bare_img_s"]}
+        print(f"batch {batch} class-conditional (10 classes, label dropout 0.1): "
+              f"{conditional['frugaldiff_img_s']:.1f} img/s, {conditional['ratio']:.3f} of the bare unconditional "
+              "loop's speed", flush=True)
         results["stable_target_us"] = {
             f"batch {b}, {n} images": stable_target_overhead(b, n, args.device, 3 if args.smoke else 50, root)
             for b in args.batch_sizes for n in (256, 4096)}

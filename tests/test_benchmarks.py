@@ -40,6 +40,7 @@ def test_throughput_smoke_reports_every_measurement(tmp_path):
     results = json.loads((tmp_path / "t.json").read_text())
     assert [(r["batch_size"], r["precision"]) for r in results["steps"]] == [(4, "fp32")]
     assert results["steps"][0]["ratio"] > 0 and results["mixed"]["mixed_img_s"] > 0
+    assert results["conditional"]["conditional_img_s"] > 0 and results["conditional"]["batch_size"] == 4
     assert set(results["sampler_us"]["4"]) >= {"uniform", "stratified", "adaptive", "lognormal"}
     assert list(results["stable_target_us"]) == ["batch 4, 256 images", "batch 4, 4096 images"]
     assert all(v > 0 for v in results["stable_target_us"].values())
