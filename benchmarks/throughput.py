@@ -10,7 +10,8 @@ stable target off: its cost is measured on its own, below), and
 targets, no EMA. Blocks of steps of the two alternate (so both see the same machine load) and the median step
 time of each is reported, with their ratio (images/s of frugaldiff ÷ images/s of the bare loop; the target is
 ≥ 0.95). Then: the cost of each timestep sampler's sample + update per step (µs), the step time of the
-mixed prediction and of a class-conditional model (mnist5000's 10 labels) against the bare loop, and the cost of the stable target (``diffusion.reference_images``) per step (µs).
+mixed prediction and of a class-conditional model (mnist5000's 10 labels) against the bare loop, and the cost
+of the stable target (``diffusion.reference_images``) per step (µs).
 The model is the default config's UNet on mnist5000 (28×28).
 """
 

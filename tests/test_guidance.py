@@ -149,24 +149,28 @@ def test_sample_draws_classes_and_guides_as_asked(runs, tmp_path, capsys):
     assert np.array_equal(images[1], images[2])  # which is that checkpoint
 
 
-def test_the_auto_weight_autoguides_an_unconditional_run_and_leaves_a_conditional_one_unguided(runs):
+def test_the_auto_guidance_is_autoguidance_from_the_kept_checkpoint_and_an_explicit_weight_is_cfg(runs):
     from frugaldiff.components import SampleSettings
     from frugaldiff.generate import AUTOGUIDANCE_WEIGHT, NONE, early_checkpoint, load_run, run_guidance
+    from frugaldiff.guidance import guide_share
 
-    for name, weight, guide in (("conditional", 1.0, None), ("unconditional", AUTOGUIDANCE_WEIGHT, "early")):
+    assert (guide_share("auto", True), guide_share("auto", False), guide_share(0.3, True)) == (0.8, 0.5, 0.3)
+    assert Config()["train.guide_at"] == Config()["sample.guidance"] == Config()["sample.guide"] == "auto"
+    for name in ("conditional", "unconditional"):
         config, denoiser = load_run(runs / name)[:2]
-        settings = SampleSettings.from_config(config)
-        assert settings.guidance == "auto" and settings.guide == "auto"
+        settings = SampleSettings.from_config(config.updated({"sample.guidance": "auto"}))
         plan = run_guidance(runs / name, settings, denoiser)
-        if guide is None:
-            assert plan == NONE
-            continue
-        assert plan.weight == weight == 2.0 and plan.interval == (0.0, 1.0)
+        assert plan.weight == AUTOGUIDANCE_WEIGHT == 2.0 and plan.interval == (0.0, 1.0)
         expected = load_run(runs / name, early_checkpoint(runs / name))[1]
         assert all(torch.equal(a, b) for a, b in zip(plan.model.state_dict().values(),
                                                      expected.state_dict().values(), strict=True))
-    plain = SampleSettings.from_config(load_run(runs / "unconditional")[0].updated({"sample.guide": "none"}))
-    assert run_guidance(runs / "unconditional", plain, load_run(runs / "unconditional")[1]) == NONE
+        explicit = run_guidance(runs / name, settings, denoiser, weight=3.0)
+        assert explicit.weight == 3.0 and (explicit.model is None) == (name == "conditional")  # CFG when labelled
+        unguided = SampleSettings.from_config(config.updated({"sample.guide": "none", "sample.guidance": "auto"}))
+        assert run_guidance(runs / name, unguided, denoiser) == NONE
+    config, denoiser = load_run(runs / "conditional")[:2]
+    cfg = SampleSettings.from_config(config.updated({"sample.guide": "cfg", "sample.guidance": "auto"}))
+    assert run_guidance(runs / "conditional", cfg, denoiser) == NONE  # the auto weight of CFG is 1
 
 
 def test_a_conditional_run_scores_its_requested_classes(runs, tmp_path, capsys):

@@ -62,7 +62,7 @@ class TrainSettings(_Settings):
     checkpoint_every: int
     phema_snapshots: int
     label_dropout: float
-    guide_at: float
+    guide_at: float | str  # "auto" resolves in guidance.guide_share
     keep_checkpoints: int
     log_every: int
     ledger_bins: int

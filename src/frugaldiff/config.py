@@ -187,8 +187,10 @@ OPTIONS: list[Option] = [
            high=1000, predating=0),
     Option("train.label_dropout", 0.1, "share of labels replaced by the null label in conditional training (the "
            "unconditional model classifier-free guidance needs)", low=0.0, high=1.0),
-    Option("train.guide_at", 0.5, "keep the checkpoint at this share of the budget in RUN/guide, the weaker model "
-           "autoguidance (sample.guide = early) guides with (0 = none)", low=0.0, high=0.99, predating=0.0),
+    Option("train.guide_at", "auto", "keep the checkpoint at this share of the budget in RUN/guide, the weaker model "
+           "autoguidance (sample.guide = early) guides with (0 = none; auto: 0.8 for a class-conditional model, "
+           "0.5 for an unconditional one, as measured in docs/guidance.md)", low=0.0, high=0.99, auto=float,
+           predating=0.0),
     Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1, high=65536),
     Option("train.precision", "auto", "fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)",
            choices=lambda: ["auto", "fp32", "bf16"]),

@@ -84,33 +84,40 @@ def early_checkpoint(run_dir: Path) -> Path | None:
     return kept[-1] if kept else None
 
 
-#: ``sample.guidance = auto`` for an unconditional model guided by its own early checkpoint: the weight that lowered
-#: the default run's domain FID most reliably (docs/guidance.md); a conditional model is best unguided there.
+#: ``sample.guidance = auto`` for autoguidance from the run's own early checkpoint: the weight that lowered the
+#: default run's domain FID on every seed, conditional or not (docs/guidance.md).
 AUTOGUIDANCE_WEIGHT = 2.0
 
 
 def run_guidance(run_dir: Path, settings: SampleSettings, denoiser: Denoiser, weight: float | str | None = None,
                  guide_checkpoint: Path | None = None) -> Guidance:
     """The guidance of ``sample.guidance``/``sample.guide``/``sample.guidance_interval`` (``weight`` and
-    ``guide_checkpoint`` take precedence) for a run's ``denoiser``. The ``auto`` guide is classifier-free guidance for
-    a conditional model, autoguidance from the run's early checkpoint for an unconditional one that kept it, and none
-    otherwise; the ``auto`` weight is AUTOGUIDANCE_WEIGHT for that autoguidance and 1 (none) otherwise. Asking
-    explicitly for a guide the run cannot give is an error."""
-    weight = settings.guidance if weight is None else weight
-    interval = (settings.guidance_interval[0], settings.guidance_interval[1])
+    ``guide_checkpoint`` take precedence) for a run's ``denoiser``.
+
+    The ``auto`` guide is autoguidance from the run's early checkpoint (RUN/guide) when the run kept one and the
+    weight is ``auto`` too; an explicit weight on a conditional model means classifier-free guidance (a guidance
+    scale, as in diffusers). Otherwise it is that checkpoint where one exists, CFG for a conditional model, and no
+    guidance at all when the run has nothing to guide with. The ``auto`` weight is AUTOGUIDANCE_WEIGHT for
+    autoguidance and 1 (none) otherwise: CFG costs the default run domain FID. Asking explicitly for a guide the
+    run cannot give is an error."""
     guide, early = settings.guide, early_checkpoint(run_dir)
-    if weight == "auto":
-        autoguided = not denoiser.num_classes and guide in ("auto", "early") and (guide_checkpoint or early) is not None
-        weight = AUTOGUIDANCE_WEIGHT if autoguided else 1.0
+    explicit = (settings.guidance if weight is None else weight) != "auto"
     if guide_checkpoint is not None:
-        return Guidance(weight, interval, load_run(guide_checkpoint.parent.parent, guide_checkpoint)[1])
-    if weight == 1.0 or (guide == "auto" and not denoiser.num_classes and early is None):
+        guide, early = "early", guide_checkpoint
+    elif guide == "auto":
+        if early is not None and not (explicit and denoiser.num_classes):
+            guide = "early"
+        else:
+            guide = "cfg" if denoiser.num_classes else "none"
+    weight = settings.guidance if weight is None else weight
+    if weight == "auto":
+        weight = AUTOGUIDANCE_WEIGHT if guide == "early" and early is not None else 1.0
+    if weight == 1.0 or (settings.guide == "auto" and guide == "none"):
         return NONE  # auto with nothing to guide with: no guidance, as documented
-    if guide == "auto":
-        guide = "cfg" if denoiser.num_classes else "early"
+    interval = (settings.guidance_interval[0], settings.guidance_interval[1])
     if guide == "none":
-        raise FrugalError(f"guidance weight {weight} needs a guide and this run has none; train it class-conditional "
-                          "(cfg) or with train.guide_at > 0 (early), pass --guide-checkpoint, or use --guidance 1")
+        raise FrugalError(f"guidance weight {weight} needs a guide and sample.guide is none; use sample.guide = auto, "
+                          "pass --guide-checkpoint, or use --guidance 1")
     if guide == "cfg":
         if not denoiser.num_classes:
             raise FrugalError("sample.guide = cfg needs a class-conditional run; use sample.guide = early or auto")
@@ -118,7 +125,7 @@ def run_guidance(run_dir: Path, settings: SampleSettings, denoiser: Denoiser, we
     if early is None:
         raise FrugalError(f"{run_dir} kept no early checkpoint for autoguidance; train with train.guide_at > 0 or "
                           "pass --guide-checkpoint")
-    return Guidance(weight, interval, load_run(run_dir, early)[1])
+    return Guidance(weight, interval, load_run(early.parent.parent, early)[1])
 
 
 @dataclass

@@ -20,6 +20,17 @@ from .networks import Denoiser
 #: The values of ``sample.guide``.
 GUIDES = ("auto", "cfg", "early", "none")
 
+#: ``train.guide_at = auto``: the share of the budget whose checkpoint guided best on the default run (a
+#: conditional model needs a stronger guide than an unconditional one; docs/guidance.md).
+GUIDE_AT = {"conditional": 0.8, "unconditional": 0.5}
+
+
+def guide_share(guide_at: float | str, conditional: bool) -> float:
+    """``train.guide_at`` resolved for a conditional or unconditional model."""
+    if guide_at == "auto":
+        return GUIDE_AT["conditional" if conditional else "unconditional"]
+    return float(guide_at)
+
 
 @dataclass(frozen=True)
 class Guidance:

@@ -27,6 +27,7 @@ from .distributed import World, init_distributed
 from .ema import save_snapshot
 from .errors import FrugalError
 from .generate import generate, run_guidance
+from .guidance import guide_share
 from .images import to_uint8
 from .metrics import Evaluator, eval_column
 from .objective import Objective
@@ -193,7 +194,8 @@ class Trainer:
             return
         if state.phema is not None and crossed(before, now, max(1, s.images_seen // s.phema_snapshots), s.images_seen):
             save_snapshot(self.files.phema, state.phema, state.denoiser, now)
-        if s.guide_at and before < int(s.guide_at * s.images_seen) <= now:
+        guide_at = guide_share(s.guide_at, bool(state.denoiser.num_classes))
+        if guide_at and before < int(guide_at * s.images_seen) <= now:
             state.save(self.files.guide, keep=1)
 
     def evaluate(self, evaluator: Evaluator, n: int | None = None) -> float:
