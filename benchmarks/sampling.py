@@ -1,7 +1,7 @@
 """Generation settings of a finished run: every solver × steps × schedule, scored at equal sample count and seed.
 
-    python benchmarks/sampling.py RUN_DIR --out DIR [--samples 500] [--seed 0] [--solvers ddpm ddim heun dpm++2m]
-        [--steps 10 20 50 100] [--schedules karras logsnr uniform] [--smoke]
+    python benchmarks/sampling.py RUN_DIR [RUN_DIR ...] --out DIR [--samples 500] [--seed 0]
+        [--solvers ddpm ddim heun dpm++2m] [--steps 10 20 50 100] [--schedules karras logsnr uniform] [--smoke]
     python benchmarks/sampling.py --merge A/results.json B/results.json --out DIR   # one table from two sweeps
 
 The run's EMA model (its newest checkpoint; labels balanced over the classes of a conditional run, no guidance, so
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -55,58 +56,88 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
                     x = generate(denoiser, settings, samples, tuple(info["sample_shape"]), runtime, seed=seed)
                 seconds = time.perf_counter() - start
                 scores = evaluator(to_uint8(x))
-                rows.append({"solver": solver, "schedule": schedule, "steps": k, "nfe": nfe(solver, k),
-                             "fid": scores["domain_fid"], "kid": scores["domain_kid"], "seconds": seconds})
-                print(f"{solver:>8} {schedule:>7} {k:>4} steps (NFE {nfe(solver, k):>3}): FID {rows[-1]['fid']:.3f}"
-                      f", {seconds:.1f} s", flush=True)
-    return {"run": str(run), "images_seen": info["images_seen"], "samples": samples, "seed": seed,
+                rows.append({"run": str(run), "solver": solver, "schedule": schedule, "steps": k,
+                             "nfe": nfe(solver, k), "fid": scores["domain_fid"], "kid": scores["domain_kid"],
+                             "precision": scores["precision"], "recall": scores["recall"],
+                             "seconds": seconds})
+                print(f"{run.name} {solver:>8} {schedule:>7} {k:>4} steps (NFE {nfe(solver, k):>3}): FID "
+                      f"{rows[-1]['fid']:.3f}, {seconds:.1f} s", flush=True)
+    return {"runs": [str(run)], "images_seen": info["images_seen"], "samples": samples, "seed": seed,
             "num_classes": denoiser.num_classes, "rows": rows}
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from sweeps of the same run, samples and seed (the later sweep's row wins a repeated setting)."""
-    keys = ("run", "images_seen", "samples", "seed")
+    """One result from sweeps of the same budget, samples and seed: several runs (seeds of a recipe: the table
+    gives mean ± std over them), or one run swept twice (the later row wins a repeated setting)."""
+    keys = ("images_seen", "samples", "seed")
     if any(tuple(r[k] for k in keys) != tuple(results[0][k] for k in keys) for r in results):
-        raise SystemExit("--merge takes sweeps of one run with the same --samples and --seed")
-    rows = {(r["solver"], r["schedule"], r["steps"]): r for result in results for r in result["rows"]}
-    return {**results[0], "rows": list(rows.values()), **joined_provenance(results)}
+        raise SystemExit("--merge takes sweeps of one budget with the same --samples and --seed")
+    rows = {(r["run"], r["solver"], r["schedule"], r["steps"]): r for result in results for r in result["rows"]}
+    runs = list(dict.fromkeys(run for result in results for run in result["runs"]))
+    return {**results[0], "runs": runs, "rows": list(rows.values()), **joined_provenance(results)}
+
+
+def _cells(result: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
+    """The rows of each (solver, schedule, steps), one per run."""
+    cells: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in result["rows"]:
+        cells.setdefault((r["solver"], r["schedule"], r["steps"]), []).append(r)
+    return cells
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 
 def table(result: dict[str, Any]) -> str:
-    """Markdown: one row per solver and schedule, FID at each step count (NFE in brackets)."""
-    steps = sorted({r["steps"] for r in result["rows"]})
-    lines = [f"domain FID of {result['samples']} samples (seed {result['seed']}) of {result['run']} "
-             f"({result['images_seen']} images), no guidance; [NFE]", "",
+    """Markdown: one row per solver and schedule, FID at each step count (NFE in brackets; mean ± std over runs),
+    then the domain precision and recall of every setting."""
+    cells, names = _cells(result), ", ".join(Path(r).name for r in result["runs"])
+    steps = sorted({k for _, _, k in cells})
+    over = f", mean ± std over {len(result['runs'])} runs" if len(result["runs"]) > 1 else ""
+    lines = [f"domain FID of {result['samples']} samples (seed {result['seed']}) of {names} "
+             f"({result['images_seen']} images), no guidance{over}; [NFE]", "",
              "| solver | schedule | " + " | ".join(f"{k} steps" for k in steps) + " |",
              "|---|---|" + "---:|" * len(steps)]
-    for solver in dict.fromkeys(r["solver"] for r in result["rows"]):
-        for schedule in dict.fromkeys(r["schedule"] for r in result["rows"]):
-            cells = {r["steps"]: r for r in result["rows"] if r["solver"] == solver and r["schedule"] == schedule}
+    for solver in dict.fromkeys(solver for solver, _, _ in cells):
+        for schedule in dict.fromkeys(schedule for _, schedule, _ in cells):
+            if not any((solver, schedule, k) in cells for k in steps):
+                continue
             lines.append(f"| {solver} | {schedule} | " + " | ".join(
-                f"{cells[k]['fid']:.3f} [{cells[k]['nfe']}]" if k in cells else "—" for k in steps) + " |")
+                f"{_mean_std([r['fid'] for r in cells[solver, schedule, k]])} [{cells[solver, schedule, k][0]['nfe']}]"
+                if (solver, schedule, k) in cells else "—" for k in steps) + " |")
+    lines += ["", "| solver | schedule | steps | precision | recall |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {solver} | {schedule} | {k} | {_mean_std([r['precision'] for r in rows])} | "
+              f"{_mean_std([r['recall'] for r in rows])} |"
+              for (solver, schedule, k), rows in cells.items() if all("precision" in r for r in rows)]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict[str, Any], out: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, solver in enumerate(dict.fromkeys(r["solver"] for r in result["rows"])):
-        for schedule, style in zip(dict.fromkeys(r["schedule"] for r in result["rows"]), ("-", "--", ":"),
+    cells = _cells(result)
+    for i, solver in enumerate(dict.fromkeys(solver for solver, _, _ in cells)):
+        for schedule, style in zip(dict.fromkeys(schedule for _, schedule, _ in cells), ("-", "--", ":"),
                                    strict=False):
-            rows = sorted((r for r in result["rows"] if r["solver"] == solver and r["schedule"] == schedule),
-                          key=lambda r: r["nfe"])
-            ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], style, marker="o", color=f"C{i}",
-                    label=f"{solver} {schedule}")
+            points = sorted((rows[0]["nfe"], statistics.mean(r["fid"] for r in rows))
+                            for (a, b, _), rows in cells.items() if (a, b) == (solver, schedule))
+            if points:
+                ax.plot(*zip(*points, strict=True), style, marker="o", color=f"C{i}", label=f"{solver} {schedule}")
+    runs = ", ".join(Path(r).name for r in result["runs"])
     ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel="domain FID",
-           title=f"{result['samples']} samples of {Path(result['run']).name}")
+           title=f"{result['samples']} samples of {runs}" + (" (mean)" if len(result["runs"]) > 1 else ""))
     ax.legend(fontsize="x-small", ncol=2)
     save_figure(plt, fig, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, nargs="?")
+    parser.add_argument("runs", type=Path, nargs="*", metavar="RUN_DIR",
+                        help="runs to sweep (several: seeds of one recipe, reported as mean ± std)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
                         help="no sweep: join earlier results.json files of one run (e.g. a 100-step sweep run later) "
@@ -122,11 +153,11 @@ def main() -> None:
         args.samples, args.solvers, args.steps, args.schedules = 20, ["ddim", "heun"], [2, 3], ["karras"]
     if args.merge:
         result = merge([json.loads(p.read_text()) for p in args.merge])
-    elif args.run is None:
-        parser.error("give a RUN_DIR to sweep or --merge RESULTS_JSON ...")
+    elif not args.runs:
+        parser.error("give RUN_DIRs to sweep or --merge RESULTS_JSON ...")
     else:
-        result = {**sweep(args.run, args.samples, args.seed, args.solvers, args.steps, args.schedules),
-                  **provenance()}
+        result = merge([{**sweep(run, args.samples, args.seed, args.solvers, args.steps, args.schedules),
+                            **provenance()} for run in args.runs])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "table.md").write_text(table(result))

@@ -55,11 +55,15 @@ def test_sampling_and_guidance_smoke_score_every_setting(tmp_path):
     assert main(["train", *args, "--out", str(runs / "cond-s0"), "--no-progress"]) == 0
     assert main(["train", *args, "--set", "model.num_classes=0", "--out", str(runs / "uncond-s0"),
                  "--no-progress"]) == 0
-    _run("sampling.py", str(runs / "cond-s0"), "--out", str(tmp_path / "sampling"))
+    _run("sampling.py", str(runs / "cond-s0"), str(runs / "uncond-s0"), "--out", str(tmp_path / "sampling"))
     result = json.loads((tmp_path / "sampling" / "results.json").read_text())
-    assert [(r["solver"], r["steps"], r["nfe"]) for r in result["rows"]] == [("ddim", 2, 2), ("ddim", 3, 3),
-                                                                             ("heun", 2, 3), ("heun", 3, 5)]
-    assert "| heun | karras |" in (tmp_path / "sampling" / "table.md").read_text()
+    settings = [("ddim", 2, 2), ("ddim", 3, 3), ("heun", 2, 3), ("heun", 3, 5)]
+    assert [(r["solver"], r["steps"], r["nfe"]) for r in result["rows"]] == settings * 2
+    heun = [r["fid"] for r in result["rows"] if (r["solver"], r["steps"]) == ("heun", 3)]
+    table = (tmp_path / "sampling" / "table.md").read_text()
+    assert f"{statistics.mean(heun):.3f} ± {statistics.stdev(heun):.3f} [5] |" in table  # mean ± std over the runs
+    _run("sampling.py", "--merge", str(tmp_path / "sampling" / "results.json"), "--out", str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "table.md").read_text() == table
     _run("guidance.py", "--runs", str(runs), "--out", str(tmp_path / "guidance"))
     rows = json.loads((tmp_path / "guidance" / "results.json").read_text())["rows"]
     cond = [r for r in rows if r["run"] == "cond-s0"]
