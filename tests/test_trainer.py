@@ -130,7 +130,8 @@ KILL_SCRIPT = textwrap.dedent("""
             time.sleep(600)
         real_save(obj, path)
     ck.torch.save = slow_save
-    config = Config({**TINY_UNET, "train.images_seen": 160, "train.checkpoint_every": 64})
+    config = Config({**TINY_UNET, "train.images_seen": 160, "train.checkpoint_every": 64,
+                     "train.guide_at": 0})  # no RUN/guide: only checkpoints call torch.save
     Trainer(config, sys.argv[1], progress=False).fit()
 """)
 
