@@ -1,7 +1,7 @@
 """Training speed: one `frugaldiff train` step against a bare PyTorch loop, and per-component overheads.
 
     python benchmarks/throughput.py [--device cpu|cuda] [--batch-sizes 8 64] [--precisions fp32 bf16]
-                                    [--blocks 5] [--steps 10] [--json OUT.json] [--smoke]
+                                    [--blocks 5] [--steps 10] [--samples 256] [--json OUT.json] [--smoke]
 
 For each batch size and precision it times optimizer steps of (a) frugaldiff's train_step (x0 on
 VP-linear, like the bare loop) with the loss ledger, the adaptive timestep sampler and EMA switched on (the
@@ -13,6 +13,11 @@ time of each is reported, with their ratio (images/s of frugaldiff ÷ images/s o
 mixed prediction and of a class-conditional model (mnist5000's 10 labels) against the bare loop, and the cost
 of the stable target (``diffusion.reference_images``) per step (µs).
 The model is the default config's UNet on mnist5000 (28×28).
+
+Utilisation: the machine's matmul peak in each precision (a 2048² matmul), the FLOPs per image of a training
+step (forward + backward, ``torch.utils.flop_counter``) and of generation (the default solver and steps,
+autoguided: two network calls per step), and the achieved GFLOP/s with its share of that peak, printed beside
+images/s for training and generation.
 """
 
 from __future__ import annotations
@@ -34,6 +39,66 @@ from frugaldiff.config import Config
 from frugaldiff.objective import stable_target
 from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
 from frugaldiff.trainer import Trainer, train_step
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of ``fn`` (matmuls and convolutions, forward and backward), as
+    ``torch.utils.flop_counter`` counts them: a multiply-add is two."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(precision: str, device: str, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a ``size``² matmul in fp32 or bf16 on ``device``: the machine's practical peak for that
+    precision (median of ``repeats``, after warm-up)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    times = _time_steps(lambda: a @ b, repeats + 2, torch.device(device))[2:]
+    return 2 * size**3 / statistics.median(times)
+
+
+def step_flops_per_image(trainer: Trainer) -> float:
+    """FLOPs per image of one training step of the trainer's network (forward and backward)."""
+    batch = 2
+    x = torch.randn(batch, *trainer.data.sample_shape, device=trainer.runtime.device)
+    t = torch.rand(batch, device=trainer.runtime.device)
+    net = trainer.parts.denoiser
+    return counted_flops(lambda: net(x, t).float().square().mean().backward()) / batch
+
+
+def utilisation(img_s: float, flops_per_image: float, peak: float) -> dict[str, float]:
+    """Achieved GFLOP/s at ``img_s`` and its share of ``peak``."""
+    achieved = img_s * flops_per_image
+    return {"gflop_s": achieved / 1e9, "share_of_peak": achieved / peak}
+
+
+def generation(trainer: Trainer, n: int) -> dict[str, Any]:
+    """Images/s and FLOPs per image of generating ``n`` samples with the default sampling settings (dpm++2m,
+    autoguidance with a guide of the same size: two network calls per step) under inference mode."""
+    import copy
+
+    from frugaldiff.components import SampleSettings
+    from frugaldiff.generate import AUTOGUIDANCE_WEIGHT, generate
+    from frugaldiff.guidance import Guidance
+
+    denoiser = trainer.parts.denoiser.eval()
+    settings = SampleSettings.from_config(trainer.config)
+    guidance = Guidance(AUTOGUIDANCE_WEIGHT, model=copy.deepcopy(denoiser))
+    shape = trainer.data.sample_shape
+
+    def run(count: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return generate(denoiser, settings, count, shape, trainer.runtime, guidance=guidance)
+
+    flops = counted_flops(lambda: run(2)) / 2
+    run(2)  # warm-up
+    seconds = _time_steps(lambda: run(n), 1, trainer.runtime.device)[0]
+    denoiser.train()
+    return {"samples": n, "solver": settings.solver, "steps": settings.steps, "img_s": n / seconds,
+            "seconds": seconds, "gflop_per_image": flops / 1e9}
 
 
 def _median_step(blocks: list[list[float]]) -> float:
@@ -103,7 +168,8 @@ def compare(batch: int, precision: str, device: str, blocks: int, steps: int, ru
         theirs.append(_time_steps(bare.step, steps, device))
     t_ours, t_bare = _median_step(ours), _median_step(theirs)
     return {"batch_size": batch, "precision": precision, "autocast": str(trainer.runtime.amp_dtype),
-            "frugaldiff_img_s": batch / t_ours, "bare_img_s": batch / t_bare, "ratio": t_bare / t_ours}
+            "frugaldiff_img_s": batch / t_ours, "bare_img_s": batch / t_bare, "ratio": t_bare / t_ours,
+            "gflop_per_image": step_flops_per_image(trainer) / 1e9, "trainer": trainer}
 
 
 def sampler_overheads(batch: int, repeats: int) -> dict[str, float]:
@@ -146,6 +212,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--blocks", type=int, default=5, help="alternating blocks per measurement")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per block")
+    parser.add_argument("--samples", type=int, default=256, help="samples generated for the generation speed")
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
     args = parser.parse_args()
@@ -157,21 +224,37 @@ def main() -> None:
         results["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        peaks = {p: matmul_peak(p, args.device, 256 if args.smoke else 2048) for p in args.precisions}
+        results["matmul_peak_gflop_s"] = {p: v / 1e9 for p, v in peaks.items()}
+        print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
         for batch in args.batch_sizes:
             for precision in args.precisions:
                 row = compare(batch, precision, args.device, args.blocks, args.steps, root)
+                trainer = row.pop("trainer")
+                row.update(utilisation(row["frugaldiff_img_s"], row["gflop_per_image"] * 1e9, peaks[precision]))
                 results["steps"].append(row)
-                print(f"batch {batch:>3} {precision}: frugaldiff {row['frugaldiff_img_s']:.1f} img/s, bare loop "
-                      f"{row['bare_img_s']:.1f} img/s, ratio {row['ratio']:.3f}", flush=True)
+                print(f"batch {batch:>3} {precision}: frugaldiff {row['frugaldiff_img_s']:.1f} img/s "
+                      f"({row['gflop_s']:.0f} GFLOP/s, {100 * row['share_of_peak']:.1f} % of the {precision} peak), "
+                      f"bare loop {row['bare_img_s']:.1f} img/s, ratio {row['ratio']:.3f}", flush=True)
+                if batch == args.batch_sizes[-1]:
+                    gen = generation(trainer, 16 if args.smoke else args.samples)
+                    gen.update(precision=precision, **utilisation(gen["img_s"], gen["gflop_per_image"] * 1e9,
+                                                                  peaks[precision]))
+                    results.setdefault("generation", []).append(gen)
+                    print(f"generation {precision} ({gen['samples']} samples, {gen['solver']}/{gen['steps']}, "
+                          f"autoguided): {gen['img_s']:.1f} img/s ({gen['gflop_s']:.0f} GFLOP/s, "
+                          f"{100 * gen['share_of_peak']:.1f} % of the peak)", flush=True)
         batch = args.batch_sizes[0]
         mixed = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
                         {"diffusion.prediction": "mixed"})
+        mixed.pop("trainer")
         results["mixed"] = {"batch_size": batch, "x0_over_mixed_step_time": mixed["ratio"],
                             "mixed_img_s": mixed["frugaldiff_img_s"], "bare_x0_img_s": mixed["bare_img_s"]}
         print(f"batch {batch} mixed (x0, velocity, acceleration heads): {mixed['frugaldiff_img_s']:.1f} img/s, "
               f"{mixed['ratio']:.3f} of the bare x0 loop's speed", flush=True)
         conditional = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
                               {"model.num_classes": "auto", "train.label_dropout": 0.1})
+        conditional.pop("trainer")
         results["conditional"] = {"batch_size": batch, "bare_over_conditional_step_time": conditional["ratio"],
                                   "conditional_img_s": conditional["frugaldiff_img_s"],
                                   "bare_img_s": conditional["bare_img_s"]}

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from testkit import TINY_UNET
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -39,6 +41,13 @@ def test_throughput_smoke_reports_every_measurement(tmp_path):
     _run("throughput.py", "--json", str(tmp_path / "t.json"))
     results = json.loads((tmp_path / "t.json").read_text())
     assert [(r["batch_size"], r["precision"]) for r in results["steps"]] == [(4, "fp32")]
+    step, peak = results["steps"][0], results["matmul_peak_gflop_s"]["fp32"]
+    assert step["gflop_s"] == pytest.approx(step["frugaldiff_img_s"] * step["gflop_per_image"])
+    assert step["share_of_peak"] == pytest.approx(step["gflop_s"] / peak)
+    (gen,) = results["generation"]
+    assert (gen["solver"], gen["steps"], gen["samples"]) == ("dpm++2m", 10, 16) and gen["img_s"] > 0
+    # ten steps of two network calls (autoguidance) of a forward pass that is a third of a training step's FLOPs
+    assert gen["gflop_per_image"] == pytest.approx(20 * step["gflop_per_image"] / 3, rel=0.02)
     assert results["steps"][0]["ratio"] > 0 and results["mixed"]["mixed_img_s"] > 0
     assert results["conditional"]["conditional_img_s"] > 0 and results["conditional"]["batch_size"] == 4
     assert set(results["sampler_us"]["4"]) >= {"uniform", "stratified", "adaptive", "lognormal"}
@@ -73,3 +82,17 @@ def test_sampling_and_guidance_smoke_score_every_setting(tmp_path):
     guides = [r["guide"] for r in rows if r["run"] == "uncond-s0" and r["weight"] == 2.0]
     assert guides[0] == "step-00000003" and "step-00000002" in guides  # RUN/guide first, then the checkpoints
     assert (tmp_path / "guidance" / "guidance.png").stat().st_size > 5000
+
+
+def test_the_flop_counter_counts_a_two_layer_network_as_by_hand():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from throughput import counted_flops
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    conv, linear = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 6 * 6, 5)
+    x = torch.randn(4, 3, 6, 6)
+    conv_mac, linear_mac = 4 * 8 * 6 * 6 * 3 * 3 * 3, 4 * 8 * 6 * 6 * 5  # multiply-adds of each forward
+    assert counted_flops(lambda: conv(x)) == 2 * conv_mac
+    # backward: both layers' weight gradients, and the input gradient of the linear layer only (x needs none)
+    assert counted_flops(lambda: linear(conv(x).flatten(1)).sum().backward()) == 2 * (2 * conv_mac + 3 * linear_mac)
