@@ -102,31 +102,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _label(row: dict[str, Any]) -> str:
-    kind = row["run"].rsplit("-s", 1)[0]
-    if row["weight"] == 1:
-        return f"{kind}, no guidance"
-    guide = "CFG" if row["guide"] == "cfg" else f"autoguidance from {row['guide_share']:.2f} of the budget"
-    return f"{kind}, {guide}, t in {row['interval']}"
+def _guide_name(row: dict[str, Any]) -> str:
+    return "CFG" if row["guide"] == "cfg" else f"autoguidance, guide at {row['guide_share']:.2f} of the budget"
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    """One panel per kind of run (conditional, unconditional): mean FID against w for each guide, solid for
+    guidance over all t, dashed for an interval; every line starts at the unguided value (w = 1)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    series: dict[str, dict[float, list[float]]] = {}
-    for r in rows:
-        series.setdefault(_label(r), {}).setdefault(r["weight"], []).append(r["domain_fid"])
-    baselines = {k: v for k, v in series.items() if k.endswith("no guidance")}
-    for label, points in series.items():
-        if label in baselines:
-            ax.axhline(statistics.mean(points[1.0]), ls="--", color="grey" if "uncond" in label else "black",
-                       lw=0.8, label=label)
-            continue
-        weights = sorted(points)
-        ax.plot(weights, [statistics.mean(points[w]) for w in weights], marker="o", label=label)
-    ax.set(xlabel="guidance weight w", ylabel="domain FID (mean over seeds)", yscale="log",
-           title="guidance at the default budget")
-    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    kinds = list(dict.fromkeys(r["run"].rsplit("-s", 1)[0] for r in rows))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        mine = [r for r in rows if r["run"].rsplit("-s", 1)[0] == kind]
+        base = statistics.mean(r["domain_fid"] for r in mine if r["weight"] == 1)
+        ax.axhline(base, ls=":", color="black", lw=0.8, label="no guidance")
+        series: dict[tuple[str, tuple[float, ...]], dict[float, list[float]]] = {}
+        for r in mine:
+            if r["weight"] != 1:
+                series.setdefault((_guide_name(r), tuple(r["interval"])), {}).setdefault(r["weight"], []).append(
+                    r["domain_fid"])
+        colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(name for name, _ in series))}
+        for (name, interval), points in series.items():
+            weights = [1.0, *sorted(points)]
+            full = interval == (0.0, 1.0)
+            ax.plot(weights, [base, *(statistics.mean(points[w]) for w in weights[1:])], "-" if full else "--",
+                    marker="o", color=colours[name], label=name + ("" if full else f", t in {list(interval)}"))
+        ax.set(xlabel="guidance weight w", yscale="log", title=f"{kind} runs")
+        ax.legend(fontsize="x-small")
+    axes[0][0].set_ylabel("domain FID (mean over seeds)")
     save_figure(plt, fig, out)
 
 
