@@ -96,3 +96,12 @@ def test_the_flop_counter_counts_a_two_layer_network_as_by_hand():
     assert counted_flops(lambda: conv(x)) == 2 * conv_mac
     # backward: both layers' weight gradients, and the input gradient of the linear layer only (x needs none)
     assert counted_flops(lambda: linear(conv(x).flatten(1)).sum().backward()) == 2 * (2 * conv_mac + 3 * linear_mac)
+
+
+def test_profile_step_smoke_reports_the_network_share_and_the_top_operators(tmp_path):
+    out = _run("profile_step.py", "--json", str(tmp_path / "p.json"))
+    (row,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert (row["data"], row["image_size"], row["batch_size"]) == ("digits", 8, 4)
+    assert 0 < row["network_share"] == pytest.approx(row["step_img_s"] / row["network_img_s"])
+    assert len(row["top_ops"]) == 8 and all(0 < o["self_share"] <= 1 for o in row["top_ops"])
+    assert "of the step is the network's forward and backward" in out

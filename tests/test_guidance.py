@@ -88,6 +88,21 @@ def _conditional_denoiser(seed: int = 0) -> Denoiser:
     return Denoiser(net, PREDICTIONS.create("eps", PROCESSES.create("vp-linear"), 0.5)).eval()
 
 
+def test_generation_in_chunks_keeps_each_chunk_its_labels_and_the_first_chunk_its_samples(monkeypatch):
+    import frugaldiff.generate as generation
+    from frugaldiff.components import SampleSettings
+
+    assert [generation.chunk_size(s) for s in ((1, 28, 28), (3, 64, 64), (2,))] == [83, 5, 4096]
+    monkeypatch.setattr(generation, "CHUNK_VALUES", 20)  # chunks of 5 samples of 4 values
+    denoiser, labels = _conditional_denoiser(0), torch.tensor([0, 1, 2, 0, 1, 2, 2, 2, 1, 1, 0, 0])
+    settings = SampleSettings.from_config(Config({"sample.steps": 4}))
+    chunked = generation.generate(denoiser, settings, 12, (4,), labels=labels)
+    assert torch.equal(chunked, generation.generate(denoiser, settings, 12, (4,), labels=labels))
+    assert torch.equal(chunked[:5], generation.generate(denoiser, settings, 5, (4,), labels=labels[:5]))
+    swapped = generation.generate(denoiser, settings, 12, (4,), labels=torch.cat([labels[:5], 2 - labels[5:]]))
+    assert torch.equal(swapped[:5], chunked[:5]) and not torch.equal(swapped[5:], chunked[5:])
+
+
 def test_guidance_weights_interval_and_autoguidance_give_the_exact_predictions():
     denoiser, weak = _conditional_denoiser(0), _conditional_denoiser(1)
     g = torch.Generator().manual_seed(0)

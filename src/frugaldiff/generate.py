@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import damage, latest_checkpoint, load_into, load_trainer_state, load_weights
 from .components import SampleSettings, build_denoiser
@@ -66,16 +68,38 @@ def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape:
         guidance.model.to(device)
     generator = torch.Generator().manual_seed(settings.seed if seed is None else seed)
     clip = settings.clip and len(sample_shape) == 3
-    model_x0 = guided(denoiser, labels, guidance)
+    size = chunk_size(sample_shape)
+    steps, solver = steps or settings.steps, solver or settings.solver
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with runtime.autocast():
-            x0 = model_x0(x, t.to(device, torch.float32)).float()
-        return x0.clamp(-1, 1) if clip else x0
+    def one_chunk(start: int, count: int, progress: bool) -> torch.Tensor:
+        model_x0 = guided(denoiser, None if labels is None else labels[start:start + count], guidance)
 
-    return solve(denoise, denoiser.process, (n, *sample_shape), steps or settings.steps,
-                 solver=solver or settings.solver, schedule=settings.schedule, eta=settings.eta,
-                 generator=generator, device=device, progress=progress).cpu()
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with runtime.autocast():
+                x0 = model_x0(x, t.to(device, torch.float32)).float()
+            return x0.clamp(-1, 1) if clip else x0
+
+        return solve(denoise, denoiser.process, (count, *sample_shape), steps, solver=solver,
+                     schedule=settings.schedule, eta=settings.eta, generator=generator, device=device,
+                     progress=progress).cpu()
+
+    starts = range(0, n, size)
+    with torch.inference_mode():
+        if len(starts) == 1:
+            return one_chunk(0, n, progress)
+        chunks = tqdm(starts, desc=f"{solver}, {n} samples in chunks of {size}", unit="chunk", disable=not progress)
+        return torch.cat([one_chunk(start, min(size, n - start), False) for start in chunks])
+
+
+#: Values (pixels × channels) generated together: enough samples per network call to keep the CPU's vector
+#: units busy, few enough that no activation outgrows the allocator's reusable blocks. Generating 1,000 mnist
+#: samples at once spent more time in the kernel (mapping and zeroing fresh memory every step) than computing.
+CHUNK_VALUES = 2**16
+
+
+def chunk_size(sample_shape: tuple[int, ...]) -> int:
+    """Samples per generation chunk for samples of ``sample_shape`` (83 for 28×28 grey, 5 for 64×64 colour)."""
+    return max(1, min(4096, CHUNK_VALUES // math.prod(sample_shape)))
 
 
 def early_checkpoint(run_dir: Path) -> Path | None:
