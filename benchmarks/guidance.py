@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from provenance import joined_provenance, provenance
 
-from frugaldiff.checkpoint import intact_checkpoints
+from frugaldiff.checkpoint import checkpoint_info, intact_checkpoints
 from frugaldiff.components import SampleSettings
 from frugaldiff.generate import class_labels, generate, load_run
 from frugaldiff.guidance import NONE, Guidance
@@ -53,7 +53,7 @@ def score_run(run: Path, samples: int, weights: list[float], intervals: list[tup
     guides = [("cfg", None, 1.0)] if denoiser.num_classes and "cfg" in kinds else []
     if "checkpoints" in kinds:
         earlier = [*sorted((run / "guide").glob("step-*")), *intact_checkpoints(run)[:-1]]
-        guides += [(p.name, load_run(run, p)[1], json.loads((p / "state.json").read_text())["images_seen"]
+        guides += [(p.name, load_run(run, p)[1], checkpoint_info(p)["images_seen"]
                     / info["images_seen"]) for p in earlier]
     rows = []
     for weight in weights:

@@ -186,6 +186,11 @@ def test_the_auto_guidance_is_autoguidance_from_the_kept_checkpoint_and_an_expli
     config, denoiser = load_run(runs / "conditional")[:2]
     cfg = SampleSettings.from_config(config.updated({"sample.guide": "cfg", "sample.guidance": "auto"}))
     assert run_guidance(runs / "conditional", cfg, denoiser) == NONE  # the auto weight of CFG is 1
+    # a checkpoint no further than the guide (48 images) is not guided by it: the guide must be the weaker model
+    config, denoiser = load_run(runs / "unconditional")[:2]
+    auto = SampleSettings.from_config(config.updated({"sample.guidance": "auto"}))
+    assert run_guidance(runs / "unconditional", auto, denoiser, model_images=48) == NONE
+    assert run_guidance(runs / "unconditional", auto, denoiser, model_images=49).weight == 2.0
 
 
 def test_a_conditional_run_scores_its_requested_classes(runs, tmp_path, capsys):

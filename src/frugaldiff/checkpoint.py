@@ -154,7 +154,7 @@ def damage(checkpoint: Path) -> str | None:
     tensors and plain values), or None when it is intact. Files are checked against their digests where state.json
     has them (older checkpoints: by reading them)."""
     try:
-        info = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+        info = checkpoint_info(checkpoint)
         if not isinstance(info, dict) or not {"step", "images_seen", "sample_shape", "data_kind"} <= set(info):
             return "state.json lacks its counters"
         missing = [name for name in FILES if not (checkpoint / name).is_file()]
@@ -235,10 +235,15 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], checkpoin
         ) from None
 
 
+def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's state.json: its counters (step, images_seen), sample shape, data kind and file digests."""
+    return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+
+
 def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer state, info) of a checkpoint; trainer.pt is read with ``weights_only=True`` (no code runs)."""
     state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
-    info = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    info = checkpoint_info(checkpoint)
     groups = state["optimizer"]["param_groups"]
     if len(groups) == 2:  # an old learned weighting's own group: its parameters come last in the denoiser now
         groups[0]["params"] += groups.pop()["params"]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import damage, latest_checkpoint, load_into, load_trainer_state, load_weights
+from .checkpoint import checkpoint_info, damage, latest_checkpoint, load_into, load_trainer_state, load_weights
 from .components import SampleSettings, build_denoiser
 from .config import Config
 from .errors import FrugalError
@@ -114,17 +114,20 @@ AUTOGUIDANCE_WEIGHT = 2.0
 
 
 def run_guidance(run_dir: Path, settings: SampleSettings, denoiser: Denoiser, weight: float | str | None = None,
-                 guide_checkpoint: Path | None = None) -> Guidance:
+                 guide_checkpoint: Path | None = None, model_images: int | None = None) -> Guidance:
     """The guidance of ``sample.guidance``/``sample.guide``/``sample.guidance_interval`` (``weight`` and
     ``guide_checkpoint`` take precedence) for a run's ``denoiser``.
 
     The ``auto`` guide is autoguidance from the run's early checkpoint (RUN/guide) when the run kept one and the
     weight is ``auto`` too; an explicit weight on a conditional model means classifier-free guidance (a guidance
     scale, as in diffusers). Otherwise it is that checkpoint where one exists, CFG for a conditional model, and no
-    guidance at all when the run has nothing to guide with. The ``auto`` weight is AUTOGUIDANCE_WEIGHT for
-    autoguidance and 1 (none) otherwise: CFG costs the default run domain FID. Asking explicitly for a guide the
-    run cannot give is an error."""
+    guidance at all when the run has nothing to guide with. The ``auto`` guide skips an early checkpoint that saw
+    at least ``model_images`` (the images the sampled model saw, when given): a guide must be the weaker model. The
+    ``auto`` weight is AUTOGUIDANCE_WEIGHT for autoguidance and 1 (none) otherwise: CFG costs the default run
+    domain FID. Asking explicitly for a guide the run cannot give is an error."""
     guide, early = settings.guide, early_checkpoint(run_dir)
+    if guide == "auto" and early is not None and model_images is not None:
+        early = early if checkpoint_info(early)["images_seen"] < model_images else None  # a guide must be weaker
     explicit = (settings.guidance if weight is None else weight) != "auto"
     if guide_checkpoint is not None:
         guide, early = "early", guide_checkpoint
@@ -174,7 +177,7 @@ def sample_run(run_dir: str | Path, n: int = 64, steps: int | None = None, solve
     total = n * classes if which == "all" and classes else n
     labels = class_labels(total, classes, which)
     plan = run_guidance(run_dir, settings, denoiser, guidance, None if guide_checkpoint is None else
-                        Path(guide_checkpoint))
+                        Path(guide_checkpoint), info["images_seen"])
     x = generate(denoiser, settings, total, tuple(info["sample_shape"]), runtime, steps, solver, seed, progress,
                  labels, plan)
     values = to_uint8(x) if info["data_kind"] == "image" else x.numpy().astype(np.float32)

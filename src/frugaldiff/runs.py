@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import shutil
 import warnings
@@ -19,7 +18,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from .checkpoint import atomic_write_text, resume_point
+from .checkpoint import atomic_write_text, checkpoint_info, resume_point
 from .config import Config
 from .errors import FrugalError, short_repr
 
@@ -129,7 +128,7 @@ def start_run(root: Path, resume: bool) -> Path | None:
     if point is None:
         warnings.warn(f"{root} has no intact checkpoint (its first one never completed, or all are damaged); "
                       "training it from step 0", stacklevel=2)
-    _drop_after(root, 0 if point is None else json.loads((point / "state.json").read_text())["images_seen"])
+    _drop_after(root, 0 if point is None else checkpoint_info(point)["images_seen"])
     return point
 
 
@@ -141,7 +140,7 @@ def _drop_after(root: Path, images: int) -> None:
         if snapshot.stem.isdigit() and int(snapshot.stem) > images:
             snapshot.unlink()
     for guide in files.guide.glob("step-*"):
-        if json.loads((guide / "state.json").read_text()).get("images_seen", 0) > images:
+        if checkpoint_info(guide).get("images_seen", 0) > images:
             shutil.rmtree(guide)
 
 

@@ -180,7 +180,7 @@ class Trainer:
         labels balanced over the classes of a conditional run)."""
         model, settings = self.state.ema.model.eval(), SampleSettings.from_config(self.config)
         try:
-            guidance = run_guidance(self.files.root, settings, model)
+            guidance = run_guidance(self.files.root, settings, model, model_images=self.state.images_seen)
             return generate(model, settings, n, self.data.sample_shape, self.runtime, progress=progress,
                             guidance=guidance)
         finally:
