@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from provenance import joined_provenance, provenance
+from provenance import joined_provenance, provenance, write_results
 
 from frugaldiff.checkpoint import checkpoint_info, intact_checkpoints
 from frugaldiff.components import SampleSettings
@@ -167,13 +167,7 @@ def main() -> None:
                                                          tuple(args.guides))]
         result = {"runs": [r.name for r in runs], "samples": args.samples, "settings": overrides, "rows": rows,
                   **provenance()}
-    rows = result["rows"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "table.md").write_text(table(rows))
-    plot(rows, args.out / "guidance.png")
-    print(table(rows), end="")
-    print(f"wrote {args.out}/results.json, table.md, guidance.png")
+    write_results(args.out, result, table(result["rows"]), lambda png: plot(result["rows"], png), "guidance.png")
 
 
 if __name__ == "__main__":

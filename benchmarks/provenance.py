@@ -1,9 +1,12 @@
-"""Where a benchmark's numbers came from: the machine, the torch version, the threads and the commit."""
+"""Where a benchmark's numbers came from (the machine, the torch version, the threads and the commit) and where they
+go (results.json, table.md and a plot, side by side)."""
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +36,13 @@ def provenance() -> dict[str, str]:
 def joined_provenance(results: list[dict[str, Any]]) -> dict[str, str]:
     """The machines and commits of merged results, each named once."""
     return {k: " + ".join(dict.fromkeys(r[k] for r in results)) for k in ("machine", "commit")}
+
+
+def write_results(out: Path, result: dict[str, Any], table: str, plot: Callable[[Path], None], png: str) -> None:
+    """OUT/results.json, OUT/table.md and OUT/<png> of one result, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "table.md").write_text(table)
+    plot(out / png)
+    print(table, end="")
+    print(f"wrote {out}/results.json, table.md, {png} ({result['machine']}, {result['commit']})")

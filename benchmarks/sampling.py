@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from provenance import joined_provenance, provenance
+from provenance import joined_provenance, provenance, write_results
 
 from frugaldiff.components import SampleSettings
 from frugaldiff.generate import generate, load_run
@@ -158,12 +158,7 @@ def main() -> None:
     else:
         result = merge([{**sweep(run, args.samples, args.seed, args.solvers, args.steps, args.schedules),
                             **provenance()} for run in args.runs])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "table.md").write_text(table(result))
-    plot(result, args.out / "fid_vs_nfe.png")
-    print(table(result), end="")
-    print(f"wrote {args.out}/results.json, table.md, fid_vs_nfe.png ({result['machine']}, {result['commit']})")
+    write_results(args.out, result, table(result), lambda png: plot(result, png), "fid_vs_nfe.png")
 
 
 if __name__ == "__main__":
