@@ -19,9 +19,14 @@ TINY_ARGS = [arg for key, value in TINY_UNET.items() for arg in ("--set", f"{key
 def run_dir(tmp_path_factory):
     """One tiny end-to-end CLI run on digits, shared by the tests below."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    code = main(["train", *TINY_ARGS, "--set", "train.images_seen=192", "--set", "train.checkpoint_every=96",
-                 "--set", "train.log_every=2", "--out", str(out), "--no-progress"])
+    with pytest.MonkeyPatch.context() as patch:
+        printed = []
+        patch.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+        code = main(["train", *TINY_ARGS, "--set", "train.images_seen=192", "--set", "train.checkpoint_every=96",
+                     "--set", "train.log_every=2", "--out", str(out), "--no-progress"])
     assert code == 0
+    assert printed[-1].startswith(f"run finished: {out} (checkpoints/, config.toml, guide/, loss.png, metrics.csv, "
+                                  "phema/, samples.png")  # what the folder holds (tensorboard/ when installed)
     return out
 
 

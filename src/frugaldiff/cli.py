@@ -177,7 +177,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"frugaldiff: {e}; continue with: frugaldiff train --resume {e.checkpoint.parent.parent}",
               file=sys.stderr)
         return 128 + e.signum
-    print(f"run finished: {root} (samples.png, metrics.csv, loss.png, config.toml, checkpoints/)")
+    written = [p.name + ("/" if p.is_dir() else "") for p in sorted(Path(root).iterdir()) if not p.name.startswith(".")]
+    print(f"run finished: {root} ({', '.join(written)})")
     return 0
 
 
