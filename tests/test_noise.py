@@ -14,6 +14,7 @@ from frugaldiff.noise import (
     empirical_posterior_mean,
     shifted,
 )
+from frugaldiff.prediction import PREDICTIONS
 
 T = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
 
@@ -114,6 +115,16 @@ def test_a_shift_of_one_is_the_process_itself_and_a_shift_maps_t_monotonically_o
         torch.testing.assert_close(process.log_snr(t)[free], base.log_snr(t)[free] - 2 * math.log(shift),
                                    rtol=1e-9, atol=1e-9)
         assert (shift > 1) == bool((process.log_snr(t)[free] < base.log_snr(t)[free]).all())
+        # its own [t_min, t_max] is where the warp stays off the base's clamp: α and σ still move there, so every
+        # prediction type converts to x0 at both ends (a shifted flow run once sampled NaN from t_max)
+        ends = torch.linspace(process.t_min, process.t_max, 101, dtype=torch.float64)
+        assert bool((process.d_alpha(ends) != 0).all() and (process.d_sigma(ends) != 0).all())
+        assert base.t_min <= process.t_min < process.t_max <= base.t_max
+        if shift > 1:  # the noisiest time is the base's own
+            torch.testing.assert_close(process.alpha(ends[-1:]), base.alpha(ends.new_tensor([base.t_max])))
+        velocity = PREDICTIONS.create("velocity", process, 0.5)
+        x_t, out = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+        assert torch.isfinite(velocity.to_x0(out, x_t, ends[[0, -1]])).all()
     if name == "flow":  # SD3's closed form
         torch.testing.assert_close(ShiftedProcess(base, 3.0).warp(t), (3 * t / (1 + 2 * t)).clamp(max=base.t_max))
     auto = build_process(Config({"diffusion.process": name, "diffusion.shift": "auto"}), (3, 32, 32))

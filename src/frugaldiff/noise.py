@@ -220,13 +220,19 @@ class ShiftedProcess(NoiseProcess):
 
     def __init__(self, base: NoiseProcess, shift: float) -> None:
         self.base, self.shift = base, float(shift)
-        self.name, self.t_min, self.t_max = base.name, base.t_min, base.t_max
-        self._offset = 2 * math.log(self.shift)
+        self.name, self._offset = base.name, 2 * math.log(self.shift)
+        # The times whose warp lands inside the base's [t_min, t_max]: beyond them the warp would sit on the clamp,
+        # where α and σ stop changing (zero derivatives, so velocity and x0 could not be told apart at t_max).
+        ends = base.log_snr(torch.tensor([base.t_max, base.t_min], dtype=torch.float64)) + self._offset
+        t_max, t_min = base.t_of_log_snr(ends).tolist()
+        self.t_max = base.t_max if t_max >= base.t_max else t_max - 1e-7
+        self.t_min = base.t_min if t_min <= base.t_min else t_min + 1e-7
 
     def warp(self, t: Tensor) -> Tensor:
         """The base process's time w(t) (float64 inside, ``t``'s dtype out), clamped to its [t_min, t_max]."""
         t64 = t.to(torch.float64)
-        return self.base.t_of_log_snr(self.base.log_snr(t64) - self._offset).clamp(self.t_min, self.t_max).to(t.dtype)
+        w = self.base.t_of_log_snr(self.base.log_snr(t64) - self._offset)
+        return w.clamp(self.base.t_min, self.base.t_max).to(t.dtype)
 
     def alpha(self, t: Tensor) -> Tensor:
         return self.base.alpha(self.warp(t))
