@@ -119,6 +119,9 @@ def test_a_shift_of_one_is_the_process_itself_and_a_shift_maps_t_monotonically_o
         # prediction type converts to x0 at both ends (a shifted flow run once sampled NaN from t_max)
         ends = torch.linspace(process.t_min, process.t_max, 101, dtype=torch.float64)
         assert bool((process.d_alpha(ends) != 0).all() and (process.d_sigma(ends) != 0).all())
+        with torch.inference_mode():  # generation runs there: autograd's derivatives must still come out
+            inside = process.d_alpha(ends), process.dd_sigma(ends)
+        assert torch.equal(inside[0], process.d_alpha(ends)) and torch.equal(inside[1], process.dd_sigma(ends))
         assert base.t_min <= process.t_min < process.t_max <= base.t_max
         if shift > 1:  # the noisiest time is the base's own
             torch.testing.assert_close(process.alpha(ends[-1:]), base.alpha(ends.new_tensor([base.t_max])))

@@ -29,9 +29,10 @@ class NoiseProcess:
         raise NotImplementedError
 
     def _derivative(self, fn: str, t: Tensor, order: int) -> Tensor:
-        """d^order/dt^order of ``alpha`` or ``sigma`` by autograd (elementwise)."""
-        with torch.enable_grad():
-            x = t.detach().to(torch.float64).requires_grad_(True)
+        """d^order/dt^order of ``alpha`` or ``sigma`` by autograd (elementwise), inside inference mode too (where
+        autograd would otherwise record nothing and every derivative would read as 0)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            x = t.detach().clone().to(torch.float64).requires_grad_(True)
             y = getattr(self, fn)(x)
             for _ in range(order):
                 if not y.requires_grad:  # the previous derivative was constant
