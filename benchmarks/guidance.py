@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from provenance import joined_provenance, provenance, write_results
+from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.checkpoint import checkpoint_info, intact_checkpoints
 from frugaldiff.components import SampleSettings
@@ -78,12 +78,6 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {**results[0], "runs": runs, "rows": list(rows.values()), **joined_provenance(results)}
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: FID (mean ± std over seeds) per kind of run, guide, weight and interval."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -97,8 +91,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for (kind, guide, share, weight, interval), members in groups.items():
         accuracy = [m["conditional_accuracy"] for m in members if "conditional_accuracy" in m]
         lines.append(f"| {kind} | {guide} | {share} | {weight} | {list(interval)} | "
-                     f"{_mean_std([m['domain_fid'] for m in members])} | "
-                     f"{_mean_std(accuracy) if accuracy else '—'} | {len(members)} |")
+                     f"{mean_std([m['domain_fid'] for m in members], 3)} | {mean_std(accuracy, 3)} | {len(members)} |")
     return "\n".join(lines) + "\n"
 
 

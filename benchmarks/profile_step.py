@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from provenance import provenance
-from throughput import _time_steps
+from reporting import provenance
+from throughput import time_calls
 
 from frugaldiff.config import Config
 from frugaldiff.trainer import Trainer, train_step
@@ -49,11 +49,11 @@ def profile(data: str, image_size: int, batch: int, precision: str, blocks: int,
         out.float().square().mean().backward()
 
     for fn in (whole, network):
-        _time_steps(fn, 2, device)
+        time_calls(fn, 2, device)
     times: dict[str, list[float]] = {"whole": [], "network": []}
     for _ in range(blocks):
-        times["whole"] += _time_steps(whole, steps, device)
-        times["network"] += _time_steps(network, steps, device)
+        times["whole"] += time_calls(whole, steps, device)
+        times["network"] += time_calls(network, steps, device)
     t_whole, t_net = statistics.median(times["whole"]), statistics.median(times["network"])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         whole()

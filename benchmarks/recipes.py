@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from provenance import provenance
+from reporting import mean_std, provenance
 
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_loss_by_bin
@@ -100,14 +100,6 @@ def curve(run: Path) -> tuple[list[int], list[float], float]:
     return [p[0] for p in points], [p[1] for p in points], training_seconds(run / "metrics.csv")
 
 
-def _mean_std(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def evaluation_table(results: dict[str, Any], batch: int) -> list[str]:
     """Markdown rows: each recipe's FID (mean ± std over seeds, 2 decimals) at every evaluation of batch ``batch``."""
     runs = [r for r in results["runs"] if r["batch_size"] == batch]
@@ -117,7 +109,7 @@ def evaluation_table(results: dict[str, Any], batch: int) -> list[str]:
     for recipe in results["recipes"]:
         mine = [dict(zip(r["images"], r["fid"], strict=True)) for r in runs if r["recipe"] == recipe]
         if mine:
-            lines.append(f"| {recipe} | " + " | ".join(_mean_std([m[i] for m in mine if i in m], 2)
+            lines.append(f"| {recipe} | " + " | ".join(mean_std([m[i] for m in mine if i in m], 2)
                                                        for i in points) + " |")
     return lines
 
@@ -139,7 +131,7 @@ def report(results: dict[str, Any], out: Path) -> None:
         cells = []
         for b in batch_sizes:
             runs = [r for r in results["runs"] if r["recipe"] == recipe and r["batch_size"] == b]
-            cells += [_mean_std([r["fid"][-1] for r in runs]), _mean_std([1000 * r["heldout_x0"] for r in runs]),
+            cells += [mean_std([r["fid"][-1] for r in runs], 1), mean_std([1000 * r["heldout_x0"] for r in runs], 1),
                       f"{statistics.mean(r['train_seconds'] for r in runs) / 60:.1f}" if runs else "—"]
         lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
     for b in batch_sizes:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from provenance import joined_provenance, provenance, write_results
+from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.components import SampleSettings
 from frugaldiff.generate import generate, load_run
@@ -85,13 +85,6 @@ def _cells(result: dict[str, Any]) -> dict[tuple[str, str, int], list[dict[str, 
     return cells
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-
 def table(result: dict[str, Any]) -> str:
     """Markdown: one row per solver and schedule, FID at each step count (NFE in brackets; mean ± std over runs),
     then the domain precision and recall of every setting."""
@@ -106,12 +99,12 @@ def table(result: dict[str, Any]) -> str:
         for schedule in dict.fromkeys(schedule for _, schedule, _ in cells):
             if not any((solver, schedule, k) in cells for k in steps):
                 continue
+            row = [cells.get((solver, schedule, k)) for k in steps]
             lines.append(f"| {solver} | {schedule} | " + " | ".join(
-                f"{_mean_std([r['fid'] for r in cells[solver, schedule, k]])} [{cells[solver, schedule, k][0]['nfe']}]"
-                if (solver, schedule, k) in cells else "—" for k in steps) + " |")
+                f"{mean_std([r['fid'] for r in rows], 3)} [{rows[0]['nfe']}]" if rows else "—" for rows in row) + " |")
     lines += ["", "| solver | schedule | steps | precision | recall |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {solver} | {schedule} | {k} | {_mean_std([r['precision'] for r in rows])} | "
-              f"{_mean_std([r['recall'] for r in rows])} |"
+    lines += [f"| {solver} | {schedule} | {k} | {mean_std([r['precision'] for r in rows], 3)} | "
+              f"{mean_std([r['recall'] for r in rows], 3)} |"
               for (solver, schedule, k), rows in cells.items() if all("precision" in r for r in rows)]
     return "\n".join(lines) + "\n"
 

@@ -23,9 +23,9 @@ images/s for training and generation.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -34,8 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from reporting import provenance
+from torch.utils.flop_counter import FlopCounterMode
 
+from frugaldiff.components import SampleSettings
 from frugaldiff.config import Config
+from frugaldiff.generate import AUTOGUIDANCE_WEIGHT, generate
+from frugaldiff.guidance import Guidance
 from frugaldiff.objective import stable_target
 from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
 from frugaldiff.trainer import Trainer, train_step
@@ -44,8 +49,6 @@ from frugaldiff.trainer import Trainer, train_step
 def counted_flops(fn: Callable[[], Any]) -> int:
     """Floating-point operations of one call of ``fn`` (matmuls and convolutions, forward and backward), as
     ``torch.utils.flop_counter`` counts them: a multiply-add is two."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -56,7 +59,7 @@ def matmul_peak(precision: str, device: str, size: int = 2048, repeats: int = 10
     precision (median of ``repeats``, after warm-up)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    times = _time_steps(lambda: a @ b, repeats + 2, torch.device(device))[2:]
+    times = time_calls(lambda: a @ b, repeats + 2, torch.device(device))[2:]
     return 2 * size**3 / statistics.median(times)
 
 
@@ -78,12 +81,6 @@ def utilisation(img_s: float, flops_per_image: float, peak: float) -> dict[str, 
 def generation(trainer: Trainer, n: int) -> dict[str, Any]:
     """Images/s and FLOPs per image of generating ``n`` samples with the default sampling settings (dpm++2m,
     autoguidance with a guide of the same size: two network calls per step) under inference mode."""
-    import copy
-
-    from frugaldiff.components import SampleSettings
-    from frugaldiff.generate import AUTOGUIDANCE_WEIGHT, generate
-    from frugaldiff.guidance import Guidance
-
     denoiser = trainer.parts.denoiser.eval()
     settings = SampleSettings.from_config(trainer.config)
     guidance = Guidance(AUTOGUIDANCE_WEIGHT, model=copy.deepcopy(denoiser))
@@ -95,7 +92,7 @@ def generation(trainer: Trainer, n: int) -> dict[str, Any]:
 
     flops = counted_flops(lambda: run(2)) / 2
     run(2)  # warm-up
-    seconds = _time_steps(lambda: run(n), 1, trainer.runtime.device)[0]
+    seconds = time_calls(lambda: run(n), 1, trainer.runtime.device)[0]
     denoiser.train()
     return {"samples": n, "solver": settings.solver, "steps": settings.steps, "img_s": n / seconds,
             "seconds": seconds, "gflop_per_image": flops / 1e9}
@@ -105,7 +102,7 @@ def _median_step(blocks: list[list[float]]) -> float:
     return statistics.median(t for block in blocks for t in block)
 
 
-def _time_steps(step: Callable[[], Any], steps: int, device: torch.device) -> list[float]:
+def time_calls(step: Callable[[], Any], steps: int, device: torch.device) -> list[float]:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -145,8 +142,8 @@ class BareLoop:
 
 
 def compare(batch: int, precision: str, device: str, blocks: int, steps: int, run_root: Path,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Median step times of frugaldiff and the bare loop, in alternating blocks."""
+            extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Trainer]:
+    """Median step times of frugaldiff and the bare loop, in alternating blocks, and the trainer they timed."""
     config = Config({"data.name": "mnist5000", "model.num_classes": 0, "train.batch_size": batch,
                      "train.precision": precision,
                      "train.device": device, "diffusion.process": "vp-linear", "diffusion.prediction": "x0",
@@ -160,16 +157,15 @@ def compare(batch: int, precision: str, device: str, blocks: int, steps: int, ru
 
     device = trainer.runtime.device
     for fn in (ours_step, bare.step):  # warm-up
-        _time_steps(fn, 2, device)
+        time_calls(fn, 2, device)
     ours: list[list[float]] = []
     theirs: list[list[float]] = []
     for _ in range(blocks):
-        ours.append(_time_steps(ours_step, steps, device))
-        theirs.append(_time_steps(bare.step, steps, device))
+        ours.append(time_calls(ours_step, steps, device))
+        theirs.append(time_calls(bare.step, steps, device))
     t_ours, t_bare = _median_step(ours), _median_step(theirs)
     return {"batch_size": batch, "precision": precision, "autocast": str(trainer.runtime.amp_dtype),
-            "frugaldiff_img_s": batch / t_ours, "bare_img_s": batch / t_bare, "ratio": t_bare / t_ours,
-            "gflop_per_image": step_flops_per_image(trainer) / 1e9, "trainer": trainer}
+            "frugaldiff_img_s": batch / t_ours, "bare_img_s": batch / t_bare, "ratio": t_bare / t_ours}, trainer
 
 
 def sampler_overheads(batch: int, repeats: int) -> dict[str, float]:
@@ -201,7 +197,7 @@ def stable_target_overhead(batch: int, images: int, device: str, repeats: int, r
         reference, _ = objective.references(drawn.x0, None, state.noise)
         stable_target(process, x_t, drawn.t, drawn.x0, drawn.eps, reference)
 
-    times = _time_steps(target, repeats + 1, trainer.runtime.device)
+    times = time_calls(target, repeats + 1, trainer.runtime.device)
     return statistics.median(times[1:]) * 1e6
 
 
@@ -218,7 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.batch_sizes, args.precisions, args.blocks, args.steps = [4], ["fp32"], 1, 1
-    results: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    results: dict[str, Any] = {**provenance(), "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "device": args.device, "steps": []}
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
@@ -229,8 +225,8 @@ def main() -> None:
         print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
         for batch in args.batch_sizes:
             for precision in args.precisions:
-                row = compare(batch, precision, args.device, args.blocks, args.steps, root)
-                trainer = row.pop("trainer")
+                row, trainer = compare(batch, precision, args.device, args.blocks, args.steps, root)
+                row["gflop_per_image"] = step_flops_per_image(trainer) / 1e9
                 row.update(utilisation(row["frugaldiff_img_s"], row["gflop_per_image"] * 1e9, peaks[precision]))
                 results["steps"].append(row)
                 print(f"batch {batch:>3} {precision}: frugaldiff {row['frugaldiff_img_s']:.1f} img/s "
@@ -245,16 +241,14 @@ def main() -> None:
                           f"autoguided): {gen['img_s']:.1f} img/s ({gen['gflop_s']:.0f} GFLOP/s, "
                           f"{100 * gen['share_of_peak']:.1f} % of the peak)", flush=True)
         batch = args.batch_sizes[0]
-        mixed = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
-                        {"diffusion.prediction": "mixed"})
-        mixed.pop("trainer")
+        mixed, _ = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
+                           {"diffusion.prediction": "mixed"})
         results["mixed"] = {"batch_size": batch, "x0_over_mixed_step_time": mixed["ratio"],
                             "mixed_img_s": mixed["frugaldiff_img_s"], "bare_x0_img_s": mixed["bare_img_s"]}
         print(f"batch {batch} mixed (x0, velocity, acceleration heads): {mixed['frugaldiff_img_s']:.1f} img/s, "
               f"{mixed['ratio']:.3f} of the bare x0 loop's speed", flush=True)
-        conditional = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
-                              {"model.num_classes": "auto", "train.label_dropout": 0.1})
-        conditional.pop("trainer")
+        conditional, _ = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
+                                 {"model.num_classes": "auto", "train.label_dropout": 0.1})
         results["conditional"] = {"batch_size": batch, "bare_over_conditional_step_time": conditional["ratio"],
                                   "conditional_img_s": conditional["frugaldiff_img_s"],
                                   "bare_img_s": conditional["bare_img_s"]}

@@ -1,10 +1,11 @@
-"""Where a benchmark's numbers came from (the machine, the torch version, the threads and the commit) and where they
-go (results.json, table.md and a plot, side by side)."""
+"""How the benchmarks report: where the numbers came from (the machine, the torch version, the threads and the
+commit), how a table cell shows them (mean ± std over seeds) and where they go (results.json, table.md and a plot)."""
 
 from __future__ import annotations
 
 import json
 import platform
+import statistics
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +47,12 @@ def write_results(out: Path, result: dict[str, Any], table: str, plot: Callable[
     plot(out / png)
     print(table, end="")
     print(f"wrote {out}/results.json, table.md, {png} ({result['machine']}, {result['commit']})")
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    """A table cell: the mean ± std of ``values`` (the value alone for one, — for none)."""
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
