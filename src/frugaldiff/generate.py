@@ -128,15 +128,14 @@ def run_guidance(run_dir: Path, settings: SampleSettings, denoiser: Denoiser, we
     guide, early = settings.guide, early_checkpoint(run_dir)
     if guide == "auto" and early is not None and model_images is not None:
         early = early if checkpoint_info(early)["images_seen"] < model_images else None  # a guide must be weaker
-    explicit = (settings.guidance if weight is None else weight) != "auto"
+    weight = settings.guidance if weight is None else weight
     if guide_checkpoint is not None:
         guide, early = "early", guide_checkpoint
     elif guide == "auto":
-        if early is not None and not (explicit and denoiser.num_classes):
+        if early is not None and not (weight != "auto" and denoiser.num_classes):
             guide = "early"
         else:
             guide = "cfg" if denoiser.num_classes else "none"
-    weight = settings.guidance if weight is None else weight
     if weight == "auto":
         weight = AUTOGUIDANCE_WEIGHT if guide == "early" and early is not None else 1.0
     if weight == 1.0 or (settings.guide == "auto" and guide == "none"):

@@ -68,10 +68,11 @@ def posthoc_sweep(run_dir: str | Path, sigma_rels: list[float], n: int = 512, ou
         raise FrugalError(f"{data.name!r} has no quality metric (images without labels); sweep a labelled dataset")
     denoiser = build_denoiser(config, tuple(info["sample_shape"]), info.get("num_classes", 0)).eval()
 
+    guidance = run_guidance(run_dir, settings, denoiser)  # the same guide for every length: loaded once
+
     def score(weights: dict[str, Any]) -> float:
         load_into(denoiser, weights, newest)
-        x = generate(denoiser, settings, n, data.sample_shape, runtime,
-                     guidance=run_guidance(run_dir, settings, denoiser))
+        x = generate(denoiser, settings, n, data.sample_shape, runtime, guidance=guidance)
         return evaluator(to_uint8(x) if data.kind == "image" else x.numpy())[evaluator.headline]
 
     result: dict[str, Any] = {"run": str(run_dir), "metric": evaluator.headline, "n": n, "solver": settings.solver,

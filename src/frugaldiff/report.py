@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, damage, intact_checkpoints, load_trainer_state
+from .checkpoint import atomic_write_text, checkpoint_info, damage, intact_checkpoints
 from .components import build_data
 from .config import Config
 from .errors import FrugalError
@@ -48,14 +48,15 @@ def _samples_section(run_dir: Path, config: Config, scratch: Path, n: int, steps
     if not checkpoints:
         return _note("no checkpoint yet")
     posthoc = sorted(p for p in (run_dir / "posthoc").glob("sigma-*") if p.is_dir() and damage(p) is None)
+    image = checkpoint_info(checkpoints[0])["data_kind"] == "image"
+    reference = None if image else build_data(config).heldout.numpy()  # vector samples are drawn over it
     figures = []
     for checkpoint in [*checkpoints, *posthoc]:
-        _, info = load_trainer_state(checkpoint)
+        info = checkpoint_info(checkpoint)
         samples = sample(run_dir, n=n, steps=steps, checkpoint=checkpoint)
-        reference = None if info["data_kind"] == "image" else build_data(config).heldout.numpy()
         png = scratch / f"samples-{checkpoint.parent.name}-{checkpoint.name}.png"
         save_samples(samples, png, reference)
-        css = "samples" if info["data_kind"] == "image" else ""
+        css = "samples" if image else ""
         ema = f"post-hoc EMA σ_rel = {info['posthoc']['sigma_rel']}" if "posthoc" in info else "EMA"
         figures.append(_image(png, f"{info['images_seen']} images seen ({ema}, seed {config['sample.seed']})", css))
     return '<div class="row">' + "".join(figures) + "</div>"
