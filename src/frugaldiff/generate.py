@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_info, damage, latest_checkpoint, load_into, load_trainer_state, load_weights
-from .components import SampleSettings, build_denoiser
+from .components import SampleSettings, run_denoiser
 from .config import Config
 from .errors import FrugalError
 from .guidance import NONE, Guidance, guided
@@ -34,7 +34,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple
         raise FrugalError(f"checkpoint {ckpt} cannot be used ({reason}); pass another --checkpoint or none")
     _, info = load_trainer_state(ckpt)
     info["checkpoint"] = ckpt.name
-    denoiser = build_denoiser(config, tuple(info["sample_shape"]), info.get("num_classes", 0))
+    denoiser = run_denoiser(config, info)
     load_into(denoiser, load_weights(ckpt, "ema"), ckpt)
     return config, denoiser.eval().requires_grad_(False), info
 
@@ -57,8 +57,9 @@ def class_labels(n: int, classes: int, which: int | str | None = None) -> torch.
 def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape: tuple[int, ...],
              runtime: Runtime = CPU, steps: int | None = None, solver: str | None = None, seed: int | None = None,
              progress: bool = False, labels: torch.Tensor | None = None, guidance: Guidance = NONE) -> torch.Tensor:
-    """``n`` samples (float, data scale) from ``denoiser`` on ``runtime`` with ``settings`` unless given, for
-    ``labels`` (default: balanced over the classes of a conditional model) under ``guidance``."""
+    """``n`` samples (float, data scale; a latent run's decoded to images) from ``denoiser`` on ``runtime`` with
+    ``settings`` unless given, for ``labels`` (default: balanced over the classes of a conditional model) under
+    ``guidance``. ``sample_shape`` is the shape the model generates (a latent run's: its latents')."""
     device = runtime.device
     denoiser = denoiser.to(device)
     if labels is None:
@@ -67,7 +68,8 @@ def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape:
     if guidance.model is not None:
         guidance.model.to(device)
     generator = torch.Generator().manual_seed(settings.seed if seed is None else seed)
-    clip = settings.clip and len(sample_shape) == 3
+    codec = denoiser.autoencoder
+    clip = settings.clip and len(sample_shape) == 3 and codec is None  # latents are not bounded
     size = chunk_size(sample_shape)
     steps, solver = steps or settings.steps, solver or settings.solver
 
@@ -79,9 +81,9 @@ def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape:
                 x0 = model_x0(x, t.to(device, torch.float32)).float()
             return x0.clamp(-1, 1) if clip else x0
 
-        return solve(denoise, denoiser.process, (count, *sample_shape), steps, solver=solver,
-                     schedule=settings.schedule, eta=settings.eta, generator=generator, device=device,
-                     progress=progress).cpu()
+        x = solve(denoise, denoiser.process, (count, *sample_shape), steps, solver=solver, schedule=settings.schedule,
+                  eta=settings.eta, generator=generator, device=device, progress=progress)
+        return (x if codec is None else codec.decode(x)).cpu()
 
     starts = range(0, n, size)
     with torch.inference_mode():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,8 @@ class Denoiser(nn.Module):
         self.net = net
         self.prediction = prediction
         self.uncertainty = uncertainty if uncertainty is not None else Uncertainty()
+        #: A latent run's :class:`~frugaldiff.latent.Autoencoder`: generation decodes with it (None: pixels)
+        self.autoencoder: Any = None
 
     @property
     def process(self) -> NoiseProcess:

@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_into, write_checkpoint
-from .components import SampleSettings, build_data, build_denoiser
+from .components import SampleSettings, build_data, run_denoiser
 from .ema import load_snapshots, reconstruct
 from .errors import FrugalError
 from .generate import generate, run_guidance
@@ -66,13 +66,13 @@ def posthoc_sweep(run_dir: str | Path, sigma_rels: list[float], n: int = 512, ou
     evaluator = Evaluator(data)
     if evaluator.headline is None:
         raise FrugalError(f"{data.name!r} has no quality metric (images without labels); sweep a labelled dataset")
-    denoiser = build_denoiser(config, tuple(info["sample_shape"]), info.get("num_classes", 0)).eval()
+    denoiser = run_denoiser(config, info).eval()
 
     guidance = run_guidance(run_dir, settings, denoiser)  # the same guide for every length: loaded once
 
     def score(weights: dict[str, Any]) -> float:
         load_into(denoiser, weights, newest)
-        x = generate(denoiser, settings, n, data.sample_shape, runtime, guidance=guidance)
+        x = generate(denoiser, settings, n, tuple(info["sample_shape"]), runtime, guidance=guidance)
         return evaluator(to_uint8(x) if data.kind == "image" else x.numpy())[evaluator.headline]
 
     result: dict[str, Any] = {"run": str(run_dir), "metric": evaluator.headline, "n": n, "solver": settings.solver,

@@ -152,9 +152,9 @@ def read_run_config(run_dir: Path, overrides: Iterable[str] = ()) -> Config:
     return Config.load(path, overrides, saved=True)
 
 
-def new_run_dir(config: Config, parent: Path = Path("runs")) -> Path:
-    """``runs/<timestamp>-<name>`` (the name defaults to dataset-prediction)."""
-    name = config["train.name"] or f"{config['data.name']}-{config['diffusion.prediction']}"
+def new_run_dir(config: Config, parent: Path = Path("runs"), kind: str = "") -> Path:
+    """``runs/<timestamp>-<name>`` (the name defaults to dataset-prediction, or dataset-``kind``)."""
+    name = config["train.name"] or f"{config['data.name']}-{kind or config['diffusion.prediction']}"
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-") or "run"
     return parent / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{safe}"
 

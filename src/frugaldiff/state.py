@@ -44,6 +44,8 @@ class TrainState:
         self.log = empty_log()
         self.ledger = LossLedger(settings.ledger_bins)  # this logging period's losses per t bin, all ranks
         self.sample_shape, self.data_kind = data.sample_shape, data.kind
+        codec = data.autoencoder  # a latent run records its scaling: sampling needs it, not the cached latents
+        self.latent_factors = None if codec is None else [codec.scale, codec.shift]
 
     @property
     def device(self) -> torch.device:
@@ -73,7 +75,8 @@ class TrainState:
         """Counters and data facts (``state.json`` beside each checkpoint)."""
         return {"step": self.step, "images_seen": self.images_seen, "nonfinite_skipped": self.nonfinite_total,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_shape": list(self.sample_shape),
-                "data_kind": self.data_kind, "num_classes": self.classes}
+                "data_kind": self.data_kind, "num_classes": self.classes,
+                **({} if self.latent_factors is None else {"latent_factors": self.latent_factors})}
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: weights (``model``, ``ema``), ``trainer`` state and ``info``."""

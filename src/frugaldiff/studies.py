@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from .checkpoint import atomic_write_text
-from .components import build_data, build_process, true_mixture
+from .components import build_data, build_process, model_data, true_mixture
 from .config import Config
 from .diagnostics import denoiser_predictions, fixed_grid, gate_weights_by_bin, heldout_loss_by_bin, x0_error_by_bin
 from .errors import FrugalError
@@ -77,7 +77,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
     grid, and the gate weights over t. Writes ``results.json``, ``table.md``, ``x0_error.png``, ``gates.png``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = build_data(base)
+    data = model_data(base, build_data(base))  # its held-out grid is in the model's space (latents or pixels)
     mixture = true_mixture(base)
     results: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
                                "batch_size": base["train.batch_size"], "process": base["diffusion.process"],
@@ -178,7 +178,8 @@ def batch_sweep(base: Config, out_dir: str | Path, batch_sizes: Sequence[int] = 
     evaluator = Evaluator(data, mixture=true_mixture(base))
     _require(evaluator.headline is not None, f"{base['data.name']!r} has no quality metric (images without "
                                              "class labels); sweep a labelled dataset such as mnist5000 or digits")
-    grid = fixed_grid(build_process(base, data.sample_shape), data.heldout, bins, per_bin)
+    heldout = model_data(base, data).heldout  # the grid is in the model's space (latents or pixels)
+    grid = fixed_grid(build_process(base, heldout.shape[1:]), heldout, bins, per_bin)
     result: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
                               "metric": evaluator.headline, "higher_is_better": evaluator.headline in HIGHER_IS_BETTER,
                               "samples": samples, "edges": grid.edges, "runs": []}

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_path
-from .components import SampleSettings, TrainSettings, build, build_data, true_mixture
+from .components import SampleSettings, TrainSettings, build, build_data, model_data, true_mixture
 from .config import Config
 from .diagnostics import HeldoutGrid, bin_columns, csv_cells, fixed_grid, heldout_loss_by_bin
 from .distributed import World, init_distributed
@@ -106,7 +106,7 @@ def crossed(before: int, now: int, every: int, budget: int) -> bool:
 
 
 @contextmanager
-def _signals_to_flag(flag: list[int]) -> Iterator[None]:
+def signals_to_flag(flag: list[int]) -> Iterator[None]:
     """While active, SIGINT/SIGTERM only record themselves in ``flag``."""
     def handler(signum: int, frame: object) -> None:
         flag.append(signum)
@@ -137,10 +137,11 @@ class Trainer:
                               f"processes ({s.grad_accum} × {self.world.size}); change one of them")
         self.runtime = Runtime.create(device_name, s.precision)
         torch.manual_seed(s.seed)
-        self.data = build_data(config)
+        self.images = build_data(config)  # what samples are compared with
+        self.data = model_data(config, self.images, self.progress)  # what the model trains on: those, or latents
         self.parts = build(config, self.data, self.runtime)
         self.state = TrainState(self.parts, self.data, s)
-        self.eval_column = eval_column(self.data) if s.eval_every else None
+        self.eval_column = eval_column(self.images) if s.eval_every else None
         # the folder is touched only now that the config has built: bad input leaves nothing behind
         self.lock = RunLock(self.files.root) if self.world.is_main else None  # released at the end of fit
         point = self.world.broadcast(start_run(self.files.root, resume) if self.world.is_main else None)
@@ -270,12 +271,12 @@ class Trainer:
         s, state = self.settings, self.state
         evaluator = None
         if self.eval_column and self.world.is_main:  # rank 0 evaluates
-            evaluator = Evaluator(self.data, mixture=true_mixture(self.config))
+            evaluator = Evaluator(self.images, mixture=true_mixture(self.config))
         shown: dict[str, str] = {}  # the latest evaluation, for the progress bar
         stop: list[int] = []
         bar = tqdm(total=s.images_seen, initial=min(state.images_seen, s.images_seen), unit="img", unit_scale=True,
                    disable=not self.progress, dynamic_ncols=True, mininterval=1.0)
-        with _signals_to_flag(stop), bar:
+        with signals_to_flag(stop), bar:
             while not self.done:
                 start, before = time.perf_counter(), state.images_seen
                 loss, grad_norm = train_step(state, self.parts.objective, self.model, s, self.world)
