@@ -1,7 +1,7 @@
 """Pixel space against latent diffusion at equal CPU time, on 128 px colour images (OpenMoji).
 
-    python benchmarks/latent.py --out OUT [--minutes 20] [--autoencoder-minutes 6] [--samples 256] [--seed 0]
-        [--set KEY=VALUE ...] [--smoke]
+    python benchmarks/latent.py --out OUT [--minutes 20] [--autoencoder-minutes 6] [--factors auto 4]
+        [--samples 256] [--seed 0] [--set KEY=VALUE ...] [--smoke]
 
 Both sides get --minutes of wall-clock training. The pixel side trains `frugaldiff train` on the images; the latent
 side spends --autoencoder-minutes on `frugaldiff train-autoencoder`, encodes the data with it, and trains the
@@ -9,13 +9,15 @@ diffusion model on the latents for what is left (encoding included). Each side's
 throughput (a few timed steps first) × its minutes, so the learning-rate schedule ends where the time does. Then
 --samples samples of each (the default sampling settings and guidance; latents decoded) are scored by the domain
 evaluator against the held-out images, beside the floor (held-out against train images). Writes OUT/results.json,
-OUT/table.md and OUT/latent.png (real images, pixel-space samples and latent samples side by side); the runs stay
+OUT/table.md and OUT/latent.png (real images, pixel-space samples and each latent side's samples side by side), one
+latent side per --factors value (autoencoder.factor: its latents' downsampling per side); the runs stay
 under OUT for `frugaldiff sample`/`report`. --smoke: a 1-minute race at 32 px.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -82,13 +84,14 @@ def score(run: Path, evaluator: Evaluator, n: int) -> tuple[dict[str, float], np
     return {k: float(scores[k]) for k in SCORES if k in scores}, drawn.values
 
 
-def race(base: Config, out: Path, minutes: float, ae_minutes: float, samples: int) -> dict[str, Any]:
-    """Train both sides under ``out`` (pixel/, autoencoder/, latent/) and score them."""
+def race(base: Config, out: Path, minutes: float, ae_minutes: float, samples: int,
+         factors: list[int | str]) -> dict[str, Any]:
+    """Train every side under ``out`` (pixel/, and autoencoder-f<F>/ + latent-f<F>/ per autoencoder factor) and
+    score them."""
     out.mkdir(parents=True, exist_ok=True)
     images = build_data(base)  # rendered and cached before any clock starts
     evaluator = Evaluator(images)
-    evaluator(to_uint8(images.heldout[:samples]))  # the classifier is trained (and cached) before any clock too
-    floor = evaluator(to_uint8(images.heldout))
+    floor = Evaluator(images, ref="train")(to_uint8(images.heldout))  # trains (and caches) the classifier too
     result: dict[str, Any] = {**provenance(), "dataset": base["data.name"], "image_size": images.sample_shape[1],
                               "minutes": minutes, "autoencoder_minutes": ae_minutes, "samples": samples,
                               "floor": {k: float(floor[k]) for k in SCORES if k in floor}, "sides": {}}
@@ -105,28 +108,33 @@ def race(base: Config, out: Path, minutes: float, ae_minutes: float, samples: in
                                 "train_minutes": seconds / 60, **scores}
     shown["pixel"] = values[:16]
 
-    # latent: the autoencoder, then diffusion on its latents in the time left
-    ae_rate = autoencoder_rate(base, out / "probe-autoencoder")
-    ae_config = base.updated({"autoencoder.images_seen": budget(ae_rate, 60 * ae_minutes,
-                                                               base["autoencoder.batch_size"])})
-    start = time.perf_counter()
-    folder = train_autoencoder(ae_config, run_dir=out / "autoencoder", progress=True)
-    latent_base = base.updated({"data.autoencoder": str(folder)})
-    model_data(latent_base, images, progress=True)  # encoded (and cached) inside the latent side's time
-    ae_seconds = time.perf_counter() - start  # training, export and encoding the data
-    rate_latent = diffusion_rate(latent_base, out / "probe-latent")
-    left = max(60.0, 60 * minutes - ae_seconds)
-    config = latent_base.updated({"train.images_seen": budget(rate_latent, left, base["train.batch_size"])})
-    start = time.perf_counter()
-    Trainer(config, out / "latent").fit()
-    seconds = time.perf_counter() - start
-    scores, values = score(out / "latent", evaluator, samples)
-    result["sides"]["latent"] = {"images_per_s": rate_latent, "images_seen": config["train.images_seen"],
+    for factor in factors:  # latent: the autoencoder, then diffusion on its latents in the time left
+        name = f"latent-f{factor}"
+        ae_base = base.updated({"autoencoder.factor": factor})
+        ae_rate = autoencoder_rate(ae_base, out / "probe-autoencoder")
+        ae_config = ae_base.updated({"autoencoder.images_seen": budget(ae_rate, 60 * ae_minutes,
+                                                                       base["autoencoder.batch_size"])})
+        start = time.perf_counter()
+        folder = train_autoencoder(ae_config, run_dir=out / f"autoencoder-f{factor}", progress=True)
+        latent_base = base.updated({"data.autoencoder": str(folder)})
+        model_data(latent_base, images, progress=True)  # encoded (and cached) inside the latent side's time
+        ae_seconds = time.perf_counter() - start  # training, export and encoding the data
+        rate_latent = diffusion_rate(latent_base, out / "probe-latent")
+        left = max(60.0, 60 * minutes - ae_seconds)
+        config = latent_base.updated({"train.images_seen": budget(rate_latent, left, base["train.batch_size"])})
+        start = time.perf_counter()
+        Trainer(config, out / name).fit()
+        seconds = time.perf_counter() - start
+        scores, values = score(out / name, evaluator, samples)
+        reconstruction = json.loads((folder.parent / "eval.json").read_text())
+        result["sides"][name] = {"images_per_s": rate_latent, "images_seen": config["train.images_seen"],
+                                 "latent_shape": reconstruction["latent_shape"],
+                                 "autoencoder_psnr_db": reconstruction["heldout_psnr_db"],
                                  "autoencoder_images_per_s": ae_rate,
                                  "autoencoder_images_seen": ae_config["autoencoder.images_seen"],
                                  "autoencoder_minutes": ae_seconds / 60, "train_minutes": (ae_seconds + seconds) / 60,
                                  **scores}
-    shown["latent"] = values[:16]
+        shown[name] = values[:16]
     result["shown"] = {k: v.tolist() for k, v in shown.items()}
     return result
 
@@ -139,8 +147,10 @@ def table(result: dict[str, Any]) -> str:
              "|---|---:|---:|---:|" + "---:|" * len(cols)]
     for name, side in result["sides"].items():
         seen = f"{side['images_seen']:,}"
-        if name == "latent":
-            seen += f" (+ {side['autoencoder_images_seen']:,} autoencoder, {side['autoencoder_minutes']:.1f} min)"
+        if name.startswith("latent"):
+            shape = "×".join(map(str, side["latent_shape"]))
+            seen += (f" on {shape} latents (+ {side['autoencoder_images_seen']:,} autoencoder, "
+                     f"{side['autoencoder_minutes']:.1f} min, PSNR {side['autoencoder_psnr_db']:.1f} dB)")
         lines.append(f"| {name} | {side['train_minutes']:.1f} | {side['images_per_s']:.1f} | {seen} | " +
                      " | ".join(f"{side[k]:.4g}" for k in cols) + " |")
     lines.append("| floor (held-out vs train) | | | | " + " | ".join(f"{result['floor'][k]:.4g}" for k in cols) + " |")
@@ -149,15 +159,21 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], png: Path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6))
-    titles = {"real": "held-out images", "pixel": "pixel space", "latent": "latent (own autoencoder)"}
-    for ax, (name, title) in zip(axes, titles.items(), strict=True):
+    names = list(result["shown"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4.6))
+    for ax, name in zip(axes, names, strict=True):
         grid = make_grid(np.asarray(result["shown"][name], dtype=np.uint8), 4)
         ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray")
-        fid = "" if name == "real" else f"\ndomain FID {result['sides'][name]['domain_fid']:.3g}"
-        ax.set_title(title + fid)
+        if name == "real":
+            title = "held-out images"
+        else:
+            side = result["sides"][name]
+            where = "pixel space" if name == "pixel" else "latent " + "×".join(map(str, side["latent_shape"]))
+            title = f"{where}\ndomain FID {side['domain_fid']:.3g}"
+        ax.set_title(title)
         ax.axis("off")
-    fig.suptitle(f"{result['dataset']} {result['image_size']} px, {result['minutes']:g} CPU-minutes each")
+    fig.suptitle(f"{result['dataset']} {result['image_size']} px, {result['minutes']:g} CPU-minutes each", y=1.0)
+    fig.tight_layout()
     save_figure(plt, fig, png)
 
 
@@ -167,6 +183,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0, help="training minutes per side")
     parser.add_argument("--autoencoder-minutes", type=float, default=6.0, help="the latent side's autoencoder share")
     parser.add_argument("--samples", type=int, default=256, help="samples scored per side")
+    parser.add_argument("--factors", nargs="+", default=["auto"], help="autoencoder.factor of each latent side")
     parser.add_argument("--seed", type=int, default=0, help="train.seed of every run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a key of every run")
@@ -179,7 +196,8 @@ def main() -> None:
         args.minutes, args.autoencoder_minutes, args.samples = 1.0, 0.3, 64
     base = Config(values).updated(dict(parse_override(o) for o in args.overrides))
     torch.manual_seed(args.seed)
-    result = race(base, args.out, args.minutes, args.autoencoder_minutes, args.samples)
+    factors = [f if f == "auto" else int(f) for f in args.factors]
+    result = race(base, args.out, args.minutes, args.autoencoder_minutes, args.samples, factors)
     write_results(args.out, result, table(result), lambda png: plot(result, png), "latent.png")
 
 

@@ -1,5 +1,6 @@
 """torchrun on CPU: 2 gloo processes against 1 process (issue: scale out with torchrun)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +104,24 @@ def test_torchrun_cli_writes_one_run_from_rank_zero(tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == [str(s) for s in range(1, 11)]
     assert (out / "samples.png").is_file() and (out / "config.toml").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000010"]
+
+
+def test_torchrun_trains_a_latent_run(tmp_path):
+    """Every rank encodes (or reads the cached) latents; rank 0 writes a run whose samples are decoded images."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=8).save_pretrained(str(tmp_path / "vae"))
+    out = tmp_path / "run"
+    latent = ["data.name=digits", f"data.autoencoder='{tmp_path / 'vae'}'", "model.channels=8",
+              "model.channel_mult=[1]", "model.attention_resolutions=[]", "train.batch_size=16", "train.images_seen=64",
+              "train.device=cpu", "sample.n=8", "sample.steps=3"]
+    _torchrun(["-m", "frugaldiff", "train", "--no-progress", "--out", str(out),
+               *[a for o in latent for a in ("--set", o)]])
+    assert (out / "samples.png").is_file()
+    info = json.loads((out / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert info["sample_shape"] == [4, 4, 4] and "latent_factors" in info
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from frugaldiff.datasets import load_dataset
 from frugaldiff.errors import FrugalError
 from frugaldiff.generate import load_run, sample
 from frugaldiff.latent import Autoencoder, autoencoder_class, latent_data, load_autoencoder
+from frugaldiff.report import render_report
 from frugaldiff.trainer import Interrupted
 
 diffusers = pytest.importorskip("diffusers", reason='the latent extra: pip install -e ".[latent]"')
@@ -98,6 +99,8 @@ def test_a_latent_run_trains_samples_decoded_images_and_samples_without_its_cach
     again = sample(run, n=6)
     assert first.shape == (6, 8, 8, 1) and first.dtype == np.uint8 and np.array_equal(first, again)
     assert not (fresh_cache / "latents").exists()
+    html = render_report(run, n=4).read_text()
+    assert "<img" in html and "data.autoencoder" in html
 
 
 def test_bad_autoencoder_folders_are_refused_in_one_line(vae_dir, tmp_path, capsys):
