@@ -60,8 +60,22 @@ RECIPES: dict[str, dict[str, Any]] = with_published({
     "sd3": {"diffusion.process": "flow", "diffusion.prediction": "velocity",
             "diffusion.timestep_sampler": "logit_normal", "timestep_sampler.logit_normal.stratified": False,
             "diffusion.weighting": "none"},
+    # the newer baselines (issue: recent baselines), each on the process and target its paper trains
+    "speed": {"diffusion.process": "vp-linear", "diffusion.prediction": "eps", "diffusion.timestep_sampler": "speed",
+              "diffusion.weighting": "speed"},
+    "laplace": {"diffusion.process": "vp-cosine", "diffusion.prediction": "eps",
+                "diffusion.timestep_sampler": "laplace", "timestep_sampler.laplace.stratified": False,
+                "diffusion.weighting": "none"},
+    "sigmoid": {"diffusion.process": "vp-cosine", "diffusion.prediction": "eps",
+                "diffusion.timestep_sampler": "uniform", "diffusion.weighting": "sigmoid"},
+    "immiscible": {"diffusion.process": "vp-linear", "diffusion.prediction": "eps",
+                   "diffusion.timestep_sampler": "uniform", "diffusion.weighting": "none", "train.immiscible": True},
+    "jit": {"diffusion.process": "flow", "diffusion.prediction": "x0", "diffusion.timestep_sampler": "logit_normal",
+            "timestep_sampler.logit_normal.m": 0.8, "timestep_sampler.logit_normal.s": 0.8,
+            "timestep_sampler.logit_normal.stratified": False, "diffusion.weighting": "flow_loss"},
 })
 RECIPES["frugal"] = {}
+RECIPES["frugal+immiscible"] = {"train.immiscible": True}
 #: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
 COMMON = {"data.name": "mnist5000", "train.heldout_every": 0, "train.tensorboard": False, "train.checkpoint_every": 0}
 METRIC = "eval_domain_fid"

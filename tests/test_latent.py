@@ -100,7 +100,20 @@ def test_a_latent_run_trains_samples_decoded_images_and_samples_without_its_cach
     assert first.shape == (6, 8, 8, 1) and first.dtype == np.uint8 and np.array_equal(first, again)
     assert not (fresh_cache / "latents").exists()
     html = render_report(run, n=4).read_text()
-    assert "<img" in html and "data.autoencoder" in html
+    assert "<img" in html and str(vae_dir) in html  # sample grids, and the config naming the autoencoder
+
+
+def test_a_run_whose_autoencoder_changed_is_refused_for_sampling_and_resuming(vae_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    frugaldiff.train({**TINY_UNET, "data.autoencoder": str(vae_dir), "train.images_seen": 32}, run_dir=run,
+                     progress=False)
+    _save_vae(vae_dir, seed=5)  # other weights where the run's autoencoder was
+    for argv in (["sample", str(run), "--out", str(tmp_path / "s.npz")],
+                 ["train", "--resume", str(run), "--set", "train.images_seen=64"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"the autoencoder in {vae_dir} changed since" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "s.npz").exists()
 
 
 def test_bad_autoencoder_folders_are_refused_in_one_line(vae_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@ from frugaldiff.noise import (
     VPLinear,
     ddpm_alphas_cumprod,
     empirical_posterior_mean,
+    immiscible_order,
     shifted,
 )
 from frugaldiff.prediction import PREDICTIONS
@@ -132,3 +133,42 @@ def test_a_shift_of_one_is_the_process_itself_and_a_shift_maps_t_monotonically_o
         torch.testing.assert_close(ShiftedProcess(base, 3.0).warp(t), (3 * t / (1 + 2 * t)).clamp(max=base.t_max))
     auto = build_process(Config({"diffusion.process": name, "diffusion.shift": "auto"}), (3, 32, 32))
     assert auto.shift == pytest.approx(math.sqrt(3 * 32 * 32 / 784))
+
+
+def test_immiscible_order_is_the_optimal_permutation():
+    """A permutation; never worse than the identity; on 6 pairs equal to the best of all 720 orders."""
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 6, 32):
+        x0, eps = torch.randn(n, 1, 4, 4, generator=g) * 0.5, torch.randn(n, 1, 4, 4, generator=g)
+        order = immiscible_order(x0, eps)
+        assert sorted(order.tolist()) == list(range(n))
+        cost = torch.cdist(x0.flatten(1).double(), eps.flatten(1).double())
+        assigned = float(cost[torch.arange(n), order].sum())
+        assert assigned <= float(cost.diagonal().sum()) + 1e-9
+        if n == 6:
+            best = min(sum(float(cost[i, p[i]]) for i in range(n)) for p in itertools.permutations(range(n)))
+            assert abs(assigned - best) < 1e-9
+
+
+def test_immiscible_noise_is_still_standard_normal_for_every_slot():
+    """Over many batches of real images in random order, the noise a fixed slot of the batch gets after the
+    assignment is N(0, I): its coordinates are normal (KS) and its squared norm χ² with D degrees of freedom."""
+    from scipy import stats
+
+    from frugaldiff.datasets import load_dataset
+
+    images = load_dataset("digits").train
+    g = torch.Generator().manual_seed(1)
+    first, norms, gain = [], [], []
+    for _ in range(1500):
+        x0 = images[torch.randperm(len(images), generator=g)[:8]]
+        eps = torch.randn(x0.shape, generator=g)
+        assigned = eps[immiscible_order(x0, eps)]
+        first.append(float(assigned[0].flatten()[len(first) % 64]))
+        norms.append(float(assigned[0].pow(2).sum()))
+        gain.append(float((x0 - assigned).flatten(1).norm(dim=1).sum() / (x0 - eps).flatten(1).norm(dim=1).sum()))
+    assert stats.kstest(first, "norm").pvalue > 1e-3
+    assert stats.kstest(norms, stats.chi2(64).cdf).pvalue > 1e-3
+    assert sum(gain) / len(gain) < 0.99  # the pairing is shorter than the drawn one

@@ -19,8 +19,8 @@ from frugaldiff.plots import plot_timestep_densities
 from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
 
 VP = PROCESSES.create("vp-linear")
-ALL = ["uniform", "stratified", "antithetic", "lognormal", "logit_normal", "mode", "beta", "near_zero", "range",
-       "loss_second_moment", "adaptive", "mixture", "curriculum"]
+ALL = ["uniform", "stratified", "antithetic", "lognormal", "logit_normal", "mode", "beta", "near_zero", "speed",
+       "laplace", "range", "loss_second_moment", "adaptive", "mixture", "curriculum"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,7 +92,31 @@ def logistic_normal_cdf(m: float, s: float) -> Callable[[np.ndarray], np.ndarray
     return lambda t: normal_cdf((np.log(t) - np.log1p(-t) - m) / s)
 
 
+def laplace_cdf(process_name: str, mu: float = 0.0, b: float = 0.5) -> Callable[[np.ndarray], np.ndarray]:
+    """λ falls with t, so P(T ≤ t) = P(Λ ≥ λ(t)) for Λ ~ Laplace(mu, b)."""
+    process = PROCESSES.create(process_name)
+    return lambda t: stats.laplace(mu, b).sf(process.log_snr(torch.from_numpy(
+        np.clip(t, process.t_min, process.t_max))).numpy())
+
+
+def speed_cdf(process_name: str, k: float = 5.0) -> Callable[[np.ndarray], np.ndarray]:
+    """Half the draws from SpeeD's step density, half mirrored about t_m: ½(F(t) + F(t_m + t) − F(t_m − t))."""
+    process = PROCESSES.create(process_name)
+    tau, m = (float(process.t_of_log_snr(torch.tensor([lam], dtype=torch.float64))) for lam in (-5.0, -4.18))
+    step = step_cdf(k, tau)
+
+    def cdf(t: np.ndarray) -> np.ndarray:
+        return 0.5 * (step(t) + step(np.clip(m + t, 0, 1)) - np.where(t < m, step(np.clip(m - t, 0, 1)), 0.0))
+
+    return cdf
+
+
 KS_CASES = [
+    ("laplace", {}, laplace_cdf("vp-linear")),
+    ("laplace", {"stratified": False}, laplace_cdf("vp-linear")),
+    ("laplace", {"process": "flow", "mu": 1.0, "b": 1.5}, laplace_cdf("flow", 1.0, 1.5)),
+    ("speed", {}, speed_cdf("vp-linear")),
+    ("speed", {"process": "flow", "k": 2.0}, speed_cdf("flow", 2.0)),
     ("uniform", {}, lambda t: t),
     ("stratified", {}, lambda t: t),
     ("antithetic", {}, lambda t: t),
@@ -335,7 +359,30 @@ def test_state_survives_checkpoint_and_resume_exactly(name: str) -> None:
             assert torch.equal(t, t2) and torch.equal(w, w2)
 
 
+def test_speed_and_laplace_reproduce_their_papers_shapes() -> None:
+    """SpeeD's thresholds fall at its steps 700 and 642 of 1,000 on DDPM's linear schedule; its step density puts
+    5/3.8 of the uniform density below and 1/3.8 above; a batch's second half mirrors its first. The Laplace
+    schedule's log-SNR at a few t (Hang et al., mu = 0, b = 0.5)."""
+    speed = make("speed")
+    assert abs(speed.tau - 0.700) < 0.005 and abs(speed.mirror - 0.642) < 0.005
+    t = torch.tensor([0.1, 0.5, 0.69, 0.71, 0.95], dtype=torch.float64)
+    assert close(speed.base.density(t), [5 / (5 * speed.tau + 1 - speed.tau)] * 3 + [1 / (5 * speed.tau + 1 -
+                                                                                           speed.tau)] * 2, rel=1e-9)
+    drawn, _ = speed.sample(9)
+    assert torch.equal(drawn[5:], (speed.mirror - drawn[:4]).abs()) and bool((drawn[5:] <= speed.mirror).all())
+    grid = torch.linspace(0, 1, 200_001, dtype=torch.float64)
+    assert abs(float(torch.trapezoid(speed.density(grid), grid)) - 1) < 1e-3
+    laplace = make("laplace")
+    u = torch.tensor([0.001, 0.01, 0.1, 0.25, 0.5, 0.9, 0.999], dtype=torch.float64)
+    expected = [3.107304, 1.956012, 0.804719, 0.346574, 0.0, -0.804719, -3.107304]
+    torch.testing.assert_close(laplace.log_snr_of(u), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
 BAD_PARAMETERS = [
+    ("speed", {"k": 0.5}, "k"),
+    ("speed", {"tau_log_snr": math.inf}, "tau_log_snr"),
+    ("laplace", {"b": 0.0}, "b"),
+    ("laplace", {"mu": math.nan}, "mu"),
     ("lognormal", {"p_std": 0.0}, "p_std"),
     ("lognormal", {"p_mean": math.nan}, "p_mean"),
     ("logit_normal", {"s": -1.0}, "s"),

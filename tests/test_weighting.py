@@ -28,7 +28,7 @@ def _grid(process, n=257, dtype=torch.float64):
 
 def test_registered_names_and_keyword_only_typed_parameters():
     assert set(WEIGHTINGS.names()) == {"none", "snr", "min_snr", "soft_min_snr", "p2", "edm", "debias",
-                                       "sigma_sqrt", "cosmap", "learned"}
+                                       "sigma_sqrt", "flow_loss", "cosmap", "sigmoid", "speed", "learned"}
     defaults = {}
     for name in WEIGHTINGS.names():
         for param in inspect.signature(WEIGHTINGS.get(name)).parameters.values():
@@ -37,7 +37,8 @@ def test_registered_names_and_keyword_only_typed_parameters():
             defaults[f"{name}.{param.name}"] = param.default
     assert defaults == {"min_snr.gamma": 5.0, "min_snr.plus_one": True, "soft_min_snr.gamma": 5.0, "p2.k": 1.0,
                         "p2.gamma": 1.0,
-                        "edm.sigma_data": 0.5, "learned.features": 32}
+                        "edm.sigma_data": 0.5, "learned.features": 32, "flow_loss.clip": 0.05, "sigmoid.bias": 2.0,
+                        "speed.lam": 0.6, "speed.tau_log_snr": -5.0}
 
 
 # Hand-computed from the anchors' formulas on VP-linear, where SNR(0.1) = 8.641543 (> 5), SNR(0.3) = 0.656543
@@ -54,6 +55,8 @@ HAND_VP = [
     ("debias", {}, [2.939650195, 0.810273403]),  # SNR·1/√SNR
     ("sigma_sqrt", {}, [240.896587860, 10.739317526]),  # s⁻²·s⁻²
     ("cosmap", {}, [15.906118622, 4.127186513]),  # 2/(π(1 − 2s + 2s²))·s⁻²
+    ("sigmoid", {}, [3.983185315, 0.602967277]),  # SNR·sigmoid(2 − λ) = e²·sigmoid(λ − 2), λ = ln SNR
+    ("sigmoid", {"bias": -3.0}, [0.049501870, 0.046277729]),
 ]
 
 
@@ -70,6 +73,31 @@ def test_hand_computed_values_on_vp_linear(name, params, expected):
 def test_sd3_weightings_on_the_flow_path(name, expected):
     w = WEIGHTINGS.create(name).x0_weight(_on(Flow()), torch.tensor([0.25, 0.5, 0.8], dtype=torch.float64))
     torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64), rtol=1e-8, atol=0)
+
+
+def test_flow_loss_is_the_velocity_loss_clipped_at_small_noise():
+    """On the flow path s = t: x0 weight 1/t², and 1/clip² below the clip, so an x0 model trained with it has the
+    velocity type's own objective (JiT's)."""
+    process, t = Flow(), torch.tensor([0.01, 0.05, 0.25, 0.5, 0.8], dtype=torch.float64)
+    w = WEIGHTINGS.create("flow_loss").x0_weight(_on(process), t)
+    torch.testing.assert_close(w, torch.tensor([400.0, 400.0, 16.0, 4.0, 1.5625], dtype=torch.float64), rtol=1e-9,
+                               atol=0)
+    velocity = PREDICTIONS.create("velocity", process, SIGMA_DATA)
+    t = torch.linspace(0.05, 1.0, 97, dtype=torch.float64)
+    torch.testing.assert_close(WEIGHTINGS.create("flow_loss").x0_weight(_on(process), t) * velocity.x0_factor(t),
+                               torch.full_like(t, float(velocity.x0_factor(t[:1]) / t[0] ** 2)), rtol=1e-7, atol=0)
+
+
+def test_speed_weighting_reproduces_speeds_weights_on_ddpms_linear_schedule():
+    """SpeeD (lam 0.6): ε weights 0.409, 0.539, 0.599, 0.577, 0.516, 0.458, 0.423 at its steps 0, 100, …, 600 of
+    1,000 (from Speed_IDDPM's normalised d(1 − ᾱ)/dt), 1 in the convergence area (step ≥ 700)."""
+    weighting, process = WEIGHTINGS.create("speed"), VPLinear()
+    t = torch.tensor([0.001, 0.101, 0.201, 0.301, 0.401, 0.501, 0.601, 0.8, 0.99], dtype=torch.float64)
+    expected = [0.409, 0.539, 0.599, 0.577, 0.516, 0.458, 0.423, 1.0, 1.0]
+    torch.testing.assert_close(weighting.eps_weight(process, t), torch.tensor(expected, dtype=torch.float64),
+                               rtol=0, atol=0.012)
+    snr = process.log_snr(t).exp()
+    torch.testing.assert_close(weighting.x0_weight(_on(process), t), weighting.eps_weight(process, t) * snr)
 
 
 @pytest.mark.parametrize("name,sd3_weight", [

@@ -36,6 +36,9 @@ from .trainer import Interrupted, crossed, signals_to_flag
 
 #: The columns of an autoencoder run's metrics.csv.
 AE_FIELDS = ["step", "images_seen", "loss", "recon_l1", "kl", "lr", "images_per_s"]
+#: ``autoencoder.factor = auto`` aims at latents of about this side: at 128 px, 32 × 32 latents (factor 4) gave
+#: clearly better samples than 16 × 16 (factor 8) at equal CPU time (docs/latent.md).
+AUTO_LATENT_SIDE = 32
 #: The kind recorded in an autoencoder checkpoint's state.json (a diffusion run's checkpoints have none).
 KIND = "autoencoder"
 
@@ -75,7 +78,7 @@ def new_autoencoder(settings: AutoencoderSettings, image_channels: int, side: in
     with one residual block each and no attention (a small model for a CPU)."""
     factor = settings.factor
     if factor == "auto":
-        factor = min(8, max(2, 2 ** round(math.log2(side / 16))))
+        factor = min(8, max(2, 2 ** round(math.log2(side / AUTO_LATENT_SIDE))))
     levels = round(math.log2(factor)) + 1
     if 2 ** (levels - 1) != factor:
         raise FrugalError(f"autoencoder.factor is {factor}; use a power of 2, e.g. 4 or 8")

@@ -19,7 +19,7 @@ from .config import Config
 from .datasets import Data, load_dataset
 from .errors import FrugalError
 from .gmm import GaussianMixture, gmm_mixture
-from .latent import latent_data, load_autoencoder
+from .latent import check_same_autoencoder, latent_data, load_autoencoder
 from .networks import NETWORKS, Denoiser, preset_for, unet_size
 from .noise import NoiseProcess, shifted
 from .objective import Objective
@@ -60,6 +60,7 @@ class TrainSettings(_Settings):
     precision: str
     seed: int
     flip: bool
+    immiscible: bool
     checkpoint_every: int
     phema_snapshots: int
     label_dropout: float
@@ -207,6 +208,7 @@ def run_denoiser(config: Config, info: dict[str, Any]) -> Denoiser:
     denoiser = build_denoiser(config, tuple(info["sample_shape"]), info.get("num_classes", 0))
     if config["data.autoencoder"]:
         denoiser.autoencoder = load_autoencoder(config["data.autoencoder"], info.get("latent_factors"))
+        check_same_autoencoder(denoiser.autoencoder, info, "this run")
     return denoiser
 
 

@@ -194,6 +194,8 @@ OPTIONS: list[Option] = [
            "autoguidance (sample.guide = early) guides with (0 = none; auto: 0.8 for a class-conditional model, "
            "0.5 for an unconditional one, as measured in docs/guidance.md)", low=0.0, high=0.99, auto=float,
            predating=0.0),
+    Option("train.immiscible", False, "immiscible diffusion (Li et al. 2024): pair each batch's noise draws with its "
+           "images by least total distance (a linear assignment) before noising", predating=False),
     Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1, high=65536),
     Option("train.precision", "auto", "fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)",
            choices=lambda: ["auto", "fp32", "bf16"]),
@@ -215,7 +217,8 @@ OPTIONS: list[Option] = [
            high=100_000),
     Option("train.device", "auto", "auto, cpu, cuda or mps", choices=lambda: ["auto", "cpu", "cuda", "mps"]),
     Option("autoencoder.factor", "auto", "train-autoencoder: downsampling factor per side, a power of 2 (auto: the "
-           "one giving about 16 × 16 latents, from 2 to 8: 8 at 128 px)", low=1, high=64, auto=int),
+           "one giving about 32 × 32 latents, from 2 to 8: 4 at 128 px, as measured in docs/latent.md)", low=1,
+           high=64, auto=int),
     Option("autoencoder.latent_channels", 4, "train-autoencoder: latent channels", low=1, high=64),
     Option("autoencoder.channels", 16, "train-autoencoder: width of the full-resolution level (each level down "
            "doubles it, up to 4×)", low=8, high=512),

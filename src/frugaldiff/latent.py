@@ -184,6 +184,16 @@ def load_autoencoder(path: str | Path, factors: tuple[float, float] | list[float
     return Autoencoder(vae, folder, digest, scale, shift)
 
 
+def check_same_autoencoder(autoencoder: Autoencoder, info: dict[str, Any], run: str | Path) -> None:
+    """A one-line refusal when the autoencoder folder no longer holds the one a run's checkpoint (``info``) trained
+    with: its latents would mean something else."""
+    recorded = info.get("autoencoder_digest")
+    if recorded is not None and recorded != autoencoder.digest:
+        raise FrugalError(f"the autoencoder in {autoencoder.folder} changed since {run} trained on its latents "
+                          f"(digest {autoencoder.digest[:12]}, the run's {recorded[:12]}); put the run's autoencoder "
+                          "back, or train a new run on this one")
+
+
 def _data_digest(data: Data) -> str:
     hasher = hashlib.sha256()
     for part in (data.train, data.heldout):

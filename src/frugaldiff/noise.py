@@ -97,6 +97,19 @@ def empirical_posterior_mean(process: NoiseProcess, x_t: Tensor, t: Tensor, refe
     return (torch.softmax(logits, dim=1) @ refs).reshape(x_t.shape)
 
 
+def immiscible_order(x0: Tensor, eps: Tensor) -> Tensor:
+    """Immiscible diffusion (Li et al. 2024): the permutation of the noise draws ``eps`` that pairs them with the
+    images ``x0`` at the least total L2 distance (a linear assignment over the batch; the identity when it is
+    already optimal). Each noise draw stays a draw of N(0, I); only which image it noises changes."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x0.flatten(1).double().cpu(), eps.flatten(1).double().cpu())
+    rows, cols = linear_sum_assignment(cost.numpy())
+    order = torch.empty(len(x0), dtype=torch.long)
+    order[torch.from_numpy(rows)] = torch.from_numpy(cols)
+    return order
+
+
 def bcast(v: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-sample vector [B] to broadcast against a batch shaped like ``like``."""
     return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))

@@ -12,6 +12,8 @@ from .components import Components, TrainSettings
 from .datasets import BatchStream, Data
 from .diagnostics import LossLedger
 from .ema import EMA, PowerEMA
+from .latent import check_same_autoencoder
+from .noise import immiscible_order
 from .objective import Batch, Objective
 
 
@@ -38,14 +40,15 @@ class TrainState:
         self.train, self.classes = data.train, parts.denoiser.num_classes
         self.train_labels = data.train_labels if self.classes else None
         self.label_dropout, self.flip = settings.label_dropout, settings.flip and data.kind == "image"
+        self.immiscible = settings.immiscible
         self.stream = BatchStream(torch.arange(len(data.train)), settings.seed)
         self.noise = torch.Generator().manual_seed(settings.seed + 1)
         self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
         self.log = empty_log()
         self.ledger = LossLedger(settings.ledger_bins)  # this logging period's losses per t bin, all ranks
         self.sample_shape, self.data_kind = data.sample_shape, data.kind
-        codec = data.autoencoder  # a latent run records its scaling: sampling needs it, not the cached latents
-        self.latent_factors = None if codec is None else [codec.scale, codec.shift]
+        #: a latent run records its autoencoder's digest and scaling: sampling needs them, not the cached latents
+        self.autoencoder = data.autoencoder
 
     @property
     def device(self) -> torch.device:
@@ -53,8 +56,8 @@ class TrainState:
 
     def draw(self, n: int, objective: Objective) -> Batch:
         """The next global batch of ``n``: data, then times, then noise, then (data.flip) which images are mirrored,
-        then the stable target's references, then (conditional training) which labels are dropped to the null
-        label."""
+        then (train.immiscible) the noise paired with the images by least total distance, then the stable target's
+        references, then (conditional training) which labels are dropped to the null label."""
         device = self.device
         index = self.stream.next(n)
         x0 = self.train[index].to(device)
@@ -63,6 +66,8 @@ class TrainState:
         if self.flip:
             mirrored = (torch.rand(n, generator=self.noise) < 0.5).to(device)
             x0 = torch.where(mirrored.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        if self.immiscible:  # every rank computes the same assignment of the same global batch
+            eps = eps[immiscible_order(x0, eps).to(device)]
         labels = None if self.train_labels is None else self.train_labels[index].to(device)
         reference, reference_labels = objective.references(x0, labels, self.noise, batch_in_pool=not self.flip)
         if labels is not None:
@@ -76,7 +81,9 @@ class TrainState:
         return {"step": self.step, "images_seen": self.images_seen, "nonfinite_skipped": self.nonfinite_total,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_shape": list(self.sample_shape),
                 "data_kind": self.data_kind, "num_classes": self.classes,
-                **({} if self.latent_factors is None else {"latent_factors": self.latent_factors})}
+                **({} if self.autoencoder is None else {"latent_factors": [self.autoencoder.scale,
+                                                                           self.autoencoder.shift],
+                                                        "autoencoder_digest": self.autoencoder.digest})}
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: weights (``model``, ``ema``), ``trainer`` state and ``info``."""
@@ -118,6 +125,9 @@ class TrainState:
         return save_checkpoint(folder, self.step, self.state_dict(), keep)
 
     def restore(self, checkpoint: Path) -> None:
-        """Continue from the checkpoint folder ``checkpoint``."""
-        self.load_state_dict(load_checkpoint(checkpoint), checkpoint)
+        """Continue from the checkpoint folder ``checkpoint`` (of a run on the same autoencoder, if latent)."""
+        state = load_checkpoint(checkpoint)
+        if self.autoencoder is not None:
+            check_same_autoencoder(self.autoencoder, state["info"], checkpoint.parent.parent)
+        self.load_state_dict(state, checkpoint)
 

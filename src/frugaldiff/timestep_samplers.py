@@ -291,6 +291,79 @@ class NearZeroSampler(TimestepSampler):
         return t ** (1 / self.power - 1) / self.power
 
 
+@TIMESTEP_SAMPLERS.register("speed")
+class SpeeDSampler(TimestepSampler):
+    """SpeeD (Wang et al. 2024, NUS-HPC-AI-Lab/SpeeD ``Speed_IDDPM``): asymmetric sampling; changes the objective.
+
+    The "convergence area" where x_t has all but reached the noise (log-SNR below ``tau_log_snr``; SpeeD's step 700
+    of 1000 on DDPM's linear schedule, λ ≈ −5) is drawn ``k`` times less often than the rest. The first ⌈n/2⌉
+    times of a batch come from that step density; each of the other ⌊n/2⌋ mirrors one of them about t_m, the
+    time of log-SNR ``mirror_log_snr`` (SpeeD's step 642, where d√(1 − ᾱ)/dt falls below 10⁻⁴: λ ≈ −4.18),
+    t' = |t_m − t|, which puts them all below t_m. Weight 1 (SpeeD returns none). Its change-aware weighting is
+    the weighting ``speed``.
+    """
+
+    keeps_objective = False
+
+    def __init__(self, *, k: float = 5.0, tau_log_snr: float = -5.0, mirror_log_snr: float = -4.18,
+                 dual: bool = True, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(1 <= k < math.inf, "k", k, "a number >= 1")
+        self._require(math.isfinite(tau_log_snr), "tau_log_snr", tau_log_snr, "a finite number")
+        self._require(math.isfinite(mirror_log_snr), "mirror_log_snr", mirror_log_snr, "a finite number")
+        self.dual = dual
+        tau = float(self.process.t_of_log_snr(torch.tensor([tau_log_snr], dtype=F64)))
+        self.tau = min(max(tau, 1e-6), 1 - 1e-6)
+        self.mirror = float(self.process.t_of_log_snr(torch.tensor([mirror_log_snr], dtype=F64)))
+        self.base = _PiecewiseConstant(torch.tensor([0.0, self.tau, 1.0]), torch.tensor([k * self.tau, 1 - self.tau]))
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        drawn = self.base.inverse(self._uniform((n + 1) // 2 if self.dual else n))[0]
+        t = torch.cat([drawn, (self.mirror - drawn[: n // 2]).abs()]) if self.dual else drawn
+        return t, torch.ones_like(t)
+
+    def mirrored_density(self, t: Tensor) -> Tensor:
+        """Density of a mirrored draw |t_m − t|, t from the step density."""
+        m = self.mirror
+        below = torch.where(t <= m, self.base.density((m - t).clamp(0, 1)), torch.zeros_like(t))
+        above = torch.where(t <= 1 - m, self.base.density((m + t).clamp(0, 1)), torch.zeros_like(t))
+        return below + above
+
+    def density(self, t: Tensor) -> Tensor:
+        """The marginal of one draw of a large batch: half step density, half mirrored."""
+        t = t.to(F64)
+        return 0.5 * (self.base.density(t) + self.mirrored_density(t)) if self.dual else self.base.density(t)
+
+
+@TIMESTEP_SAMPLERS.register("laplace")
+class LaplaceSampler(TimestepSampler):
+    """Hang et al. 2024: log-SNR λ ~ Laplace(mu, b), mapped to t through the process; changes the objective.
+
+    "Improved noise schedule for diffusion training": weight 1, which is what their schedule does.
+
+    Their schedule is λ(t) = mu − b·sgn(½ − t)·ln(1 − 2|t − ½|) under uniform t, i.e. this density over λ, on any
+    process. With ``stratified`` (the default; the paper draws t independently) the draws are the quantiles of one
+    point per stratum of [0, 1) across batch, ranks and micro-steps.
+    """
+
+    keeps_objective = False
+
+    def __init__(self, *, mu: float = 0.0, b: float = 0.5, stratified: bool = True, **base: Any) -> None:
+        super().__init__(**base)
+        self._require(math.isfinite(mu), "mu", mu, "a finite number")
+        self._require(0 < b < math.inf, "b", b, "a number > 0")
+        self.mu, self.b, self.stratified = mu, b, stratified
+
+    def log_snr_of(self, u: Tensor) -> Tensor:
+        """The schedule: λ of uniform u ∈ (0, 1) (the Laplace quantile at 1 − u)."""
+        return self.mu - self.b * torch.sign(0.5 - u) * torch.log1p(-2 * (u - 0.5).abs())
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor]:
+        u = (self._stratified(n) if self.stratified else self._uniform(n)).clamp(1e-12, 1 - 1e-12)
+        t = self.process.t_of_log_snr(self.log_snr_of(u))
+        return t, torch.ones_like(t)
+
+
 @TIMESTEP_SAMPLERS.register("range")
 class RangeSampler(TimestepSampler):
     """t ~ U(lo, hi): trains (or probes) only part of [0, 1], as the diagnostics do; changes the objective."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import checkpoint_path
+from .checkpoint import checkpoint_info, checkpoint_path, intact_checkpoints
 from .components import SampleSettings, TrainSettings, build, build_data, model_data, true_mixture
 from .config import Config
 from .diagnostics import HeldoutGrid, bin_columns, csv_cells, fixed_grid, heldout_loss_by_bin
@@ -29,6 +29,7 @@ from .errors import FrugalError
 from .generate import generate, run_guidance
 from .guidance import guide_share
 from .images import to_uint8
+from .latent import check_same_autoencoder, load_autoencoder
 from .metrics import Evaluator, eval_column
 from .objective import Objective
 from .plots import plot_eval
@@ -137,6 +138,11 @@ class Trainer:
                               f"processes ({s.grad_accum} × {self.world.size}); change one of them")
         self.runtime = Runtime.create(device_name, s.precision)
         torch.manual_seed(s.seed)
+        if resume and config["data.autoencoder"]:  # before encoding anything with an autoencoder the run never saw
+            kept = intact_checkpoints(self.files.root)
+            if kept:
+                check_same_autoencoder(load_autoencoder(config["data.autoencoder"]), checkpoint_info(kept[-1]),
+                                       self.files.root)
         self.images = build_data(config)  # what samples are compared with
         self.data = model_data(config, self.images, self.progress)  # what the model trains on: those, or latents
         self.parts = build(config, self.data, self.runtime)

@@ -180,6 +180,21 @@ class SigmaSqrtWeighting(Weighting):
         return torch.exp(-4 * _log_flow_sigma(prediction.process.log_snr(t)))
 
 
+@WEIGHTINGS.register("flow_loss")
+class FlowLossWeighting(Weighting):
+    """The flow-matching (velocity) loss whatever the prediction type: x0 weight 1/max(s, clip)² for SD3's noise
+    level s = σ/(α + σ) (t on the flow path), since the target ε − x0 gives x̂0 = x − s·v̂. JiT (Li & He 2025)
+    trains an x0 prediction with it, s clipped at 0.05."""
+
+    def __init__(self, *, clip: float = 0.05) -> None:
+        _require(math.isfinite(clip) and 0 < clip < 1, "flow_loss.clip", "a number in (0, 1)", clip)
+        self.clip = float(clip)
+
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        log_s = _log_flow_sigma(prediction.process.log_snr(t)).clamp(min=math.log(self.clip))
+        return torch.exp(-2 * log_s)
+
+
 @WEIGHTINGS.register("cosmap")
 class CosMapWeighting(Weighting):
     """SD3 CosMap: 2/(π(1 − 2s + 2s²)) on the flow-matching loss, so x0 weight (2/π)·s⁻⁴/(1 + SNR).
@@ -191,6 +206,69 @@ class CosMapWeighting(Weighting):
     def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
         lam = prediction.process.log_snr(t)
         return (2 / math.pi) * torch.exp(-4 * _log_flow_sigma(lam) - F.softplus(lam))
+
+
+@WEIGHTINGS.register("sigmoid")
+class SigmoidWeighting(Weighting):
+    """Sigmoid weighting (Kingma & Gao 2023; SiD2, Hoogeboom et al. 2024): ε weight sigmoid(bias − λ), so x0 weight
+    SNR·sigmoid(bias − λ) = e^bias·sigmoid(λ − bias): about SNR at high noise, the constant e^bias at low noise
+    (monotone in λ, an ELBO with noise augmentation). A lower bias moves the emphasis to higher noise; SiD2 lowers
+    it for larger images."""
+
+    def __init__(self, *, bias: float = 2.0) -> None:
+        _require(math.isfinite(bias) and -20 <= bias <= 20, "sigmoid.bias", "a number in [-20, 20]", bias)
+        self.bias = float(bias)
+
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        return math.exp(self.bias) * torch.sigmoid(prediction.process.log_snr(t) - self.bias)
+
+
+@WEIGHTINGS.register("speed")
+class SpeeDWeighting(Weighting):
+    """SpeeD's change-aware weighting (Wang et al. 2024, ``Speed_IDDPM._weights("ours")``): ε weight
+    (1 − lam) + (2·lam − 1)·ĝ(t) where x_t still changes (log-SNR above ``tau_log_snr``), 1 in the convergence area
+    beyond it (as SpeeD's code does); x0 weight that times SNR.
+
+    g = d(1 − ᾱ)/dt, the speed at which the noise share grows, is dσ²/dt of the VP path with the same SNR:
+    d sigmoid(−λ)/dt; ĝ is g scaled to [0, 1] over t ∈ [t_min, t_τ]. SpeeD's lam = 0.6 gives weights 0.4–0.6,
+    highest where the noise grows fastest.
+    """
+
+    GRID = 2001  # points of t on which g is normalised
+
+    def __init__(self, *, lam: float = 0.6, tau_log_snr: float = -5.0) -> None:
+        _require(math.isfinite(lam) and 0 <= lam <= 1, "speed.lam", "a number in [0, 1]", lam)
+        _require(math.isfinite(tau_log_snr), "speed.tau_log_snr", "a finite number", tau_log_snr)
+        self.lam, self.tau_log_snr = float(lam), float(tau_log_snr)
+        self._range: dict[int, tuple[float, float]] = {}
+
+    @staticmethod
+    def noise_growth(process: NoiseProcess, t: Tensor) -> Tensor:
+        """g(t) = d sigmoid(−λ(t))/dt = −λ'(t)·sigmoid(λ)·sigmoid(−λ), with λ' = 2(α'/α − σ'/σ)."""
+        t = t.to(torch.float64)
+        lam = process.log_snr(t)
+        d_lam = 2 * (process.d_alpha(t) / process.alpha(t) - process.d_sigma(t) / process.sigma(t))
+        return -d_lam * torch.sigmoid(lam) * torch.sigmoid(-lam)
+
+    def _limits(self, process: NoiseProcess) -> tuple[float, float]:
+        key = id(process)
+        if key not in self._range:
+            tau = float(process.t_of_log_snr(torch.tensor([self.tau_log_snr], dtype=torch.float64)))
+            g = self.noise_growth(process, torch.linspace(process.t_min, max(tau, process.t_min * 2), self.GRID,
+                                                          dtype=torch.float64))
+            self._range[key] = (float(g.min()), float(g.max()))
+        return self._range[key]
+
+    def eps_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
+        """SpeeD's weight on the ε-MSE."""
+        low, high = self._limits(process)
+        scaled = ((self.noise_growth(process, t) - low) / max(high - low, 1e-30)).clamp(0, 1)
+        weight = (1 - self.lam) + (2 * self.lam - 1) * scaled
+        return torch.where(process.log_snr(t.to(torch.float64)) > self.tau_log_snr, weight, torch.ones_like(weight))
+
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        process = prediction.process
+        return (self.eps_weight(process, t) * process.log_snr(t.to(torch.float64)).exp()).to(t.dtype)
 
 
 @WEIGHTINGS.register("learned")
