@@ -1,7 +1,6 @@
 """Latent diffusion: a diffusers AutoencoderKL folder as data.autoencoder, the latent cache, train-autoencoder."""
 
 import json
-import os
 import shutil
 import signal
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from testkit import TINY_UNET
+from testkit import TINY_UNET, fit_interrupted
 
 import frugaldiff
 from frugaldiff.autoencoder import AutoencoderTrainer
@@ -21,7 +20,6 @@ from frugaldiff.errors import FrugalError
 from frugaldiff.generate import load_run, sample
 from frugaldiff.latent import Autoencoder, autoencoder_class, latent_data, load_autoencoder
 from frugaldiff.report import render_report
-from frugaldiff.trainer import Interrupted
 
 diffusers = pytest.importorskip("diffusers", reason='the latent extra: pip install -e ".[latent]"')
 
@@ -155,19 +153,8 @@ def test_train_autoencoder_resumes_bit_identically_and_writes_a_folder_data_auto
     whole = AutoencoderTrainer(Config(AE), tmp_path / "whole", progress=False)
     folder = whole.fit()
     part = AutoencoderTrainer(Config(AE), tmp_path / "part", progress=False)
-    original = AutoencoderTrainer.train_step
-
-    def step_then_signal(self):
-        values = original(self)
-        if self.step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return values
-
-    with monkeypatch.context() as patch:
-        patch.setattr(AutoencoderTrainer, "train_step", step_then_signal)
-        with pytest.raises(Interrupted) as e:
-            part.fit()
-    assert e.value.checkpoint.name == "step-00000005"
+    e = fit_interrupted(monkeypatch, AutoencoderTrainer, "train_step", part, 5, signal.SIGTERM)
+    assert e.checkpoint.name == "step-00000005"
     assert not (tmp_path / "part" / "autoencoder").exists()
     resumed = frugaldiff.api.train_autoencoder(resume=tmp_path / "part", progress=False)
     for name in ("diffusion_pytorch_model.safetensors",):

@@ -15,7 +15,7 @@ import torch
 from fingerprints import machine_key
 from safetensors import safe_open
 from safetensors.torch import load_file
-from testkit import TINY_UNET, RecordingObjective
+from testkit import TINY_UNET, RecordingObjective, fit_interrupted
 
 import frugaldiff
 from frugaldiff import trainer as trainer_module
@@ -30,7 +30,7 @@ from frugaldiff.noise import VPLinear, empirical_posterior_mean
 from frugaldiff.objective import Batch, Objective, stable_target
 from frugaldiff.prediction import PREDICTIONS
 from frugaldiff.runtime import CPU
-from frugaldiff.trainer import Interrupted, Trainer, train_step
+from frugaldiff.trainer import Trainer, train_step
 from frugaldiff.weighting import WEIGHTINGS, Weighting
 
 
@@ -87,19 +87,8 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, extr
     whole.fit()
 
     interrupted = Trainer(Config(values), tmp_path / "part", progress=False)
-    original_step = trainer_module.train_step
-
-    def step_then_signal(state, *args):
-        result = original_step(state, *args)
-        if state.step == 11:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
-
-    with monkeypatch.context() as patch:
-        patch.setattr(trainer_module, "train_step", step_then_signal)
-        with pytest.raises(Interrupted) as e:
-            interrupted.fit()
-    assert e.value.checkpoint.name == "step-00000011"
+    e = fit_interrupted(monkeypatch, trainer_module, "train_step", interrupted, 11, signal.SIGINT)
+    assert e.checkpoint.name == "step-00000011"
     resumed = Trainer(Config(values), tmp_path / "part", resume=True, progress=False)
     assert resumed.state.step == 11
     resumed.fit()

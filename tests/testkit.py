@@ -1,4 +1,10 @@
-"""Constants shared by the test modules."""
+"""Constants and helpers shared by the test modules."""
+
+import os
+
+import pytest
+
+from frugaldiff.trainer import Interrupted
 
 # A network small enough that a few hundred steps take seconds on a 2-core CPU.
 TINY_UNET = {
@@ -26,3 +32,21 @@ class RecordingObjective:
     def __call__(self, model, batch):
         self.batches.append(batch)
         return self.objective(model, batch)
+
+
+def fit_interrupted(monkeypatch, owner, name: str, trainer, at: int, signum: int) -> Interrupted:
+    """``trainer.fit()`` with ``owner.name`` (a step function whose first argument has ``.step``) sending ``signum``
+    to this process once the step count reaches ``at``; returns the Interrupted it must raise."""
+    original = getattr(owner, name)
+
+    def step_then_signal(first, *args):
+        result = original(first, *args)
+        if first.step == at:
+            os.kill(os.getpid(), signum)
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, step_then_signal)
+        with pytest.raises(Interrupted) as e:
+            trainer.fit()
+    return e.value
