@@ -50,27 +50,28 @@ def _rate(step: Any, batch: int, warmup: int = 2, timed: int = 4) -> float:
     return timed * batch / (time.perf_counter() - start)
 
 
+def _probe(trainer: Trainer | AutoencoderTrainer, step: Any, batch: int, folder: Path) -> float:
+    """:func:`_rate` of ``trainer``'s ``step``, then the throw-away run folder is closed and removed."""
+    try:
+        return _rate(step, batch)
+    finally:
+        trainer.metrics.close()
+        trainer.lock.release()
+        shutil.rmtree(folder)
+
+
 def diffusion_rate(config: Config, folder: Path) -> float:
     """Training images per second of ``config``'s diffusion run (a throw-away run folder)."""
     trainer = Trainer(config.updated({"train.images_seen": 10**9}), folder, progress=False)
-    try:
-        s = trainer.settings
-        return _rate(lambda: train_step(trainer.state, trainer.parts.objective, trainer.model, s, trainer.world),
-                     s.batch_size)
-    finally:
-        trainer.metrics.close()
-        trainer.lock.release()
-        shutil.rmtree(folder)
+    s = trainer.settings
+    return _probe(trainer, lambda: train_step(trainer.state, trainer.parts.objective, trainer.model, s, trainer.world),
+                  s.batch_size, folder)
 
 
 def autoencoder_rate(config: Config, folder: Path) -> float:
+    """Training images per second of ``config``'s autoencoder run (a throw-away run folder)."""
     trainer = AutoencoderTrainer(config.updated({"autoencoder.images_seen": 10**9}), folder, progress=False)
-    try:
-        return _rate(trainer.train_step, trainer.settings.batch_size)
-    finally:
-        trainer.metrics.close()
-        trainer.lock.release()
-        shutil.rmtree(folder)
+    return _probe(trainer, trainer.train_step, trainer.settings.batch_size, folder)
 
 
 def budget(rate: float, seconds: float, batch: int) -> int:

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from .checkpoint import atomic_write_text, checkpoint_path, load_checkpoint, load_into, save_checkpoint
 from .components import _Settings, build_data, lr_at
 from .config import Config
-from .datasets import BatchStream
+from .datasets import BatchStream, mirror_randomly
 from .ema import EMA
 from .errors import FrugalError
 from .images import save_grid, to_uint8
-from .latent import Autoencoder, autoencoder_class
+from .latent import Autoencoder, autoencoder_class, measured_factors
 from .runs import MetricsLog, RunFiles, RunLock, start_run
 from .runtime import Runtime
 from .trainer import Interrupted, crossed, signals_to_flag
@@ -177,8 +177,7 @@ class AutoencoderTrainer:
             group["lr"] = lr_at(s.lr, self.images_seen, s.warmup_images, s.lr_schedule, s.images_seen)
         x = self.data.train[self.stream.next(s.batch_size)].to(device)
         if s.flip:
-            mirrored = (torch.rand(len(x), generator=self.noise) < 0.5).to(device)
-            x = torch.where(mirrored.view(-1, 1, 1, 1), x.flip(-1), x)
+            x = mirror_randomly(x, self.noise)
         self.optimizer.zero_grad(set_to_none=True)
         with self.runtime.autocast():
             loss, l1, kl = autoencoder_loss(self.vae, x, self.noise, s.kl_weight, s.gradient_weight)
@@ -243,7 +242,7 @@ class AutoencoderTrainer:
         vae = self.ema.model.eval()
         codec = Autoencoder(vae, self.folder, "", 1.0, 0.0)
         latents = codec.encode_raw(self.data.train, self.progress)
-        scale, shift = 1 / float(latents.std()), float(latents.mean())
+        scale, shift = measured_factors(latents)
         vae.register_to_config(scaling_factor=scale, shift_factor=shift)
         tmp = self.files.root / f".tmp-autoencoder-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

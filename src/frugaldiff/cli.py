@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -177,33 +177,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def _fit(args: argparse.Namespace, fit: Callable[..., Path]) -> Path:
+    """``fit`` (api.train or api.train_autoencoder) of a new run (--config, --set, --out) or a resumed one
+    (--resume, with --set changes); SIGINT/SIGTERM surface as Interrupted, which :func:`main` reports."""
     if args.resume and (args.config or args.out):
         raise FrugalError("--resume continues a run in place with its own config; drop --config/--out")
     config = None if args.resume else Config.load(args.config, args.overrides)
-    try:
-        root = train(config, run_dir=args.out, resume=args.resume, overrides=args.overrides if args.resume else (),
-                     progress=not args.no_progress)
-    except Interrupted as e:
-        print(f"frugaldiff: {e}; continue with: frugaldiff train --resume {e.checkpoint.parent.parent}",
-              file=sys.stderr)
-        return 128 + e.signum
+    return fit(config, run_dir=args.out, resume=args.resume, overrides=args.overrides if args.resume else (),
+               progress=not args.no_progress)
+
+
+def _train(args: argparse.Namespace) -> int:
+    root = _fit(args, train)
     written = [p.name + ("/" if p.is_dir() else "") for p in sorted(Path(root).iterdir()) if not p.name.startswith(".")]
     print(f"run finished: {root} ({', '.join(written)})")
     return 0
 
 
 def _train_autoencoder(args: argparse.Namespace) -> int:
-    if args.resume and (args.config or args.out):
-        raise FrugalError("--resume continues a run in place with its own config; drop --config/--out")
-    config = None if args.resume else Config.load(args.config, args.overrides)
-    try:
-        folder = train_autoencoder(config, run_dir=args.out, resume=args.resume,
-                                   overrides=args.overrides if args.resume else (), progress=not args.no_progress)
-    except Interrupted as e:
-        run = e.checkpoint.parent.parent
-        print(f"frugaldiff: {e}; continue with: frugaldiff train-autoencoder --resume {run}", file=sys.stderr)
-        return 128 + e.signum
+    folder = _fit(args, train_autoencoder)
     result = json.loads((folder.parent / "eval.json").read_text())
     print(f"autoencoder written: {folder} (latents {'×'.join(map(str, result['latent_shape']))}; held-out PSNR "
           f"{result['heldout_psnr_db']:.2f} dB, MSE {result['heldout_mse']:.4g}; originals beside reconstructions "
@@ -395,6 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _warning_line
         try:
             return commands[args.command](args)
+        except Interrupted as e:  # a checkpoint was written: say how to continue
+            print(f"frugaldiff: {e}; continue with: frugaldiff {args.command} --resume {e.checkpoint.parent.parent}",
+                  file=sys.stderr)
+            return 128 + e.signum
         except FrugalError as e:
             message = str(e)
         except OSError as e:

@@ -117,6 +117,13 @@ class BatchStream:
         return self.data[torch.cat(idx)]
 
 
+def mirror_randomly(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images [N, C, H, W] each mirrored left–right with probability 1/2 (one uniform draw per image from
+    ``generator``, on the CPU): data.flip."""
+    mirrored = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+    return torch.where(mirrored.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def cache_dir() -> Path:
     """Cache folder: $FRUGALDIFF_CACHE, else $XDG_CACHE_HOME/frugaldiff, else ~/.cache/frugaldiff."""
     if os.environ.get("FRUGALDIFF_CACHE"):

@@ -194,6 +194,11 @@ def check_same_autoencoder(autoencoder: Autoencoder, info: dict[str, Any], run: 
                           "back, or train a new run on this one")
 
 
+def measured_factors(latents: Tensor) -> tuple[float, float]:
+    """(scale, shift) that give raw ``latents`` zero mean and unit variance over all their values."""
+    return 1 / float(latents.std()), float(latents.mean())
+
+
 def _data_digest(data: Data) -> str:
     hasher = hashlib.sha256()
     for part in (data.train, data.heldout):
@@ -226,7 +231,7 @@ def latent_data(data: Data, autoencoder: Autoencoder, progress: bool = False) ->
 
     arrays = cached_arrays(f"latents/{safe}-{key}", encode)
     train, heldout = torch.from_numpy(arrays["train"]), torch.from_numpy(arrays["heldout"])
-    if autoencoder.scale is None:  # measured: unit variance and zero mean over the training latents
-        autoencoder = autoencoder.with_factors(1 / float(train.std()), float(train.mean()))
+    if autoencoder.scale is None:
+        autoencoder = autoencoder.with_factors(*measured_factors(train))
     return dataclasses.replace(data, train=autoencoder.to_model(train), heldout=autoencoder.to_model(heldout),
                                autoencoder=autoencoder)

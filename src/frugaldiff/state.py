@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import load_checkpoint, load_into, save_checkpoint
 from .components import Components, TrainSettings
-from .datasets import BatchStream, Data
+from .datasets import BatchStream, Data, mirror_randomly
 from .diagnostics import LossLedger
 from .ema import EMA, PowerEMA
 from .latent import check_same_autoencoder
@@ -64,8 +64,7 @@ class TrainState:
         t, importance = self.sampler.sample(n)
         eps = torch.randn((n, *x0.shape[1:]), generator=self.noise).to(device)
         if self.flip:
-            mirrored = (torch.rand(n, generator=self.noise) < 0.5).to(device)
-            x0 = torch.where(mirrored.view(-1, 1, 1, 1), x0.flip(-1), x0)
+            x0 = mirror_randomly(x0, self.noise)
         if self.immiscible:  # every rank computes the same assignment of the same global batch
             eps = eps[immiscible_order(x0, eps).to(device)]
         labels = None if self.train_labels is None else self.train_labels[index].to(device)

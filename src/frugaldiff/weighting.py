@@ -20,6 +20,7 @@ All weights are computed from λ = log SNR (``process.log_snr``), SNR = α²/σ�
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -240,7 +241,7 @@ class SpeeDWeighting(Weighting):
         _require(math.isfinite(lam) and 0 <= lam <= 1, "speed.lam", "a number in [0, 1]", lam)
         _require(math.isfinite(tau_log_snr), "speed.tau_log_snr", "a finite number", tau_log_snr)
         self.lam, self.tau_log_snr = float(lam), float(tau_log_snr)
-        self._range: dict[int, tuple[float, float]] = {}
+        self._range: weakref.WeakKeyDictionary[NoiseProcess, tuple[float, float]] = weakref.WeakKeyDictionary()
 
     @staticmethod
     def noise_growth(process: NoiseProcess, t: Tensor) -> Tensor:
@@ -251,13 +252,12 @@ class SpeeDWeighting(Weighting):
         return -d_lam * torch.sigmoid(lam) * torch.sigmoid(-lam)
 
     def _limits(self, process: NoiseProcess) -> tuple[float, float]:
-        key = id(process)
-        if key not in self._range:
+        if process not in self._range:  # per process object, never by id (a new object may reuse a freed id)
             tau = float(process.t_of_log_snr(torch.tensor([self.tau_log_snr], dtype=torch.float64)))
             g = self.noise_growth(process, torch.linspace(process.t_min, max(tau, process.t_min * 2), self.GRID,
                                                           dtype=torch.float64))
-            self._range[key] = (float(g.min()), float(g.max()))
-        return self._range[key]
+            self._range[process] = (float(g.min()), float(g.max()))
+        return self._range[process]
 
     def eps_weight(self, process: NoiseProcess, t: Tensor) -> Tensor:
         """SpeeD's weight on the ε-MSE."""
