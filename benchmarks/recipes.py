@@ -32,7 +32,7 @@ from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_loss_by_bin
 from frugaldiff.plots import pyplot, save_figure
 from frugaldiff.prediction import PredictionType
-from frugaldiff.runs import read_metrics, training_seconds
+from frugaldiff.runs import training_clock, training_seconds
 from frugaldiff.studies import train_or_reuse
 from frugaldiff.trainer import Trainer
 from frugaldiff.weighting import Weighting
@@ -70,12 +70,15 @@ RECIPES: dict[str, dict[str, Any]] = with_published({
                 "diffusion.timestep_sampler": "uniform", "diffusion.weighting": "sigmoid"},
     "immiscible": {"diffusion.process": "vp-linear", "diffusion.prediction": "eps",
                    "diffusion.timestep_sampler": "uniform", "diffusion.weighting": "none", "train.immiscible": True},
+    "kim": {"diffusion.process": "vp-linear", "diffusion.prediction": "eps", "diffusion.timestep_sampler": "kim",
+            "diffusion.weighting": "none"},
     "jit": {"diffusion.process": "flow", "diffusion.prediction": "x0", "diffusion.timestep_sampler": "logit_normal",
             "timestep_sampler.logit_normal.m": 0.8, "timestep_sampler.logit_normal.s": 0.8,
             "timestep_sampler.logit_normal.stratified": False, "diffusion.weighting": "flow_loss"},
 })
 RECIPES["frugal"] = {}
 RECIPES["frugal+immiscible"] = {"train.immiscible": True}
+RECIPES["frugal+kim"] = {"diffusion.timestep_sampler": "kim"}
 #: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
 COMMON = {"data.name": "mnist5000", "train.heldout_every": 0, "train.tensorboard": False, "train.checkpoint_every": 0}
 METRIC = "eval_domain_fid"
@@ -107,11 +110,20 @@ def heldout_x0_error(run: Path, trainer: Trainer | None) -> float:
     return json.loads(path.read_text())["mean"]
 
 
-def curve(run: Path) -> tuple[list[int], list[float], float]:
-    """(images seen, FID) at each evaluation of a run, and its training seconds."""
-    rows = read_metrics(run / "metrics.csv")
-    points = [(int(r["images_seen"]), float(r[METRIC])) for r in rows if r.get(METRIC)]
-    return [p[0] for p in points], [p[1] for p in points], training_seconds(run / "metrics.csv")
+def curve(run: Path) -> tuple[list[int], list[float], list[float]]:
+    """(images seen, FID, training seconds so far) at each evaluation of a run."""
+    points = [(int(r["images_seen"]), float(r[METRIC]), seconds)
+              for r, seconds in training_clock(run / "metrics.csv") if r.get(METRIC)]
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+
+
+def train_cell(config: Config, run: Path, progress: bool, train: bool = True) -> dict[str, Any]:
+    """Train (or reuse; only read when not ``train``) one run of a grid: its evaluation curve, training seconds
+    and held-out x0 error."""
+    trainer = train_or_reuse(config, run, progress=progress) if train else None
+    images, fid, clock = curve(run)
+    return {"images": images, "fid": fid, "clock": clock, "train_seconds": training_seconds(run / "metrics.csv"),
+            "heldout_x0": heldout_x0_error(run, trainer)}
 
 
 def evaluation_table(results: dict[str, Any], batch: int) -> list[str]:
@@ -205,10 +217,8 @@ def main() -> None:
             print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}: not finished, left out", flush=True)
             continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)
-        trainer = None if args.report_only else train_or_reuse(config, run, progress=not args.smoke)
-        images, fid, seconds = curve(run)
-        runs.append({"recipe": recipe, "batch_size": batch, "seed": seed, "images": images, "fid": fid,
-                     "train_seconds": seconds, "heldout_x0": heldout_x0_error(run, trainer)})
+        runs.append({"recipe": recipe, "batch_size": batch, "seed": seed,
+                     **train_cell(config, run, not args.smoke, train=not args.report_only)})
     if count > 1:
         print("shard done; run again without --shard for the report")
         return

@@ -105,3 +105,24 @@ def test_profile_step_smoke_reports_the_network_share_and_the_top_operators(tmp_
     assert 0 < row["network_share"] == pytest.approx(row["step_img_s"] / row["network_img_s"])
     assert len(row["top_ops"]) == 8 and all(0 < o["self_share"] <= 1 for o in row["top_ops"])
     assert "of the step is the network's forward and backward" in out
+
+
+def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_path):
+    out = _run("speedrun.py", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["recipe"], r["seed"]) for r in results["runs"]] == [("ddpm", 0), ("frugal", 0), ("ddpm", 1),
+                                                                   ("frugal", 1)]
+    for r in results["runs"]:
+        assert r["images"] == [8, 16, 24] and len(r["fid"]) == len(r["clock"]) == 3
+        assert 0 < r["clock"][0] < r["clock"][1] < r["clock"][2] <= r["train_seconds"] + 1e-9
+    summary = results["summary"]
+    ddpm_final = sorted(r["fid"][-1] for r in results["runs"] if r["recipe"] == "ddpm")
+    assert summary["targets"]["easy"] == statistics.median(ddpm_final)
+    assert abs(summary["targets"]["hard"] - (summary["targets"]["easy"] * results["floor"]) ** 0.5) < 1e-12
+    for recipe, row in summary["rows"].items():  # the median over seeds of the first clock at or below the target
+        runs = [r for r in results["runs"] if r["recipe"] == recipe]
+        firsts = [next((s / 60 for f, s in zip(r["fid"], r["clock"], strict=True) if f <= summary["targets"]["easy"]),
+                       float("inf")) for r in runs]
+        assert row["minutes_to_easy"] == statistics.median(firsts)
+    assert "| ddpm | 2 |" in out and "min to hard" in (tmp_path / "speedrun.md").read_text()
+    assert (tmp_path / "speedrun.png").stat().st_size > 10_000

@@ -15,12 +15,13 @@ from torch import Tensor
 
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import PROCESSES
+from frugaldiff.objective import Batch
 from frugaldiff.plots import plot_timestep_densities
-from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
+from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS, PolicySampler, TimestepSampler, policy_features
 
 VP = PROCESSES.create("vp-linear")
 ALL = ["uniform", "stratified", "antithetic", "lognormal", "logit_normal", "mode", "beta", "near_zero", "speed",
-       "laplace", "range", "loss_second_moment", "adaptive", "mixture", "curriculum"]
+       "laplace", "range", "loss_second_moment", "adaptive", "kim", "mixture", "curriculum"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -437,3 +438,118 @@ def test_plot_timestep_densities_writes_a_png(tmp_path) -> None:
     plot_timestep_densities(["lognormal", "near_zero"], "flow", out, n=2000,
                             params={"near_zero": {"keep_objective": True}})
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- Kim et al.'s policy sampler ---------------------------------------------------------------------------
+
+def images(n: int, seed: int = 0) -> Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def policy_step(sampler: PolicySampler, x0: Tensor, reward: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Train-loop stand-in: draw for ``x0``; on a probed step, report an objective that falls by ``reward(rows' t,
+    rows' x0)`` over the update."""
+    t, _ = sampler.draw(x0)
+    probe = sampler.probe(Batch(x0, t.float(), torch.ones(len(t)), torch.randn_like(x0)))
+    if probe is not None:
+        before = torch.ones(len(probe.t))
+        sampler.learn(before, before - reward(probe.t.double(), probe.x0))
+    return t
+
+
+def test_kim_starts_nearly_uniform_and_draws_each_image_from_its_own_beta() -> None:
+    sampler = make("kim", seed=1)
+    start = float(torch.nn.functional.softplus(torch.tensor(0.5))) + 1e-5
+    t = torch.cat([sampler.draw(images(500, seed=i))[0] for i in range(4)])
+    assert stats.kstest(t.numpy(), stats.beta(start, start).cdf).pvalue > 1e-3
+    assert stats.kstest(sampler.sample(2000)[0].numpy(), stats.beta(start, start).cdf).pvalue > 1e-3
+    with torch.no_grad():  # a policy whose Beta depends on the image
+        sampler.policy.net[-1].weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    x0 = torch.cat([torch.ones(3000, 1, 8, 8), -torch.ones(3000, 1, 8, 8)])
+    with torch.no_grad():
+        dist = sampler.policy(policy_features(x0))
+    alpha, beta = dist.concentration1.double(), dist.concentration0.double()
+    assert (alpha[0] - alpha[-1]).abs() + (beta[0] - beta[-1]).abs() > 0.5
+    t, w = sampler.draw(x0)
+    assert bool((w == 1).all())
+    for rows in (slice(0, 3000), slice(3000, None)):  # bright and dark images, each from its own Beta
+        a, b = float(alpha[rows][0]), float(beta[rows][0])
+        assert stats.kstest(t[rows].numpy(), stats.beta(a, b).cdf).pvalue > 1e-3
+
+
+def test_kim_probes_the_first_step_and_every_every_steps_at_its_probe_and_grid_times() -> None:
+    sampler = make("kim", every=3, probes=2, grid=5)
+    x0 = images(4)
+    probed = []
+    for _ in range(7):
+        t, _ = sampler.draw(x0)
+        probe = sampler.probe(Batch(x0, t.float(), torch.ones(4), torch.zeros_like(x0), labels=torch.arange(4)))
+        probed.append(probe is not None)
+        if probe is not None:
+            assert len(probe.x0) == 2 * 4 + 5 and probe.eps.abs().sum() > 0
+            grid = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+            assert torch.allclose(probe.t, torch.cat([grid[[0, 0, 0, 0, 1, 1, 1, 1]], grid]).float())
+            assert torch.equal(probe.x0[:8], x0.repeat(2, 1, 1, 1))
+            assert torch.equal(probe.labels[:8], torch.arange(4).repeat(2))
+            assert (probe.x0[8:] == probe.x0[8]).all() and bool((probe.importance == 1).all())
+            sampler.learn(torch.ones(13), torch.ones(13))
+    assert probed == [True, False, False, True, False, False, True]
+
+
+def test_kim_policy_moves_towards_the_times_whose_updates_lower_the_loss() -> None:
+    """REINFORCE: images whose updates at low t lowered the probe loss learn to draw lower times."""
+    sampler = make("kim", every=1, lr=0.01)
+    x0 = images(64)
+    draws = [policy_step(sampler, x0, lambda t, x: torch.zeros(len(t))) for _ in range(3)]
+    assert abs(torch.cat(draws).mean().item() - 0.5) < 0.05
+    rewarded = PolicySampler.learn
+
+    def learn(self, before: Tensor, after: Tensor) -> None:  # reward = 1 − 2t of the drawn t, per image
+        features, t = self._pending
+        n, k = len(t), len(self.chosen)
+        delta = torch.zeros(len(before))
+        delta[: n * k] = ((1 - 2 * t) / k).repeat(k).float()
+        rewarded(self, before, before - delta)
+
+    sampler.learn = learn.__get__(sampler)
+    for _ in range(150):
+        policy_step(sampler, x0, lambda t, x: torch.zeros(len(t)))
+    later = torch.cat([sampler.draw(x0)[0] for _ in range(5)])
+    assert later.mean() < 0.3, later.mean()
+
+
+def test_kim_probe_times_are_scikit_learns_f_regression_choice() -> None:
+    feature_selection = pytest.importorskip("sklearn.feature_selection")
+    rng = np.random.default_rng(0)
+    sampler = make("kim", probes=3, grid=12, history=20)
+    assert sampler.chosen == [0, 1, 2]
+    sweeps = rng.normal(size=(20, 12)) * rng.uniform(0.1, 3, size=12)
+    sampler.sweeps = sweeps[:1].tolist()
+    sampler._choose()
+    assert sampler.chosen == [0, 1, 2]  # one sweep: no choice yet
+    sampler.sweeps = sweeps.tolist()
+    sampler._choose()
+    best = feature_selection.SelectKBest(feature_selection.f_regression, k=3).fit(sweeps, sweeps.sum(1))
+    assert sampler.chosen == sorted(np.flatnonzero(best.get_support()).tolist())
+
+
+def test_kim_state_resumes_exactly_and_a_composite_refuses_it() -> None:
+    def reward(t: Tensor, x: Tensor) -> Tensor:
+        return (1 - t) * x.flatten(1).mean(1)
+
+    original = make("kim", seed=3, every=2)
+    for i in range(9):
+        policy_step(original, images(16, seed=i), reward)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make("kim", seed=4, every=2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.chosen == original.chosen and resumed.sweeps == original.sweeps
+    for i in range(9, 15):
+        assert torch.equal(policy_step(original, images(16, seed=i), reward),
+                           policy_step(resumed, images(16, seed=i), reward))
+    for a, b in zip(original.policy.parameters(), resumed.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(FrugalError, match="^timestep_sampler.mixture.samplers = "):
+        make("mixture", samplers=["uniform", "kim"])

@@ -78,7 +78,8 @@ def test_toy_training_learns_and_samples_land_on_the_data(tmp_path):
 
 @pytest.mark.parametrize("extra", [{}, {"diffusion.reference_images": 32}, {"model.num_classes": 0},
                                    {"train.immiscible": True, "diffusion.timestep_sampler": "speed",
-                                    "diffusion.weighting": "speed"}])
+                                    "diffusion.weighting": "speed"},
+                                   {"diffusion.timestep_sampler": "kim", "timestep_sampler.kim.every": 4}])
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, extra, monkeypatch):
     """digits has labels: a conditional run (label dropout, class-aware stable target) unless num_classes is 0."""
     values = {**TINY_UNET, "train.images_seen": 16 * 24, "train.checkpoint_every": 0, "train.lr_schedule": "cosine",

@@ -191,14 +191,22 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def training_seconds(metrics_csv: Path) -> float:
-    """Seconds spent in optimizer steps, from metrics.csv's images and images/s per row."""
-    total, previous = 0.0, 0
+def training_clock(metrics_csv: Path) -> list[tuple[dict[str, str], float]]:
+    """Each row of metrics.csv with the seconds spent in optimizer steps up to it (from the rows' images and
+    images/s: evaluations, held-out losses and checkpoints are not counted)."""
+    clock, total, previous = [], 0.0, 0
     for row in read_metrics(metrics_csv):
         images = int(row["images_seen"])
         total += (images - previous) / max(float(row["images_per_s"]), 1e-9)
         previous = images
-    return total
+        clock.append((row, total))
+    return clock
+
+
+def training_seconds(metrics_csv: Path) -> float:
+    """Seconds spent in optimizer steps over the whole run."""
+    clock = training_clock(metrics_csv)
+    return clock[-1][1] if clock else 0.0
 
 
 class MetricsLog:

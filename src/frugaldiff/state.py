@@ -61,7 +61,7 @@ class TrainState:
         device = self.device
         index = self.stream.next(n)
         x0 = self.train[index].to(device)
-        t, importance = self.sampler.sample(n)
+        t, importance = self.sampler.draw(x0)
         eps = torch.randn((n, *x0.shape[1:]), generator=self.noise).to(device)
         if self.flip:
             x0 = mirror_randomly(x0, self.noise)

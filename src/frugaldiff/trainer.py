@@ -31,7 +31,7 @@ from .guidance import guide_share
 from .images import to_uint8
 from .latent import check_same_autoencoder, load_autoencoder
 from .metrics import Evaluator, eval_column
-from .objective import Objective
+from .objective import Batch, Objective
 from .plots import plot_eval
 from .runs import METRIC_FIELDS, MetricsLog, RunFiles, RunLock, start_run
 from .runtime import Runtime
@@ -58,6 +58,8 @@ def train_step(state: TrainState, objective: Objective, model: nn.Module, settin
     state.sampler.set_progress(state.images_seen / settings.images_seen)
     state.optimizer.zero_grad(set_to_none=True)
     batch = state.draw(settings.batch_size, objective)
+    probe = state.sampler.probe(batch)  # a timestep sampler that learns from the update's effect (kim)
+    before = None if probe is None else probe_objective(objective, state.denoiser, probe, world)
     total = torch.zeros((), device=state.device)
     feedback = []
     for k in range(accum):
@@ -72,7 +74,21 @@ def train_step(state: TrainState, objective: Objective, model: nn.Module, settin
     grad_norm = torch.nn.utils.clip_grad_norm_(state.denoiser.prediction_parameters(), settings.grad_clip or math.inf)
     # one device-to-host copy per step (each is a sync that drains a GPU's queue): loss, norm, (t, loss)s
     host = torch.cat([torch.stack([world.mean(total), grad_norm.float()]), *(f.flatten() for f in feedback)])
-    return _finish_step(state, host.cpu().double(), settings.batch_size)
+    result = _finish_step(state, host.cpu().double(), settings.batch_size)
+    if probe is not None:
+        state.sampler.learn(before, probe_objective(objective, state.denoiser, probe, world))
+    return result
+
+
+@torch.no_grad()
+def probe_objective(objective: Objective, denoiser: nn.Module, probe: Batch, world: World) -> Tensor:
+    """The objective per row of ``probe`` for the current weights, in eval mode (no dropout); averaged over ranks
+    so that every rank's timestep sampler learns the same thing."""
+    denoiser.eval()
+    try:
+        return world.mean(objective(denoiser, probe)[0].float())
+    finally:
+        denoiser.train()
 
 
 def _finish_step(state: TrainState, host: Tensor, images: int) -> tuple[float, float]:

@@ -1,0 +1,182 @@
+"""Speedrun: CPU-minutes until each recipe's samples first reach a fixed quality, at the default run's budget.
+
+    python benchmarks/speedrun.py --out DIR [--recipes ...] [--seeds 0 1 2] [--eval-every 4000]
+        [--eval-samples 256] [--minutes 5] [--threads N] [--set KEY=VALUE] [--report-only] [--smoke]
+
+Every recipe of ``benchmarks/recipes.py`` trains with the default run's batch size and budget in images (the
+user's ``frugaldiff train``), is evaluated every --eval-every images (domain FID of --eval-samples EMA samples with
+the user's sampling settings) and its clock counts only the optimizer steps (evaluations excluded). Two targets
+per dataset, fixed before any candidate is looked at: **easy**, the median final FID of ``ddpm`` (the classic
+recipe at the default budget), and **hard**, the geometric mean of that and the real-data floor (training images
+scored against the held-out split at the same sample count) — halfway to the floor on the log scale. For each
+recipe: the training minutes until its curve first reaches each target (median over seeds; a seed that never
+reaches it counts as infinite), its FID at --minutes minutes of training (the last evaluation by then) and at the
+end. Runs are folders DIR/<recipe>/b<batch>-s<seed>, the same as the recipe grid's, reused when finished. Writes
+DIR/results.json, DIR/speedrun.md (the table, with machine and commit) and DIR/speedrun.png (FID against training
+minutes, the targets as lines). Run one at a time, nothing else on the machine: the clock is wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from recipes import COMMON, RECIPES, cell_config, train_cell
+from reporting import provenance
+
+from frugaldiff.config import Config, parse_override
+from frugaldiff.metrics import Evaluator
+from frugaldiff.plots import pyplot, save_figure
+
+
+def floor(eval_samples: int) -> float:
+    """The headline metric of ``eval_samples`` real training images against the held-out split (seed 0)."""
+    evaluator = Evaluator.for_dataset(Config(COMMON))
+    train = evaluator.data.train.numpy()
+    pick = np.random.default_rng(0).choice(len(train), size=min(eval_samples, len(train)), replace=False)
+    return float(evaluator(train[pick])[evaluator.headline])
+
+
+def minutes_to(run: dict[str, Any], target: float) -> float:
+    """Training minutes until the run's first evaluation at or below ``target`` (infinite when none is)."""
+    return next((s / 60 for f, s in zip(run["fid"], run["clock"], strict=True) if f <= target), math.inf)
+
+
+def fid_at(run: dict[str, Any], minutes: float) -> float:
+    """The FID of the run's last evaluation within ``minutes`` of training (its first when none is)."""
+    within = [f for f, s in zip(run["fid"], run["clock"], strict=True) if s <= 60 * minutes]
+    return within[-1] if within else run["fid"][0]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _cell(value: float, digits: int) -> str:
+    return "not reached" if math.isinf(value) else "—" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """The targets and, per recipe, the median minutes to each, the FID at ``minutes`` and at the end (with the
+    seeds' range)."""
+    runs, recipes = results["runs"], results["recipes"]
+    easy = _median([r["fid"][-1] for r in runs if r["recipe"] == "ddpm"])
+    targets = {"easy": easy, "hard": math.sqrt(easy * results["floor"]) if easy == easy else math.nan}
+    rows = {}
+    for recipe in recipes:
+        mine = [r for r in runs if r["recipe"] == recipe]
+        if not mine:
+            continue
+        at, final = [fid_at(r, results["minutes"]) for r in mine], [r["fid"][-1] for r in mine]
+        rows[recipe] = {**{f"minutes_to_{k}": _median([minutes_to(r, v) for r in mine]) for k, v in targets.items()},
+                        "fid_at_minutes": _median(at), "fid_at_minutes_range": [min(at), max(at)],
+                        "fid_final": _median(final), "fid_final_range": [min(final), max(final)],
+                        "train_minutes": statistics.mean(r["train_seconds"] for r in mine) / 60, "seeds": len(mine)}
+    return {"targets": targets, "rows": rows}
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    """speedrun.md and speedrun.png from the results."""
+    summary, m = results["summary"], results["minutes"]
+    t = summary["targets"]
+    lines = [f"{results['dataset']}, batch {results['batch_size']}, {results['images']:,} images per run, domain FID "
+             f"of {results['eval_samples']} samples every {results['eval_every']:,} images; machine: "
+             f"{results['machine']}; commit {results['commit']}. Targets: easy {_cell(t['easy'], 3)} (ddpm's final "
+             f"FID), hard {_cell(t['hard'], 3)} (halfway on the log scale to the floor "
+             f"{results['floor']:.3f}). Minutes are training minutes (median over seeds; evaluations excluded).\n",
+             f"| recipe | seeds | min to easy | min to hard | FID at {m:g} min (range) | final FID (range) "
+             "| train min |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    order = sorted(summary["rows"], key=lambda k: (summary["rows"][k]["minutes_to_hard"],
+                                                   summary["rows"][k]["minutes_to_easy"],
+                                                   summary["rows"][k]["fid_at_minutes"]))
+    for recipe in order:
+        row = summary["rows"][recipe]
+        lo, hi = row["fid_at_minutes_range"]
+        flo, fhi = row["fid_final_range"]
+        lines.append(f"| {recipe} | {row['seeds']} | {_cell(row['minutes_to_easy'], 1)} | "
+                     f"{_cell(row['minutes_to_hard'], 1)} | {row['fid_at_minutes']:.3f} ({lo:.3f}–{hi:.3f}) | "
+                     f"{row['fid_final']:.3f} ({flo:.3f}–{fhi:.3f}) | {row['train_minutes']:.1f} |")
+    (out / "speedrun.md").write_text("\n".join(lines) + "\n")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for recipe in order:
+        mine = [r for r in results["runs"] if r["recipe"] == recipe]
+        colour = None
+        for i, r in enumerate(mine):
+            line, = ax.plot(np.array(r["clock"]) / 60, r["fid"], marker="o", ms=3, color=colour,
+                            lw=2.5 if recipe == "frugal" else 1.0, label=recipe if i == 0 else None)
+            colour = line.get_color()
+    for name, value in t.items():
+        if value == value:
+            ax.axhline(value, color="grey", ls="--", lw=0.8)
+            ax.annotate(f"{name} target", (0, value), fontsize="small", va="bottom", color="grey")
+    ax.axvline(m, color="grey", ls=":", lw=0.8)
+    ax.set(xlabel="training minutes (evaluations excluded)", ylabel="domain FID", yscale="log",
+           title=f"speedrun on {results['dataset']} (every seed)")
+    ax.legend(fontsize="small", ncol=2)
+    save_figure(plt, fig, out / "speedrun.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recipes", nargs="+", help=f"recipes to race (default: {' '.join(RECIPES)})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval-every", type=int, default=4_000, help="images between evaluations")
+    parser.add_argument("--eval-samples", type=int, default=256, help="samples per evaluation")
+    parser.add_argument("--minutes", type=float, default=5.0, help="report each recipe's FID at this training time")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, as `frugaldiff train`)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config value for every recipe, e.g. data.name=twemoji")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    COMMON.update(parse_override(item) for item in args.set)
+    if args.smoke:
+        args.recipes, args.seeds, args.eval_every, args.eval_samples = ["ddpm", "frugal"], [0, 1], 8, 16
+        args.minutes = 0.01
+        COMMON.update({"data.name": "digits", "sample.steps": 2, "model.channels": 8, "model.channel_mult": [1, 2],
+                       "model.num_res_blocks": 1, "model.attention_resolutions": [4], "train.images_seen": 24,
+                       "train.batch_size": 8})
+    args.recipes = args.recipes or list(RECIPES)
+    unknown = sorted(set(args.recipes) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
+    if "ddpm" not in args.recipes:
+        parser.error("the targets come from ddpm's runs: include ddpm in --recipes")
+    default = Config(COMMON)
+    batch, images = default["train.batch_size"], default["train.images_seen"]
+    runs = []
+    cells = [(r, s) for s in args.seeds for r in args.recipes]  # seed-major: every recipe once first
+    for i, (recipe, seed) in enumerate(cells):
+        run = args.out / recipe / f"b{batch}-s{seed}"
+        if args.report_only and not (run / "heldout_x0.json").is_file():
+            print(f"[{i + 1}/{len(cells)}] {recipe}, seed {seed}: not finished, left out", flush=True)
+            continue
+        print(f"[{i + 1}/{len(cells)}] {recipe}, seed {seed}", flush=True)
+        config = cell_config(recipe, batch, seed, images, args.eval_every, args.eval_samples)
+        runs.append({"recipe": recipe, "seed": seed, **train_cell(config, run, not args.smoke,
+                                                                   train=not args.report_only)})
+    results = {"dataset": default["data.name"], "recipes": args.recipes, "seeds": args.seeds, "batch_size": batch,
+               "images": images, "eval_every": args.eval_every, "eval_samples": args.eval_samples,
+               "minutes": args.minutes, "floor": floor(args.eval_samples), **provenance(), "common": COMMON,
+               "settings": {k: RECIPES[k] for k in args.recipes}, "runs": runs}
+    results["summary"] = summarise(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report(results, args.out)
+    print((args.out / "speedrun.md").read_text(), end="")
+    print(f"wrote {args.out}/results.json, speedrun.md, speedrun.png")
+
+
+if __name__ == "__main__":
+    main()
