@@ -162,7 +162,7 @@ def _heldout_loss(trainer: Trainer) -> float:
         return float(parts.prediction.loss(parts.denoiser(x_t, t), x_t, x0, eps, t, parts.weighting).mean())
 
 
-@pytest.mark.parametrize("gate", ["timestep", "pixel"])
+@pytest.mark.parametrize("gate", ["timestep", "pixel", "analytic", "switch"])
 @pytest.mark.parametrize("strategy", ["joint", "heads", "heads+joint"])
 def test_each_strategy_learns_on_a_toy_and_checkpoints_its_gate(tmp_path, strategy, gate):
     values = {**TOY, "train.images_seen": 32 * 60, "train.lr": 3e-3, "diffusion.mixed.strategy": strategy,
@@ -179,6 +179,9 @@ def test_each_strategy_learns_on_a_toy_and_checkpoints_its_gate(tmp_path, strate
     if gate == "timestep":
         assert any(k.startswith("prediction.gate_net.") for k in saved)
         assert saved["prediction.gate_net.2.weight"].abs().sum() > 0  # the gate moved away from equal weights
+    if gate in ("analytic", "switch"):  # the measured errors are buffers: in the checkpoint and the EMA model
+        assert int(saved["prediction.head_counts"].sum()) == 32 * 60
+        assert not torch.equal(saved["prediction.head_errors"], torch.ones_like(saved["prediction.head_errors"]))
 
 
 def _learns(tmp_path, values) -> Trainer:
@@ -242,3 +245,54 @@ def test_sample_command_works_from_a_mixed_image_model(tmp_path, capsys):
     with np.load(out) as f:
         images = f[f.files[0]]
     assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_analytic_gate_is_inverse_error_weighting_and_switch_picks_the_best_head():
+    t = torch.tensor([0.05, 0.3, 0.55, 0.8])
+    for gate in ("analytic", "switch"):
+        pred = _mixed(gate, types=["x0", "velocity"], process=VPLinear())
+        weights = pred.gate_weights(torch.zeros(4, pred.out_channels(3)), t)
+        torch.testing.assert_close(weights, torch.full((4, 2), 0.5) if gate == "analytic" else
+                                   torch.tensor([[1.0, 0.0]] * 4))  # nothing measured: equal errors
+        errors = torch.tensor([[0.01, 0.04], [0.2, 0.1], [0.3, 0.3], [0.5, 0.7]])
+        pred.head_errors.copy_(errors.repeat_interleave(5, 0))  # 20 bins: four blocks of five
+        weights = pred.gate_weights(torch.zeros(4, pred.out_channels(3)), t)
+        assert bool((weights >= 0).all()) and torch.allclose(weights.sum(1), torch.ones(4))
+        if gate == "analytic":  # w_k = (1/E_k) / Σ_j 1/E_j, i.e. (E_2, E_1)/(E_1 + E_2) for two heads
+            expected = errors.flip(1) / errors.sum(1, keepdim=True)
+        else:
+            expected = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+        torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_measured_gate_keeps_running_per_bin_means_of_each_heads_x0_error_in_training_only():
+    pred = _mixed("analytic", types=["x0", "velocity"], process=VPLinear()).double()
+    pred.decay = 0.5
+    t, x0, eps, x_t = _batch((40, 2, 3, 3))
+    offsets = torch.tensor([0.1, 0.3], dtype=torch.float64)  # head k's x̂0 is x0 + offset_k: error offset_k²
+
+    def loss_with(scale: float) -> None:  # ∂x̂0/∂F = −σ·c/D: an output change of −δ·D/(σ·c) moves x̂0 by δ
+        def moved(h):
+            _, _, c = h.scaled_coefficients(t)
+            return (h.determinant(t) / (h.process.sigma(t) * c)).reshape(-1, 1, 1, 1)
+
+        out = torch.cat([h.target(x0, eps, t) - scale * o * moved(h) for h, o in zip(pred.heads, offsets,
+                                                                                     strict=True)], 1)
+        pred.loss(out, x_t, x0, eps, t, WEIGHTINGS.create("none"))
+
+    pred.eval()
+    loss_with(1.0)
+    pred.train()
+    with torch.no_grad():
+        loss_with(1.0)
+    assert torch.equal(pred.head_counts, torch.zeros(20, dtype=torch.long))  # neither eval mode nor no_grad counts
+    pred.train()
+    loss_with(1.0)
+    assert int(pred.head_counts.sum()) == 40
+    seen = pred.head_counts > 0
+    torch.testing.assert_close(pred.head_errors[seen], (offsets**2).expand(int(seen.sum()), 2), rtol=1e-5,
+                               atol=1e-9)
+    assert torch.equal(pred.head_errors[~seen], torch.ones(int((~seen).sum()), 2, dtype=torch.float64))
+    loss_with(2.0)  # second observation of each bin: rate max(n/count, 1 − decay) = 1/2
+    torch.testing.assert_close(pred.head_errors[seen], ((offsets**2) * 2.5).expand(int(seen.sum()), 2),
+                               rtol=1e-5, atol=1e-9)

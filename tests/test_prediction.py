@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -147,3 +148,71 @@ def test_presets_give_the_documented_unets_and_keys_override_them(side, expected
         net = build_network(config, PREDICTIONS.create("velocity", PROCESSES.create("flow"), 0.5), (3, side, side))
         x = torch.randn(2, 3, side, side)
         assert net(x, torch.rand(2)).shape == x.shape
+
+
+# ---- blend: one head, a t-dependent target between two types ------------------------------------------------
+
+BLEND_PAIRS = [("vp-linear", ["velocity", "x0"]), ("vp-linear", ["eps", "x0"]), ("flow", ["velocity", "x0"]),
+               ("vp-cosine", ["v", "x0"]), ("vp-linear", ["acceleration", "velocity"])]
+
+
+@pytest.mark.parametrize(("process_name", "types"), BLEND_PAIRS)
+def test_blend_target_converts_back_exactly_on_a_dense_t_grid(process_name, types):
+    process = PROCESSES.create(process_name)
+    pred = PREDICTIONS.create("blend", process, 0.5, types=types, weights=[0.9, 0.1, 0.6, 0.3, 1.0, 0.0])
+    t = torch.linspace(process.t_min, process.t_max, 4001, dtype=torch.float64)
+    _, x0, eps, _ = _batch(process, n=4001)
+    x_t = process.add_noise(x0, eps, t)
+    x0_hat = pred.to_x0(pred.target(x0, eps, t), x_t, t)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-11)
+    torch.testing.assert_close(pred.to_eps(x0_hat, x_t, t), eps, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize(("process_name", "types"), BLEND_PAIRS)
+def test_blend_with_a_pure_types_weights_is_that_type(process_name, types):
+    process = PROCESSES.create(process_name)
+    t = torch.linspace(process.t_min, process.t_max, 1001, dtype=torch.float64)
+    _, x0, eps, _ = _batch(process, n=1001)
+    x_t = process.add_noise(x0, eps, t)
+    out = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for weights, pure in (([0.0], types[0]), ([0.0, 0.0, 0.0], types[0]), ([1.0, 1.0], types[1])):
+        blend = PREDICTIONS.create("blend", process, 0.5, types=types, weights=weights)
+        single = PREDICTIONS.create(pure, process, 0.5)
+        sign = torch.sign(blend.determinant(t) * single.determinant(t))  # the second type oriented like the first
+        torch.testing.assert_close(blend.target(x0, eps, t), bcast_like(sign, x0) * single.target(x0, eps, t),
+                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(blend.to_x0(bcast_like(sign, out) * out, x_t, t), single.to_x0(out, x_t, t),
+                                   rtol=0, atol=1e-10)
+        torch.testing.assert_close(blend.amplification(t), single.amplification(t), rtol=1e-12, atol=0)
+
+
+def test_blend_x0_is_the_lambda_average_of_the_two_types_estimates():
+    """Outputs o1, o2 of the two types, blended as the target is, give λ·x̂0(o2) + (1 − λ)·x̂0(o1)."""
+    process = VPLinear()
+    weights = [0.2, 0.7, 0.5, 0.95]
+    blend = PREDICTIONS.create("blend", process, 0.5, types=["velocity", "x0"], weights=weights)
+    first, second = (PREDICTIONS.create(k, process, 0.5) for k in ("velocity", "x0"))
+    t = torch.linspace(0.01, 0.99, 99, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x_t, o1, o2 = (torch.randn(99, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    lam = torch.from_numpy(np.interp(t.numpy(), [0.125, 0.375, 0.625, 0.875], weights))
+    (a1, b1, c1), (a2, b2, c2), (a, b, c) = (k.scaled_coefficients(t) for k in (first, second, blend))
+    sign = torch.sign(first.determinant(t) * second.determinant(t))
+    # the target's share of the second type: (a, b) = (1 − w)(a1, b1)/c1 + w·sign·(a2, b2)/c2
+    w = (b - b1 / c1) / (sign * b2 / c2 - b1 / c1)
+    out = ((1 - w)[:, None] * o1 + w[:, None] * sign[:, None] * o2) / c[:, None]
+    expected = (1 - lam)[:, None] * first.to_x0(o1, x_t, t) + lam[:, None] * second.to_x0(o2, x_t, t)
+    torch.testing.assert_close(blend.to_x0(out, x_t, t), expected, rtol=0, atol=1e-10)
+
+
+def bcast_like(v, x):
+    return v.reshape(-1, *[1] * (x.dim() - 1))
+
+
+def test_blend_refuses_bad_types_and_weights():
+    for values, message in (({"diffusion.blend.types": ["x0"]}, "exactly two"),
+                            ({"diffusion.blend.types": ["x0", "mixed"]}, "two linear types"),
+                            ({"diffusion.blend.weights": [0.5, 1.5]}, "numbers in \\[0, 1\\]")):
+        with pytest.raises(FrugalError, match=message) as info:
+            PREDICTIONS.create("blend", VPLinear(), 0.5, **{k.split(".")[-1]: v for k, v in values.items()})
+        assert "\n" not in str(info.value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -186,7 +186,73 @@ register_linear_prediction("v", _v)
 register_linear_prediction("velocity", _velocity)
 register_linear_prediction("acceleration", _acceleration)
 
-GATES = ("timestep", "pixel")
+#: diffusion.blend.weights by default: inverse-error shares of x0 against velocity per tenth of t, from the x0 errors
+#: measured on mnist5000 (docs/prediction-types.md, vp-linear, 20k images): x0 takes 28 % next to t = 0, half above.
+BLEND_WEIGHTS = [0.276, 0.472, 0.512, 0.513, 0.511, 0.506, 0.502, 0.502, 0.502, 0.504]
+
+
+def inverse_error_shares(first: Sequence[float], second: Sequence[float]) -> list[float]:
+    """Per bin, the share of the second of two estimators with these mean squared errors in their inverse-error
+    weighted average, E1/(E1 + E2): the best combination of two unbiased estimators with uncorrelated errors."""
+    return [e1 / (e1 + e2) for e1, e2 in zip(first, second, strict=True)]
+
+
+def blend_prediction(process: NoiseProcess, sigma_data: float, first: str, second: str,
+                     weights: Sequence[float]) -> LinearPrediction:
+    """One head whose target moves between two linear types with t, so that its x̂0 is the average
+    λ(t)·x̂0_second + (1 − λ(t))·x̂0_first of what the two types' outputs would give.
+
+    ``weights`` are λ at the centres of equal bins of [0, 1] (interpolated linearly, constant beyond the outer
+    centres). With unit targets h̃_k = h_k/c_k of determinant D̃_k = σ/A_k (the second oriented like the first),
+    the target (1 − w)·h̃_1 + w·h̃_2 gives exactly x̂0 = [(1 − w)·D̃_1·x̂0_1 + w·D̃_2·x̂0_2] / [(1 − w)·D̃_1 + w·D̃_2],
+    so w = λ·A_2 / (λ·A_2 + (1 − λ)·A_1) realises λ. λ ≡ 0 is the first type exactly, λ ≡ 1 the second (up to
+    its sign). EDM's preconditioning is the special case of x0 and ε with its own c_skip, c_out.
+    """
+    types = [PREDICTIONS.create(name, process, sigma_data) for name in (first, second)]
+    if not all(isinstance(t, LinearPrediction) for t in types):
+        raise FrugalError(f"diffusion.blend.types = {[first, second]} must name two linear types; choose from: "
+                          f"{', '.join(LINEAR_TYPES)}")
+    if not weights or not all(0 <= w <= 1 for w in weights):
+        raise FrugalError(f"diffusion.blend.weights = {list(weights)} must be one or more numbers in [0, 1] (the "
+                          "second type's share of x̂0 per equal bin of t)")
+    table = torch.tensor(list(weights), dtype=torch.float64)
+    centres = (torch.arange(len(table), dtype=torch.float64) + 0.5) / len(table)
+
+    def share(t: Tensor) -> Tensor:
+        """λ(t), piecewise linear through the bin centres."""
+        if len(table) == 1:
+            return table.to(t).expand_as(t)
+        x = t.to(torch.float64).clamp(centres[0], centres[-1])
+        i = (torch.searchsorted(centres, x, right=True) - 1).clamp(0, len(table) - 2)
+        frac = (x - centres[i]) / (centres[i + 1] - centres[i])
+        return (table[i] + frac * (table[i + 1] - table[i])).to(t.dtype)
+
+    def coefficients(p: NoiseProcess, t: Tensor) -> tuple[Tensor, Tensor]:
+        (a1, b1, c1), (a2, b2, c2) = (k.scaled_coefficients(t, p) for k in types)
+        sign = torch.sign(types[0].determinant(t, p) * types[1].determinant(t, p))
+        amp1, amp2 = (k.amplification(t, p) for k in types)
+        lam = share(t)
+        w = lam * amp2 / (lam * amp2 + (1 - lam) * amp1)
+        return (1 - w) * a1 / c1 + w * sign * a2 / c2, (1 - w) * b1 / c1 + w * sign * b2 / c2
+
+    return LinearPrediction(process, sigma_data, coefficients, name="blend")
+
+
+@PREDICTIONS.register("blend")
+def _blend(process: NoiseProcess, sigma_data: float, *, types: list[str] = ["velocity", "x0"],  # noqa: B006
+           weights: list[float] = BLEND_WEIGHTS) -> LinearPrediction:  # noqa: B006 - never mutated
+    """One head, a t-dependent target between two linear types; weights: the second's share of x̂0 per t bin.
+
+    :func:`blend_prediction`; the default weights are the inverse-error shares measured on mnist5000.
+    """
+    if len(types) != 2:
+        raise FrugalError(f"diffusion.blend.types = {list(types)} must name exactly two linear types, e.g. "
+                          '["velocity", "x0"]')
+    return blend_prediction(process, sigma_data, types[0], types[1], weights)
+
+
+GATES = ("timestep", "pixel", "analytic", "switch")
+MEASURED_GATES = ("analytic", "switch")  # gates from the heads' measured errors, no parameters
 STRATEGIES = ("joint", "heads", "heads+joint")
 #: The mixture's types when diffusion.mixed.types is empty (the default), less those the process leaves undefined.
 DEFAULT_MIXED_TYPES = ("x0", "velocity", "acceleration")
@@ -197,7 +263,13 @@ class MixedPrediction(PredictionType, nn.Module):
 
     The ``timestep`` gate is a small MLP on features of t (its parameters live here, so they are part of the
     denoiser, its EMA and its checkpoints); the ``pixel`` gate reads K extra logits per output element from the
-    network. ``strategy`` is the loss: ``joint`` (x0 error of the mixture only), ``heads`` (each head on its
+    network. The ``analytic`` gate learns nothing: it weighs the heads by the inverse of their x0 errors measured
+    on the training batches in ``bins`` equal bins of t (running means, an EMA with ``decay`` after the first
+    1/(1 − decay) observations, from losses computed with gradients in training mode; buffers, so checkpointed
+    and copied to the EMA model), the best combination of
+    estimators with uncorrelated errors; ``switch`` gives each bin's best head all the weight (a per-t hard
+    switch). Both start with equal weights.
+    ``strategy`` is the loss: ``joint`` (x0 error of the mixture only), ``heads`` (each head on its
     own target, the gate on the mixture's x0 error with the heads detached) or ``heads+joint`` (their sum).
     """
 
@@ -205,7 +277,7 @@ class MixedPrediction(PredictionType, nn.Module):
     frequencies = 8  # sin/cos features of t for the timestep gate
 
     def __init__(self, process: NoiseProcess, sigma_data: float, types: list[str], gate: str,
-                 strategy: str) -> None:
+                 strategy: str, bins: int = 20, decay: float = 0.99) -> None:
         nn.Module.__init__(self)
         PredictionType.__init__(self, process, sigma_data)
         explicit = bool(types)  # [] (the default): those of DEFAULT_MIXED_TYPES the process defines
@@ -216,6 +288,9 @@ class MixedPrediction(PredictionType, nn.Module):
                               f"{', '.join(LINEAR_TYPES)}")
         if gate not in GATES:
             raise FrugalError(f"unknown diffusion.mixed.gate {gate!r}; choose one of: {', '.join(GATES)}")
+        if not (isinstance(bins, int) and bins >= 1 and 0 <= decay < 1):
+            raise FrugalError(f"diffusion.mixed.bins = {bins} and decay = {decay} must be an integer >= 1 and a "
+                              "number in [0, 1)")
         if strategy not in STRATEGIES:
             raise FrugalError(f"unknown diffusion.mixed.strategy {strategy!r}; choose one of: "
                               f"{', '.join(STRATEGIES)}")
@@ -239,6 +314,10 @@ class MixedPrediction(PredictionType, nn.Module):
             self.gate_net = nn.Sequential(nn.Linear(2 * self.frequencies + 1, 64), nn.SiLU(), nn.Linear(64, k))
             nn.init.zeros_(self.gate_net[-1].weight)  # start from equal weights
             nn.init.zeros_(self.gate_net[-1].bias)
+        self.decay = decay
+        if gate in MEASURED_GATES:
+            self.register_buffer("head_errors", torch.ones(bins, len(self.heads)))
+            self.register_buffer("head_counts", torch.zeros(bins, dtype=torch.long))
 
     def out_channels(self, data_channels: int) -> int:
         """One block of ``data_channels`` per head, and one per head for the pixel gate's logits."""
@@ -262,10 +341,38 @@ class MixedPrediction(PredictionType, nn.Module):
         return torch.stack([h.to_x0(c, x_t, t) for h, c in zip(self.heads, self._chunks(out), strict=False)], 1)
 
     def gate_weights(self, out: Tensor, t: Tensor) -> Tensor:
-        """π [B, K] for the timestep gate, [B, K, ...] (one per output element) for the pixel gate."""
+        """π [B, K] for the timestep and the measured gates, [B, K, ...] (one per output element) for the pixel
+        gate."""
         if self.gate_net is not None:
             return torch.softmax(self.gate_net(self._time_features(t)), dim=1)
+        if self.gate in MEASURED_GATES:
+            errors = self.head_errors[self._bin(t)].float()
+            if self.gate == "switch":
+                return nn.functional.one_hot(errors.argmin(1), len(self.heads)).float()
+            inverse = 1 / errors.clamp_min(1e-12)
+            return inverse / inverse.sum(1, keepdim=True)
         return torch.softmax(torch.stack(self._chunks(out)[len(self.heads):], 1), dim=1)
+
+    def _bin(self, t: Tensor) -> Tensor:
+        bins = len(self.head_errors)
+        return (t.detach() * bins).long().clamp(0, bins - 1).to(self.head_errors.device)
+
+    @torch.no_grad()
+    def observe(self, x0s: Tensor, x0: Tensor, t: Tensor) -> None:
+        """Take in each head's x0 squared error on a training batch (the measured gates' running means per bin)."""
+        dtype = self.head_errors.dtype
+        errors = (x0s.detach().to(dtype) - x0.detach().to(dtype)[:, None]).pow(2).flatten(2).mean(2)  # [B, K]
+        bins = self._bin(t)
+        finite = torch.isfinite(errors).all(1)
+        bins, errors = bins[finite], errors[finite]
+        n = torch.bincount(bins, minlength=len(self.head_errors))
+        sums = torch.zeros_like(self.head_errors).index_add_(0, bins, errors)
+        seen = n > 0
+        self.head_counts += n
+        rate = torch.maximum(n / self.head_counts.clamp_min(1), torch.tensor(1 - self.decay)).to(dtype)[:, None]
+        batch_mean = sums / n.clamp_min(1)[:, None]
+        self.head_errors.copy_(torch.where(seen[:, None], self.head_errors + rate * (batch_mean - self.head_errors),
+                                           self.head_errors))
 
     def _mix(self, x0s: Tensor, weights: Tensor) -> Tensor:
         return (weights.reshape(*weights.shape, *[1] * (x0s.dim() - weights.dim())) * x0s).sum(1)
@@ -280,6 +387,8 @@ class MixedPrediction(PredictionType, nn.Module):
     def loss(self, out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor,
              weighting: LossWeighting) -> Tensor:
         x0s, weights = self.heads_x0(out, x_t, t), self.gate_weights(out, t)
+        if self.gate in MEASURED_GATES and self.training and torch.is_grad_enabled():  # training batches only
+            self.observe(x0s, x0, t)
         w = weighting.x0_weight(self, t)
 
         def mixture_error(heads: Tensor) -> Tensor:
@@ -297,9 +406,10 @@ class MixedPrediction(PredictionType, nn.Module):
 
 @PREDICTIONS.register("mixed")
 def _mixed(process: NoiseProcess, sigma_data: float, *, types: list[str] = [],  # noqa: B006
-           gate: str = "timestep", strategy: str = "heads") -> MixedPrediction:
+           gate: str = "timestep", strategy: str = "heads", bins: int = 20, decay: float = 0.99) -> MixedPrediction:
     """K heads of linear types (default []: those of x0, velocity, acceleration the process defines) mixed by a gate.
 
-    gate: timestep or pixel; strategy: joint, heads or heads+joint (:class:`MixedPrediction`).
+    gate: timestep, pixel, analytic or switch (bins, decay: the last two's error bins of t and running mean);
+    strategy: joint, heads or heads+joint (:class:`MixedPrediction`).
     """
-    return MixedPrediction(process, sigma_data, types, gate, strategy)
+    return MixedPrediction(process, sigma_data, types, gate, strategy, bins, decay)
