@@ -1,6 +1,7 @@
 """Held-out grid, per-bin x0 errors and the prediction-type study."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -90,6 +91,7 @@ def test_study_writes_its_outputs_and_reuses_finished_runs(tmp_path):
                                per_bin=8, progress=False)
     assert {p.name for p in tmp_path.iterdir()} >= {"x0", "velocity", "mixed-joint", "mixed-heads", "results.json",
                                                      "table.md", "x0_error.png", "gates.png"}
+    assert (tmp_path / "x0" / f"seed-{base['train.seed']}" / "config.toml").is_file()
     assert set(results["models"]) == {"x0", "velocity", "mixed-joint", "mixed-joint head:x0",
                                       "mixed-joint head:velocity", "mixed-heads", "mixed-heads head:x0",
                                       "mixed-heads head:velocity"}
@@ -103,6 +105,27 @@ def test_study_writes_its_outputs_and_reuses_finished_runs(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")} == stamps
     with pytest.raises(FrugalError, match="holds a run of another config"):
         prediction_study(base.updated({"train.lr": 5e-4}), tmp_path, types=["x0"], strategies=[], progress=False)
+
+
+def test_study_scores_samples_of_every_seed_and_trains_the_blend_and_measured_gates(tmp_path):
+    base = Config(TINY_GMM)
+    results = prediction_study(base, tmp_path, types=["x0", "velocity"], strategies=["heads"], bins=3, per_bin=8,
+                               progress=False, gates=["timestep", "analytic", "switch"], blend=True, seeds=[0, 1],
+                               samples=64)
+    names = ["x0", "velocity", "blend", "mixed-heads", "mixed-heads-analytic", "mixed-heads-switch"]
+    assert list(results["quality"]) == names and set(results["gates"]) == set(names[3:])
+    assert all(len(q["values"]) == len(q["train_seconds"]) == 2 for q in results["quality"].values())
+    assert {p.name for p in (tmp_path / "blend").iterdir()} == {"seed-0", "seed-1"}
+    table = (tmp_path / "table.md").read_text()
+    assert f"| blend | {statistics.mean(results['quality']['blend']['values']):.4g} ± " in table
+    # the per-bin errors are the mean over seeds of each seed's own measurement
+    single = [prediction_study(base, tmp_path, types=["x0"], strategies=[], bins=3, per_bin=8, progress=False,
+                               seeds=[s])["models"]["x0"] for s in (0, 1)]
+    assert results["models"]["x0"] == pytest.approx([(a + b) / 2 for a, b in zip(*single, strict=True)], rel=1e-9)
+    for gates in results["gates"].values():  # mean weights per study bin: a distribution over the heads
+        assert [a + b for a, b in zip(gates["x0"], gates["velocity"], strict=True)] == pytest.approx([1.0] * 3)
+    quality = results["claims"]["quality"]
+    assert quality["best_single_type"] in ("x0", "velocity") and quality["best_model"] in names
 
 
 def test_analyze_command(tmp_path, capsys):

@@ -22,7 +22,7 @@ from .metrics import evaluate
 from .noise import PROCESSES
 from .plots import plot_amplification, plot_ledger, plot_timestep_densities
 from .posthoc import posthoc_sweep, write_posthoc
-from .prediction import LINEAR_TYPES, PREDICTIONS
+from .prediction import GATES, LINEAR_TYPES, PREDICTIONS
 from .report import render_report
 from .runs import RunFiles
 from .studies import STUDY_DEFAULTS, STUDY_PROCESS, batch_sweep, prediction_study
@@ -113,8 +113,15 @@ def _parser() -> argparse.ArgumentParser:
                                "strategy at equal budget; x0 error per t bin and gate weights (table + PNGs)")
     study.add_argument("--dataset", default="gmm", help="dataset (default: gmm; e.g. mnist5000)")
     study.add_argument("--types", nargs="+", default=["x0", "velocity", "acceleration"], help="single types")
-    study.add_argument("--strategies", nargs="+", default=["joint", "heads", "heads+joint"],
-                       help="mixed strategies to train (default: all three)")
+    study.add_argument("--strategies", nargs="*", default=["joint", "heads", "heads+joint"],
+                       help="mixed strategies to train (default: all three; none: no mixture)")
+    study.add_argument("--gates", nargs="+", default=["timestep"], choices=list(GATES),
+                       help="gates of the mixtures (default: timestep): each strategy is trained with each")
+    study.add_argument("--blend", action="store_true",
+                       help="also train the single-head blend (diffusion.prediction = blend: velocity → x0 over t)")
+    study.add_argument("--seeds", type=int, nargs="+", help="training seeds per model (default: the config's)")
+    study.add_argument("--samples", type=int, default=0,
+                       help="score this many EMA samples of every run with the data's headline metric (0: none)")
     _grid_options(study, per_bin=512)
     study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="change a key of every model, e.g. --set train.images_seen=50000")
@@ -293,8 +300,11 @@ def _prediction_types(args: argparse.Namespace) -> int:
         raise FrugalError("--bins and --per-bin must be at least 1")
     values = {"data.name": args.dataset, "diffusion.process": STUDY_PROCESS, **STUDY_DEFAULTS.get(args.dataset, {})}
     base = Config(values).updated(dict(parse_override(o) for o in args.overrides))
+    if args.samples < 0 or (args.samples and args.samples < 2):
+        raise FrugalError("--samples must be 0 (no scoring) or at least 2")
     results = prediction_study(base, args.out, args.types, args.strategies, args.bins, args.per_bin,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, gates=args.gates, blend=args.blend, seeds=args.seeds,
+                               samples=args.samples)
     print((args.out / "table.md").read_text(), end="")
     print(json.dumps(results["claims"]))
     print(f"wrote {args.out}/results.json, table.md, x0_error.png" + (", gates.png" if results["gates"] else ""))

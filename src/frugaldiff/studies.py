@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,45 +61,80 @@ STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def study_models(types: Sequence[str], strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Model name → config changes: one model per single type, one per mixed strategy over ``types``."""
+def study_models(types: Sequence[str], strategies: Sequence[str], gates: Sequence[str] = ("timestep",),
+                 blend: bool = False) -> dict[str, dict[str, Any]]:
+    """Model name → config changes: one model per single type, the single-head ``blend`` (velocity → x0 with the
+    measured default shares) when asked, and one per mixed strategy and gate over ``types`` (``mixed-<strategy>``
+    for the timestep gate, ``mixed-<strategy>-<gate>`` for the others)."""
     models: dict[str, dict[str, Any]] = {t: {"diffusion.prediction": t} for t in types}
+    if blend:
+        models["blend"] = {"diffusion.prediction": "blend"}
     for strategy in strategies:
-        models[f"mixed-{strategy}"] = {"diffusion.prediction": "mixed", "diffusion.mixed.types": list(types),
-                                       "diffusion.mixed.strategy": strategy}
+        for gate in gates:
+            name = f"mixed-{strategy}" if gate == "timestep" else f"mixed-{strategy}-{gate}"
+            models[name] = {"diffusion.prediction": "mixed", "diffusion.mixed.types": list(types),
+                            "diffusion.mixed.strategy": strategy, "diffusion.mixed.gate": gate}
     return models
 
 
 def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", "velocity", "acceleration"),
                      strategies: Sequence[str] = ("joint", "heads", "heads+joint"), bins: int = 10,
-                     per_bin: int = 512, progress: bool = True) -> dict[str, Any]:
-    """Train (or reuse, when finished) one run per model of :func:`study_models` under ``out_dir`` at equal
-    budget and batch, then measure each model's (and each mixed head's) x0 error per t bin on a fixed held-out
-    grid, and the gate weights over t. Writes ``results.json``, ``table.md``, ``x0_error.png``, ``gates.png``.
+                     per_bin: int = 512, progress: bool = True, gates: Sequence[str] = ("timestep",),
+                     blend: bool = False, seeds: Sequence[int] | None = None, samples: int = 0) -> dict[str, Any]:
+    """Train (or reuse, when finished) one run per model of :func:`study_models` and seed (default: the config's)
+    under ``out_dir/<model>/seed-<seed>`` at equal budget and batch, then measure each model's (and each mixed
+    head's) x0 error per t bin on a fixed held-out grid (per-sample errors averaged over seeds), the gate weights
+    over t, and, with ``samples`` > 0 on data that has a quality metric, the headline metric of that many EMA
+    samples of every run (the run's own sampling settings) and its training seconds. Writes ``results.json``,
+    ``table.md``, ``x0_error.png``, ``gates.png``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds) if seeds else [base["train.seed"]]
     data = model_data(base, build_data(base))  # its held-out grid is in the model's space (latents or pixels)
     mixture = true_mixture(base)
+    evaluator = Evaluator(build_data(base), mixture=mixture) if samples else None
+    if evaluator is not None and evaluator.headline is None:
+        evaluator = None  # no quality metric for this data: x0 errors only
     results: dict[str, Any] = {"dataset": base["data.name"], "images_seen": base["train.images_seen"],
                                "batch_size": base["train.batch_size"], "process": base["diffusion.process"],
-                               "models": {}, "gates": {}}
-    samples: dict[str, list[Tensor]] = {}
-    for name, changes in study_models(types, strategies).items():
-        trainer = train_or_reuse(base.updated({**changes, "train.name": name}), out_dir / name, progress)
-        denoiser = trainer.state.ema.model.eval()
-        grid = fixed_grid(denoiser.process, data.heldout, bins, per_bin)
-        errors = x0_error_by_bin(denoiser_predictions(denoiser), grid, mixture, denoiser.process)
-        results["edges"] = errors["edges"]
-        if "bayes" in errors:
-            results["bayes"] = errors["bayes"]
-        key = "excess" if mixture is not None else "error"
-        for output, values in errors[key].items():
+                               "seeds": seeds, "models": {}, "gates": {}, "quality": {}}
+    per_sample: dict[str, list[Tensor]] = {}
+    key = "excess" if mixture is not None else "error"
+    for name, changes in study_models(types, strategies, gates, blend).items():
+        runs: list[dict[str, list[Tensor]]] = []
+        gate_runs: list[dict[str, list[float]]] = []
+        quality: dict[str, Any] = {"values": [], "train_seconds": []}
+        for seed in seeds:
+            config = base.updated({**changes, "train.name": name, "train.seed": seed})
+            trainer = train_or_reuse(config, out_dir / name / f"seed-{seed}", progress)
+            denoiser = trainer.state.ema.model.eval()
+            grid = fixed_grid(denoiser.process, data.heldout, bins, per_bin)
+            errors = x0_error_by_bin(denoiser_predictions(denoiser), grid, mixture, denoiser.process)
+            results["edges"] = errors["edges"]
+            if "bayes" in errors:
+                results["bayes"] = errors["bayes"]
+            runs.append({output: errors["samples"][output] for output in errors[key]})
+            if mixture is not None:  # excess over Bayes per sample: the error minus the Bayes error of its bin
+                runs[-1] = {o: [e - b for e, b in zip(v, errors["bayes"], strict=True)] for o, v in runs[-1].items()}
+            if isinstance(denoiser.prediction, MixedPrediction):
+                gate_runs.append(gate_weights_by_bin(denoiser, grid))
+            if evaluator is not None:
+                quality["values"].append(trainer.evaluate(evaluator, samples))
+                quality["train_seconds"].append(training_seconds(trainer.files.metrics))
+        for output in runs[0]:
             label = name if output == "model" else f"{name} {output}"
-            results["models"][label], samples[label] = values, errors["samples"][output]
-        if isinstance(denoiser.prediction, MixedPrediction):
-            results["gates"][name] = gate_weights_by_bin(denoiser, grid)
+            per_sample[label] = [sum(r[output][b] for r in runs) / len(runs) for b in range(bins)]
+            results["models"][label] = [float(v.mean()) for v in per_sample[label]]
+        if gate_runs:
+            results["gates"][name] = {head: [sum(g[head][b] for g in gate_runs) / len(gate_runs) for b in range(bins)]
+                                      for head in gate_runs[0]}
+        if evaluator is not None:
+            results["quality"][name] = quality
     results["measure"] = "excess x0 error over Bayes" if mixture is not None else "x0 error"
-    results["claims"] = study_claims(results, samples, types)
+    if evaluator is not None:
+        results["metric"], results["samples"] = evaluator.headline, samples
+        results["higher_is_better"] = evaluator.headline in HIGHER_IS_BETTER
+    results["claims"] = study_claims(results, per_sample, types)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out_dir / "table.md", study_table(results))
     plot_error_by_bin(results, out_dir / "x0_error.png")
@@ -129,14 +165,26 @@ def study_claims(results: dict[str, Any], samples: dict[str, list[Tensor]], type
                                                            for b in range(bins)] if singles else [],
                               "mixtures": {}}
     for name, values in models.items():
-        if not name.startswith("mixed-") or " " in name:
+        if not (name.startswith("mixed-") or name == "blend") or " " in name:
             continue
         heads = [f"{name} head:{t}" for t in types if f"{name} head:{t}" in models]
         claims["mixtures"][name] = {
-            "bins_worse_than_own_best_head": worse_bins(name, heads),
+            "bins_worse_than_own_best_head": worse_bins(name, heads) if heads else [],
             "bins_worse_than_best_single_model": worse_bins(name, singles) if singles else [],
             "mean": sum(values) / bins,
         }
+    quality = results.get("quality") or {}
+    rated = [t for t in singles if t in quality]
+    if rated:
+        sign = -1 if results.get("higher_is_better") else 1  # sign·value: lower is better
+        mean = {n: sign * statistics.mean(q["values"]) for n, q in quality.items()}
+        best = min(rated, key=mean.__getitem__)
+        best_seed = min(sign * v for v in quality[best]["values"])
+        claims["quality"] = {
+            "best_model": min(mean, key=mean.__getitem__), "best_single_type": best,
+            # every seed of the candidate better than every seed of the best single type
+            "better_than_best_single_beyond_seed_spread": [n for n, q in quality.items() if n not in rated and all(
+                sign * v < best_seed for v in q["values"])]}
     return claims
 
 
@@ -152,6 +200,15 @@ def study_table(results: dict[str, Any]) -> str:
         rows = {"(Bayes error itself)": results["bayes"], **rows}
     for name, values in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in values) + f" | {_fmt(sum(values) / len(values))} |")
+    if results.get("quality"):
+        lines += ["", f"{results['metric']} of {results['samples']} EMA samples per run (mean ± std over seeds "
+                  f"{results['seeds']}), mean {results['measure']} and training seconds per run", "",
+                  f"| model | {results['metric']} | {results['measure']} | train s |", "|---|---:|---:|---:|"]
+        for name, q in results["quality"].items():
+            values, error = q["values"], results["models"][name]
+            spread = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
+            lines.append(f"| {name} | {statistics.mean(values):.4g}{spread} | {_fmt(sum(error) / len(error))} | "
+                         f"{statistics.mean(q['train_seconds']):.0f} |")
     return "\n".join(lines) + "\n"
 
 
