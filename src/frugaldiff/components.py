@@ -61,6 +61,8 @@ class TrainSettings(_Settings):
     seed: int
     flip: bool
     immiscible: bool
+    patch: bool
+    patch_full: float
     checkpoint_every: int
     phema_snapshots: int
     label_dropout: float
@@ -182,7 +184,8 @@ def build_network(config: Config, prediction: PredictionType, sample_shape: tupl
         if len(sample_shape) != 3:
             raise FrugalError(f"model.name=unet needs image data, got samples of shape {sample_shape}; use mlp")
         channels, side, _ = sample_shape
-        return NETWORKS.create("unet", channels, prediction.out_channels(channels), side,
+        coordinates = 2 if config["train.patch"] else 0  # Patch Diffusion's coordinate channels
+        return NETWORKS.create("unet", channels + coordinates, prediction.out_channels(channels), side,
                                dropout=config["model.dropout"], num_classes=classes, **unet_keys(config, side))
     if len(sample_shape) != 1:
         raise FrugalError(f"model.name={name} needs vector data, got samples of shape {sample_shape}; use unet")
@@ -199,7 +202,10 @@ def build_denoiser(config: Config, sample_shape: tuple[int, ...], classes: int =
     prediction = config.prediction(process)
     net = build_network(config, prediction, sample_shape, classes)
     weighting = weighting if weighting is not None else config.weighting()
-    return Denoiser(net, prediction, weighting.uncertainty(process))
+    if config["train.patch"] and len(sample_shape) != 3:
+        raise FrugalError(f"train.patch crops images, and {config['data.name']} holds vectors of shape {sample_shape}; "
+                          "set train.patch = false")
+    return Denoiser(net, prediction, weighting.uncertainty(process), coordinates=config["train.patch"])
 
 
 def run_denoiser(config: Config, info: dict[str, Any]) -> Denoiser:
@@ -231,6 +237,10 @@ def build(config: Config, data: Data, runtime: Runtime) -> Components:
     classes = num_classes(config, data)
     denoiser = build_denoiser(config, data.sample_shape, classes, process, weighting).to(runtime.device)
     denoiser.autoencoder = data.autoencoder
+    if config["train.patch"] and config["diffusion.reference_images"]:
+        raise FrugalError("train.patch trains on crops, which the stable target's whole-image references cannot "
+                          f"match (diffusion.reference_images = {config['diffusion.reference_images']}); set "
+                          "diffusion.reference_images = 0 with train.patch")
     pool: Tensor | None = data.train.to(runtime.device) if config["diffusion.reference_images"] else None
     pool_labels = data.train_labels.to(runtime.device) if pool is not None and classes else None
     objective = Objective(denoiser, weighting, runtime, pool, config["diffusion.reference_images"], pool_labels)

@@ -196,6 +196,11 @@ OPTIONS: list[Option] = [
            predating=0.0),
     Option("train.immiscible", False, "immiscible diffusion (Li et al. 2024): pair each batch's noise draws with its "
            "images by least total distance (a linear assignment) before noising", predating=False),
+    Option("train.patch", False, "Patch Diffusion (Wang et al. 2023): train on random crops with two coordinate "
+           "channels and sample at full size (image data; needs diffusion.reference_images = 0)", predating=False),
+    Option("train.patch_full", 0.5, "train.patch: share of steps on full images; the others crop half the side "
+           "or (pixels) a quarter, 3:2, one random position per image, as Patch Diffusion", low=0.0, high=1.0,
+           predating=0.5),
     Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1, high=65536),
     Option("train.precision", "auto", "fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)",
            choices=lambda: ["auto", "fp32", "bf16"]),

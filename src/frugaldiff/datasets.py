@@ -124,6 +124,33 @@ def mirror_randomly(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(mirrored.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def patch_coordinates(side: int, size: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """[N, 2, size, size]: the column and the row of every pixel of crops whose corners are (``top``, ``left``) in a
+    ``side``×``side`` image, scaled so that the whole image spans [−1, 1] (Patch Diffusion's coordinate channels)."""
+    offsets, scale = torch.arange(size, dtype=torch.float32), 2 / max(side - 1, 1)
+    columns = (left.float()[:, None] + offsets) * scale - 1  # [N, size]
+    rows = (top.float()[:, None] + offsets) * scale - 1
+    n = len(top)
+    return torch.stack([columns[:, None, :].expand(n, size, size), rows[:, :, None].expand(n, size, size)], 1)
+
+
+def random_patches(x: torch.Tensor, generator: torch.Generator, full_share: float, latent: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch Diffusion's crops of a batch of square images [N, C, S, S] (train.patch) and their coordinates: one
+    size per step — the whole side with probability ``full_share``, else S/2 or S/4 at odds 3:2 (only S/2 for
+    ``latent`` data, as theirs) — and one uniformly random position per image, drawn from ``generator``."""
+    n, side = len(x), x.shape[-1]
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    half = latent or u < full_share + (1 - full_share) * 3 / 5
+    size = side if u < full_share else max(1, side // 2 if half else side // 4)
+    top, left = (torch.randint(0, side - size + 1, (n,), generator=generator) for _ in range(2))
+    offsets = torch.arange(size)
+    rows, columns = (top[:, None] + offsets).to(x.device), (left[:, None] + offsets).to(x.device)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    crops = x[batch, :, rows[:, :, None], columns[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    return crops, patch_coordinates(side, size, top, left).to(x.device)
+
+
 def cache_dir() -> Path:
     """Cache folder: $FRUGALDIFF_CACHE, else $XDG_CACHE_HOME/frugaldiff, else ~/.cache/frugaldiff."""
     if os.environ.get("FRUGALDIFF_CACHE"):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .datasets import patch_coordinates
 from .noise import NoiseProcess, bcast
 from .prediction import PredictionType
 from .registry import Registry
@@ -218,9 +219,12 @@ class Denoiser(nn.Module):
     optimizer, the EMA, DDP and checkpoints carry them with the network.
     """
 
-    def __init__(self, net: nn.Module, prediction: PredictionType, uncertainty: Uncertainty | None = None) -> None:
+    def __init__(self, net: nn.Module, prediction: PredictionType, uncertainty: Uncertainty | None = None,
+                 coordinates: bool = False) -> None:
         super().__init__()
         self.net = net
+        #: Patch Diffusion: the network also reads each pixel's position in the full image (two channels)
+        self.coordinates = coordinates
         self.prediction = prediction
         self.uncertainty = uncertainty if uncertainty is not None else Uncertainty()
         #: A latent run's :class:`~frugaldiff.latent.Autoencoder`: generation decodes with it (None: pixels)
@@ -245,8 +249,17 @@ class Denoiser(nn.Module):
         """The label that stands for no class (classifier-free guidance's unconditional model)."""
         return self.num_classes
 
-    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        return self.net(x_t * bcast(self.prediction.input_scale(t), x_t), t, labels)
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, coords: Tensor | None = None) -> Tensor:
+        """The raw output for ``x_t`` at ``t``; a patch-trained network also takes its pixels' coordinates
+        (default: the whole image's, as when sampling)."""
+        x = x_t * bcast(self.prediction.input_scale(t), x_t)
+        if self.coordinates:
+            if coords is None:
+                side = x_t.shape[-1]
+                coords = patch_coordinates(side, side, torch.zeros(len(x_t), dtype=torch.long),
+                                           torch.zeros(len(x_t), dtype=torch.long)).to(x_t.device)
+            x = torch.cat([x, coords.to(x.dtype)], 1)
+        return self.net(x, t, labels)
 
     def denoise(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """x̂0(x_t, t) in float32, for ``labels`` (None: no class)."""

@@ -16,8 +16,8 @@ from .weighting import Weighting
 @dataclass
 class Batch:
     """Training inputs on the device: clean samples, their times, importance weights and noise, their labels (None:
-    unconditional; the null label where dropped), and the stable target's reference images and their labels (None
-    when it is off)."""
+    unconditional; the null label where dropped), the stable target's reference images and their labels (None
+    when it is off) and, for patch training, the crops' coordinates."""
 
     x0: Tensor
     t: Tensor
@@ -26,14 +26,16 @@ class Batch:
     reference: Tensor | None = None
     labels: Tensor | None = None
     reference_labels: Tensor | None = None
+    coords: Tensor | None = None  # train.patch: the crops' coordinate channels
 
     def part(self, index: int, parts: int) -> Batch:
         """Rows [index·n, (index + 1)·n) of ``parts`` equal parts (n = rows / parts); the references are shared."""
         n = len(self.x0) // parts
         rows = slice(index * n, (index + 1) * n)
         labels = None if self.labels is None else self.labels[rows]
+        coords = None if self.coords is None else self.coords[rows]
         return replace(self, x0=self.x0[rows], t=self.t[rows], importance=self.importance[rows], eps=self.eps[rows],
-                       labels=labels)
+                       labels=labels, coords=coords)
 
 
 def stable_target(process: NoiseProcess, x_t: Tensor, t: Tensor, x0: Tensor, eps: Tensor, reference: Tensor,
@@ -81,7 +83,7 @@ class Objective:
         process, t = self.denoiser.process, batch.t
         x_t = process.add_noise(batch.x0, batch.eps, t)
         with self.runtime.autocast():
-            out = model(x_t, t, batch.labels)
+            out = model(x_t, t, batch.labels) if batch.coords is None else model(x_t, t, batch.labels, batch.coords)
         x0, eps = batch.x0, batch.eps
         if batch.reference is not None:
             x0, eps = stable_target(process, x_t, t, x0, eps, batch.reference, self._same_class(batch))

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import load_checkpoint, load_into, save_checkpoint
 from .components import Components, TrainSettings
-from .datasets import BatchStream, Data, mirror_randomly
+from .datasets import BatchStream, Data, mirror_randomly, random_patches
 from .diagnostics import LossLedger
 from .ema import EMA, PowerEMA
 from .latent import check_same_autoencoder
@@ -41,6 +41,7 @@ class TrainState:
         self.train_labels = data.train_labels if self.classes else None
         self.label_dropout, self.flip = settings.label_dropout, settings.flip and data.kind == "image"
         self.immiscible = settings.immiscible
+        self.patch, self.patch_full, self.latent = settings.patch, settings.patch_full, data.autoencoder is not None
         self.stream = BatchStream(torch.arange(len(data.train)), settings.seed)
         self.noise = torch.Generator().manual_seed(settings.seed + 1)
         self.step = self.images_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
@@ -55,15 +56,20 @@ class TrainState:
         return next(self.denoiser.parameters()).device
 
     def draw(self, n: int, objective: Objective) -> Batch:
-        """The next global batch of ``n``: data, then times, then noise, then (data.flip) which images are mirrored,
-        then (train.immiscible) the noise paired with the images by least total distance, then the stable target's
-        references, then (conditional training) which labels are dropped to the null label."""
+        """The next global batch of ``n``: data, then times, then (train.patch) which images are mirrored and the
+        crops, then noise, then (data.flip without train.patch) which images are mirrored, then (train.immiscible)
+        the noise paired with the images by least total distance, then the stable target's references, then
+        (conditional training) which labels are dropped to the null label."""
         device = self.device
         index = self.stream.next(n)
         x0 = self.train[index].to(device)
         t, importance = self.sampler.draw(x0)
+        coords = None
+        if self.patch:  # mirrored before cropping, so that each crop's coordinates stay where its pixels are
+            x0 = mirror_randomly(x0, self.noise) if self.flip else x0
+            x0, coords = random_patches(x0, self.noise, self.patch_full, self.latent)
         eps = torch.randn((n, *x0.shape[1:]), generator=self.noise).to(device)
-        if self.flip:
+        if self.flip and not self.patch:
             x0 = mirror_randomly(x0, self.noise)
         if self.immiscible:  # every rank computes the same assignment of the same global batch
             eps = eps[immiscible_order(x0, eps).to(device)]
@@ -73,7 +79,7 @@ class TrainState:
             dropped = (torch.rand(n, generator=self.noise) < self.label_dropout).to(device)
             labels = labels.masked_fill(dropped, self.classes)
         return Batch(x0, self.process.clamp(t).to(device, torch.float32), importance.to(device, torch.float32), eps,
-                     reference, labels, reference_labels)
+                     reference, labels, reference_labels, coords)
 
     def info(self) -> dict[str, Any]:
         """Counters and data facts (``state.json`` beside each checkpoint)."""

@@ -653,7 +653,8 @@ class PolicySampler(TimestepSampler):
         eps = torch.randn((len(rows), *batch.x0.shape[1:]), generator=self.generator).to(device)
         return replace(batch, x0=batch.x0[rows], t=self.process.clamp(t).to(device, torch.float32), eps=eps,
                        importance=torch.ones(len(rows), device=device),
-                       labels=None if batch.labels is None else batch.labels[rows])
+                       labels=None if batch.labels is None else batch.labels[rows],
+                       coords=None if batch.coords is None else batch.coords[rows])
 
     def learn(self, before: Tensor, after: Tensor) -> None:
         assert self._pending is not None and self.optimizer is not None, "learn() follows a probe()"
