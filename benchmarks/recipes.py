@@ -25,17 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from reporting import mean_std, provenance
 
 from frugaldiff.config import Config, parse_override
-from frugaldiff.diagnostics import fixed_grid, heldout_loss_by_bin
+from frugaldiff.diagnostics import fixed_grid, heldout_x0_error_by_bin
 from frugaldiff.plots import pyplot, save_figure
-from frugaldiff.prediction import PredictionType
 from frugaldiff.runs import training_clock, training_seconds
 from frugaldiff.studies import train_or_reuse
 from frugaldiff.trainer import Trainer
-from frugaldiff.weighting import Weighting
 
 #: The published values of settings where frugaldiff's defaults differ: every recipe but ``frugal`` (the defaults)
 #: starts from them, so a change of default never changes an anchor or a candidate.
@@ -91,21 +88,15 @@ def cell_config(recipe: str, batch: int, seed: int, images: int, eval_every: int
                    "train.name": f"{recipe}-b{batch}-s{seed}"})
 
 
-class _UnitX0Weight(Weighting):
-    """A weighting of x0 weight 1: with it a prediction type's objective is its x0 squared error."""
-
-    def x0_weight(self, prediction: PredictionType, t: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(t)
-
-
 def heldout_x0_error(run: Path, trainer: Trainer | None) -> float:
-    """Mean held-out x0 squared error of the run's EMA model over a fixed (image, t, noise) grid, cached in the run
-    (``trainer``, the run's, is needed only while the cache is missing)."""
+    """Mean held-out x0 squared error of the run's EMA model's x̂0 (a conditional model's unconditional one) over a
+    fixed (image, t, noise) grid, cached in the run (``trainer``, the run's, is needed only while the cache is
+    missing)."""
     path = run / "heldout_x0.json"
     if not path.is_file():
         assert trainer is not None, f"{run} has no heldout_x0.json and no trainer to compute it"
         grid = fixed_grid(trainer.parts.process, trainer.data.heldout, 20, 32)
-        per_bin = heldout_loss_by_bin(trainer.state.ema.model.eval(), grid, _UnitX0Weight())
+        per_bin = heldout_x0_error_by_bin(trainer.state.ema.model.eval(), grid)
         path.write_text(json.dumps({"per_bin": per_bin, "mean": statistics.mean(per_bin)}) + "\n")
     return json.loads(path.read_text())["mean"]
 

@@ -12,9 +12,11 @@ from frugaldiff.config import Config
 from frugaldiff.diagnostics import (
     LossLedger,
     denoiser_predictions,
+    fixed_grid,
     gate_weights_by_bin,
     heldout_grid,
     heldout_loss_by_bin,
+    heldout_x0_error_by_bin,
     x0_error_by_bin,
 )
 from frugaldiff.errors import FrugalError
@@ -22,7 +24,7 @@ from frugaldiff.noise import VPLinear
 from frugaldiff.runs import read_metrics
 from frugaldiff.studies import prediction_study, study_claims, train_or_reuse
 from frugaldiff.trainer import Trainer
-from frugaldiff.weighting import WEIGHTINGS
+from frugaldiff.weighting import WEIGHTINGS, Weighting
 
 TINY_GMM = {"data.name": "gmm", "data.gmm_dim": 3, "data.gmm_components": 2, "data.num_samples": 256,
             "model.hidden": 16, "model.depth": 1, "train.batch_size": 16, "train.images_seen": 64,
@@ -250,3 +252,25 @@ def test_train_or_reuse_restarts_a_run_stopped_before_its_first_checkpoint_and_r
     assert train_or_reuse(config, run, progress=False).state.images_seen == 64  # finished: reused
     with pytest.raises(FrugalError, match="holds a run of another config"):
         train_or_reuse(config.updated({"train.images_seen": 128}), run, progress=False)
+
+
+def test_heldout_x0_error_is_the_models_x0_error_and_a_heads_mixtures_objective_is_not():
+    """The flow mixture's "3× x0 error" (docs/benchmarks.md) was this: measured through the training objective with
+    a unit x0 weight, a ``heads`` mixture of K types counts its K heads' errors plus its own."""
+    torch.manual_seed(0)
+    config = Config({"data.name": "digits", "diffusion.prediction": "mixed",
+                     "diffusion.mixed.types": ["x0", "velocity"], "model.channels": 8, "model.channel_mult": [1, 2],
+                     "model.num_res_blocks": 1, "model.attention_resolutions": [4]})
+    denoiser = build_denoiser(config, (1, 8, 8)).eval()
+    with torch.no_grad():  # heads that differ from each other and from x0
+        denoiser.net.out[-1].weight.normal_(0, 0.3)
+    grid = fixed_grid(denoiser.process, 0.5 * torch.randn(64, 1, 8, 8), 4, 16)
+    errors = x0_error_by_bin(denoiser_predictions(denoiser), grid)["error"]
+    assert heldout_x0_error_by_bin(denoiser, grid) == pytest.approx(errors["model"], rel=1e-5)
+
+    class UnitX0(Weighting):  # the old measure: the objective at x0 weight 1
+        def x0_weight(self, prediction, t):
+            return torch.ones_like(t)
+
+    summed = [sum(errors[k][b] for k in ("model", "head:x0", "head:velocity")) for b in range(4)]
+    assert heldout_loss_by_bin(denoiser, grid, UnitX0()) == pytest.approx(summed, rel=1e-5)

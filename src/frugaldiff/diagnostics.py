@@ -206,13 +206,11 @@ class LossLedger:
         self.count, self.mean, self.m2 = state["count"].clone(), state["mean"].clone(), state["m2"].clone()
 
 
-def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Weighting, batch: int = 512) -> list[float]:
-    """Mean training objective (the prediction type's loss under ``weighting``, importance and a learned
-    uncertainty left out; a conditional model given the grid's labels) per bin of a fixed held-out grid: comparable
-    across steps and runs of the same config. Runs on the denoiser's device."""
-    prediction = denoiser.prediction
+def _mean_by_bin(denoiser: Denoiser, grid: HeldoutGrid, per_sample: Callable[..., Tensor], batch: int) -> list[float]:
+    """Mean of ``per_sample(x0, eps, x_t, t, labels)`` (a [B] tensor) over each bin of a fixed held-out grid, on the
+    denoiser's device, without gradients; a conditional model is given the grid's labels."""
     device = next(denoiser.parameters()).device
-    losses = []
+    means = []
     for cell in grid.bins:
         total = 0.0
         for start in range(0, len(cell.x0), batch):
@@ -220,6 +218,25 @@ def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Weight
             x0, eps, x_t, t = (v[part].to(device, torch.float32) for v in (cell.x0, cell.eps, cell.x_t, cell.t))
             labels = cell.labels[part].to(device) if cell.labels is not None and denoiser.num_classes else None
             with torch.no_grad():
-                total += prediction.loss(denoiser(x_t, t, labels), x_t, x0, eps, t, weighting).sum().item()
-        losses.append(total / len(cell.x0))
-    return losses
+                total += per_sample(x0, eps, x_t, t, labels).sum().item()
+        means.append(total / len(cell.x0))
+    return means
+
+
+def heldout_loss_by_bin(denoiser: Denoiser, grid: HeldoutGrid, weighting: Weighting, batch: int = 512) -> list[float]:
+    """Mean training objective (the prediction type's loss under ``weighting``, importance and a learned
+    uncertainty left out; a conditional model given the grid's labels) per bin of a fixed held-out grid: comparable
+    across steps and runs of the same config. Runs on the denoiser's device. (A mixture's objective with the
+    ``heads`` strategy is the sum of its heads' losses and the mixture's: not an x0 error.)"""
+    prediction = denoiser.prediction
+    return _mean_by_bin(denoiser, grid, lambda x0, eps, x_t, t, labels: prediction.loss(
+        denoiser(x_t, t, labels), x_t, x0, eps, t, weighting), batch)
+
+
+def heldout_x0_error_by_bin(denoiser: Denoiser, grid: HeldoutGrid, batch: int = 512) -> list[float]:
+    """Mean squared error per value of the model's x̂0 (what the solvers use) per bin of a fixed held-out grid,
+    comparable across prediction types, mixtures included."""
+    return _mean_by_bin(denoiser, grid, lambda x0, eps, x_t, t, labels: (
+        denoiser.denoise(x_t, t, labels) - x0).pow(2).flatten(1).mean(1), batch)
+
+
