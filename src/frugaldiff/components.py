@@ -180,13 +180,15 @@ def build_network(config: Config, prediction: PredictionType, sample_shape: tupl
     name = config["model.name"]
     if name == "auto":
         name = "unet" if len(sample_shape) == 3 else "mlp"
-    if name == "unet":
+    if name in ("unet", "dit"):
         if len(sample_shape) != 3:
-            raise FrugalError(f"model.name=unet needs image data, got samples of shape {sample_shape}; use mlp")
+            raise FrugalError(f"model.name={name} needs image data, got samples of shape {sample_shape}; use mlp")
         channels, side, _ = sample_shape
         coordinates = 2 if config["train.patch"] else 0  # Patch Diffusion's coordinate channels
-        return NETWORKS.create("unet", channels + coordinates, prediction.out_channels(channels), side,
-                               dropout=config["model.dropout"], num_classes=classes, **unet_keys(config, side))
+        sizes = unet_keys(config, side) if name == "unet" else {
+            "width": config["model.hidden"], "depth": config["model.depth"], "patch_size": config["model.patch_size"]}
+        return NETWORKS.create(name, channels + coordinates, prediction.out_channels(channels), side,
+                               dropout=config["model.dropout"], num_classes=classes, **sizes)
     if len(sample_shape) != 1:
         raise FrugalError(f"model.name={name} needs vector data, got samples of shape {sample_shape}; use unet")
     features = math.prod(sample_shape)

@@ -141,7 +141,8 @@ OPTIONS: list[Option] = [
     Option("data.autoencoder", "", "latent diffusion: a local diffusers AutoencoderKL folder (config.json + weights, "
            "e.g. from frugaldiff train-autoencoder); the model trains on its latents of the images and samples are "
            "decoded ('' = pixels; needs pip install -e \".[latent]\")", max_length=4096, predating=""),
-    Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, mlp",
+    Option("model.name", "auto", "network: auto (unet for images, mlp for vectors), unet, dit (a patch transformer "
+           "for images), mlp",
            choices=lambda: ["auto", *NETWORKS.names()]),
     Option("model.preset", "auto", "UNet size by image side: small (≤ 32 px; 16 channels × [1, 2, 4]), medium (≤ 64; "
            "32 × [1, 2, 2, 4]), large (32 × [1, 1, 2, 2, 4]); auto picks by the data; the model.* keys below override",
@@ -157,8 +158,11 @@ OPTIONS: list[Option] = [
     Option("model.num_classes", "auto", "class-conditional on this many labels (a class embedding in the network; "
            "auto: the dataset's labels, none for unlabelled data; 0: unconditional)", low=0, high=100_000, auto=int,
            predating=0),
-    Option("model.hidden", 256, "MLP width", low=8, high=8192),
-    Option("model.depth", 4, "MLP residual blocks", low=1, high=64),
+    Option("model.hidden", 256, "MLP width; DiT token width (a multiple of 64: heads of 64 features)", low=8,
+           high=8192),
+    Option("model.depth", 4, "MLP residual blocks; DiT transformer blocks", low=1, high=64),
+    Option("model.patch_size", 2, "DiT: pixels per side of a patch (a token); must divide the image side", low=1,
+           high=64, predating=2),
     Option("diffusion.process", "flow", "noise process", choices=PROCESSES.names),
     Option("diffusion.prediction", "velocity", "what the network predicts",
            choices=PREDICTIONS.names),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .datasets import patch_coordinates
+from .errors import FrugalError
 from .noise import NoiseProcess, bcast
 from .prediction import PredictionType
 from .registry import Registry
@@ -183,6 +184,85 @@ class UNet(nn.Module):
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, size=hs[-1].shape[-2:], mode="nearest"))
         return self.out(h)
+
+
+def sincos_positions(rows: int, columns: int, dim: int) -> Tensor:
+    """Fixed 2-D sin-cos position features [rows·columns, dim] of a token grid (DiT's): half of the features encode
+    the row, half the column."""
+    quarter = dim // 4
+    freqs = 1 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1))
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(columns, dtype=torch.float32),
+                          indexing="ij")
+    angles = [axis.flatten()[:, None] * freqs for axis in (r, c)]
+    return F.pad(torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], 1), (0, dim - 4 * quarter))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning (DiT): shift, scale and gate of both sublayers from the time
+    (and label) embedding, the gates starting at 0 so the block starts as the identity."""
+
+    def __init__(self, width: int, heads: int, emb_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = (nn.LayerNorm(width, elementwise_affine=False, eps=1e-6) for _ in range(2))
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(4 * width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 6 * width))
+        nn.init.zeros_(self.ada[-1].weight)
+        nn.init.zeros_(self.ada[-1].bias)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(emb)[:, None].chunk(6, dim=-1)
+        b, n, w = h.shape
+        x = self.norm1(h) * (1 + scale1) + shift1
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+        h = h + gate1 * self.proj(attended)
+        return h + gate2 * self.mlp(self.norm2(h) * (1 + scale2) + shift2)
+
+
+@NETWORKS.register("dit")
+class DiT(nn.Module):
+    """A small patch transformer (DiT / JiT style): ``patch_size``² pixel patches as tokens of ``width`` features
+    with fixed sin-cos positions, ``depth`` adaLN-Zero blocks of 64-feature heads, a zero-initialised linear
+    decoder back to pixels. Its matrix products suit matrix units (AMX, tensor cores) better than narrow
+    convolutions."""
+
+    def __init__(self, in_channels: int, out_channels: int, image_size: int, width: int = 256, depth: int = 4,
+                 patch_size: int = 2, dropout: float = 0.0, num_classes: int = 0) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise FrugalError(f"model.patch_size = {patch_size} does not divide the image side {image_size}; choose "
+                              f"a divisor of {image_size}")
+        if width % 64 and width >= 64 or width < 8:
+            raise FrugalError(f"model.hidden = {width} must be a multiple of 64 for model.name = dit (its heads have "
+                              "64 features), or a width of 8 to 63 (one head)")
+        self.patch, self.out_channels = patch_size, out_channels
+        emb_dim = width
+        self.time = TimeEmbedding(min(width, 256), emb_dim)
+        self.label = ClassEmbedding(num_classes, emb_dim)
+        self.embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.blocks = nn.ModuleList(DiTBlock(width, max(1, width // 64), emb_dim, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * width))
+        self.decode = nn.Linear(width, patch_size * patch_size * out_channels)
+        for layer in (self.ada[-1], self.decode):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        b, _, height, width = x.shape
+        rows, columns = height // self.patch, width // self.patch
+        emb = self.label(self.time(t), labels)
+        h = self.embed(x).flatten(2).transpose(1, 2)  # [B, tokens, width]
+        h = h + sincos_positions(rows, columns, h.shape[-1]).to(h)
+        for block in self.blocks:
+            h = block(h, emb)
+        shift, scale = self.ada(emb)[:, None].chunk(2, dim=-1)
+        out = self.decode(self.norm(h) * (1 + scale) + shift)  # [B, tokens, p·p·C]
+        out = out.view(b, rows, columns, self.patch, self.patch, self.out_channels)
+        return out.permute(0, 5, 1, 3, 2, 4).reshape(b, self.out_channels, height, width)
 
 
 @NETWORKS.register("mlp")
