@@ -95,6 +95,18 @@ def test_two_processes_match_one_and_the_checkpoint_resumes_on_one(tmp_path):
     _assert_equal_states(resumed.state.denoiser.state_dict(), reference.state.denoiser.state_dict(), exact=False)
 
 
+def test_the_policy_sampler_and_the_analytic_gate_learn_the_same_on_every_rank(tmp_path):
+    """kim's probes are averaged over ranks and the measured gate's errors are buffers DDP broadcasts from rank 0,
+    so both stay identical on every rank."""
+    rank0, rank1 = _two_ranks(tmp_path, ["diffusion.timestep_sampler=kim", "timestep_sampler.kim.every=2",
+                                         "diffusion.prediction=mixed", 'diffusion.mixed.types=["x0","velocity"]',
+                                         "diffusion.mixed.gate=analytic"])
+    _assert_equal_states(rank0["sampler"], rank1["sampler"])
+    _assert_equal_states(rank0["model"], rank1["model"])
+    assert rank0["sampler"]["draws"] == 10 and rank0["sampler"]["policy"] is not None
+    assert int(rank0["model"]["prediction.head_counts"].sum()) > 0
+
+
 def test_torchrun_cli_writes_one_run_from_rank_zero(tmp_path):
     out = tmp_path / "run"
     _torchrun(["-m", "frugaldiff", "train", "--no-progress", "--out", str(out),

@@ -359,7 +359,8 @@ class MixedPrediction(PredictionType, nn.Module):
 
     @torch.no_grad()
     def observe(self, x0s: Tensor, x0: Tensor, t: Tensor) -> None:
-        """Take in each head's x0 squared error on a training batch (the measured gates' running means per bin)."""
+        """Take in each head's x0 squared error on a training batch (the measured gates' running means per bin);
+        under torchrun the per-bin sums of every rank's share, so that every rank keeps the same means."""
         dtype = self.head_errors.dtype
         errors = (x0s.detach().to(dtype) - x0.detach().to(dtype)[:, None]).pow(2).flatten(2).mean(2)  # [B, K]
         bins = self._bin(t)
@@ -367,6 +368,10 @@ class MixedPrediction(PredictionType, nn.Module):
         bins, errors = bins[finite], errors[finite]
         n = torch.bincount(bins, minlength=len(self.head_errors))
         sums = torch.zeros_like(self.head_errors).index_add_(0, bins, errors)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank: the whole batch
+            both = torch.cat([sums, n[:, None].to(dtype)], 1)
+            torch.distributed.all_reduce(both)
+            sums, n = both[:, :-1], both[:, -1].round().long()
         seen = n > 0
         self.head_counts += n
         rate = torch.maximum(n / self.head_counts.clamp_min(1), torch.tensor(1 - self.decay)).to(dtype)[:, None]
