@@ -354,3 +354,34 @@ def test_data_flip_mirrors_about_half_of_the_images_and_keeps_them_in_the_stable
     assert torch.equal(batch.reference[:512], batch.x0)  # the batch (mirrored or not) leads the pool
     plain = Trainer(Config({**TINY_UNET, "diffusion.reference_images": 100_000}), tmp_path / "p", progress=False)
     assert torch.equal(plain.state.draw(512, plain.parts.objective).x0, original)
+
+
+COMPILE_TOY = {"data.name": "8gaussians", "data.num_samples": 256, "model.hidden": 32, "model.depth": 2,
+               "train.batch_size": 16, "train.images_seen": 16 * 6, "train.precision": "fp32",
+               "train.checkpoint_every": 0, "sample.n": 16, "sample.steps": 4}
+
+
+def test_compiled_training_matches_eager_training_within_float_rounding(tmp_path):
+    eager = Trainer(Config(COMPILE_TOY), tmp_path / "eager", progress=False)
+    eager.fit()
+    fast = Trainer(Config({**COMPILE_TOY, "train.compile": True}), tmp_path / "compiled", progress=False)
+    assert fast.model is not fast.parts.denoiser  # the compiled module, sharing the denoiser's parameters
+    fast.fit()
+    for (name, a), b in zip(eager.state.denoiser.state_dict().items(), fast.state.denoiser.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_missing_compiler_falls_back_to_eager_training_with_one_line_of_notice(tmp_path, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no g++")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with pytest.warns(UserWarning, match="^train.compile: no C\\+\\+ compiler was found") as caught:
+        trainer = Trainer(Config({**COMPILE_TOY, "train.compile": True}), tmp_path / "run", progress=False)
+    assert all("\n" not in str(w.message) for w in caught)
+    assert trainer.model is trainer.parts.denoiser
+    trainer.fit()
+    assert trainer.state.step == 6

@@ -63,6 +63,7 @@ class TrainSettings(_Settings):
     immiscible: bool
     patch: bool
     patch_full: float
+    compile: bool
     checkpoint_every: int
     phema_snapshots: int
     label_dropout: float

@@ -205,6 +205,9 @@ OPTIONS: list[Option] = [
     Option("train.patch_full", 0.5, "train.patch: share of steps on full images; the others crop half the side "
            "or (pixels) a quarter, 3:2, one random position per image, as Patch Diffusion", low=0.0, high=1.0,
            predating=0.5),
+    Option("train.compile", False, "torch.compile the network for training (inductor: a C++ compiler on a CPU, "
+           "Triton on a GPU; without one a notice and eager training). Its first steps compile for minutes "
+           "(docs/benchmarks.md): worth it for long runs only", predating=False),
     Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1, high=65536),
     Option("train.precision", "auto", "fp32, bf16, or auto (bf16 on CUDA and on CPUs with native bf16)",
            choices=lambda: ["auto", "fp32", "bf16"]),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import FrugalError
 
@@ -74,3 +77,27 @@ class Runtime:
 
 
 CPU = Runtime(torch.device("cpu"))
+
+
+def inductor_missing(device: torch.device) -> str | None:
+    """Why torch.compile's inductor cannot build kernels for ``device`` here (None: it can)."""
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
+    if device.type != "cpu":
+        return f"inductor does not compile for {device.type}"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - inductor raises its own InvalidCxxCompiler, or fails to import
+        return "no C++ compiler was found (inductor needs g++, or one named by $CXX)"
+    return None
+
+
+def compiled(module: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile(module)`` (inductor), or ``module`` itself after one line of notice where inductor cannot
+    build kernels on this machine (train.compile)."""
+    missing = inductor_missing(device)
+    if missing is not None:
+        warnings.warn(f"train.compile: {missing}; training without torch.compile", stacklevel=2)
+        return module
+    return torch.compile(module)

@@ -34,7 +34,7 @@ from .metrics import Evaluator, eval_column
 from .objective import Batch, Objective
 from .plots import plot_eval
 from .runs import METRIC_FIELDS, MetricsLog, RunFiles, RunLock, start_run
-from .runtime import Runtime
+from .runtime import Runtime, compiled
 from .state import TrainState, empty_log
 
 MAX_NONFINITE_IN_A_ROW = 10
@@ -179,10 +179,11 @@ class Trainer:
                 self.metrics.truncate(self.state.step)
         if self.world.rank:  # other ranks: their own dropout stream, derived from the seed, rank and step
             torch.manual_seed(self.settings.seed + 1_000_003 * self.world.rank + self.state.step)
-        self.model: nn.Module = self.parts.denoiser
+        # what train_step calls: the denoiser, compiled (train.compile) and wrapped for DDP; parameters are shared
+        self.model: nn.Module = compiled(self.parts.denoiser, self.runtime.device) if s.compile else self.parts.denoiser
         if self.world.distributed:
             ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.parts.denoiser, device_ids=ids)
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self._grid: HeldoutGrid | None = None
 
     def heldout_losses(self) -> dict[str, str]:
