@@ -12,14 +12,13 @@ scored against the held-out split at the same sample count) — halfway to the f
 recipe: the training minutes until its curve first reaches each target (median over seeds; a seed that never
 reaches it counts as infinite), its FID at --minutes minutes of training (the last evaluation by then) and at the
 end. Runs are folders DIR/<recipe>/b<batch>-s<seed>, the same as the recipe grid's, reused when finished. Writes
-DIR/results.json, DIR/speedrun.md (the table, with machine and commit) and DIR/speedrun.png (FID against training
+DIR/results.json, DIR/table.md (the table, with machine and commit) and DIR/speedrun.png (FID against training
 minutes, the targets as lines). Run one at a time, nothing else on the machine: the clock is wall time.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from recipes import COMMON, RECIPES, cell_config, train_cell
-from reporting import provenance
+from reporting import provenance, write_results
 
 from frugaldiff.config import Config, parse_override
 from frugaldiff.metrics import Evaluator
@@ -81,8 +80,15 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     return {"targets": targets, "rows": rows}
 
 
-def report(results: dict[str, Any], out: Path) -> None:
-    """speedrun.md and speedrun.png from the results."""
+def _order(summary: dict[str, Any]) -> list[str]:
+    """Recipes from the fastest to the hard target (then to the easy one, then by FID at the time limit)."""
+    rows = summary["rows"]
+    return sorted(rows, key=lambda k: (rows[k]["minutes_to_hard"], rows[k]["minutes_to_easy"],
+                                       rows[k]["fid_at_minutes"]))
+
+
+def speedrun_table(results: dict[str, Any]) -> str:
+    """The speedrun table in markdown, with its targets, machine and commit."""
     summary, m = results["summary"], results["minutes"]
     t = summary["targets"]
     lines = [f"{results['dataset']}, batch {results['batch_size']}, {results['images']:,} images per run, domain FID "
@@ -93,20 +99,22 @@ def report(results: dict[str, Any], out: Path) -> None:
              f"| recipe | seeds | min to easy | min to hard | FID at {m:g} min (range) | final FID (range) "
              "| train min |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    order = sorted(summary["rows"], key=lambda k: (summary["rows"][k]["minutes_to_hard"],
-                                                   summary["rows"][k]["minutes_to_easy"],
-                                                   summary["rows"][k]["fid_at_minutes"]))
-    for recipe in order:
+    for recipe in _order(summary):
         row = summary["rows"][recipe]
         lo, hi = row["fid_at_minutes_range"]
         flo, fhi = row["fid_final_range"]
         lines.append(f"| {recipe} | {row['seeds']} | {_cell(row['minutes_to_easy'], 1)} | "
                      f"{_cell(row['minutes_to_hard'], 1)} | {row['fid_at_minutes']:.3f} ({lo:.3f}–{hi:.3f}) | "
                      f"{row['fid_final']:.3f} ({flo:.3f}–{fhi:.3f}) | {row['train_minutes']:.1f} |")
-    (out / "speedrun.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedrun(results: dict[str, Any], out: Path) -> None:
+    """FID against training minutes, every seed of every recipe, with the targets and the time limit."""
+    t, m = results["summary"]["targets"], results["minutes"]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for recipe in order:
+    for recipe in _order(results["summary"]):
         mine = [r for r in results["runs"] if r["recipe"] == recipe]
         colour = None
         for i, r in enumerate(mine):
@@ -121,7 +129,7 @@ def report(results: dict[str, Any], out: Path) -> None:
     ax.set(xlabel="training minutes (evaluations excluded)", ylabel="domain FID", yscale="log",
            title=f"speedrun on {results['dataset']} (every seed)")
     ax.legend(fontsize="small", ncol=2)
-    save_figure(plt, fig, out / "speedrun.png")
+    save_figure(plt, fig, out)
 
 
 def main() -> None:
@@ -171,11 +179,8 @@ def main() -> None:
                "minutes": args.minutes, "floor": floor(args.eval_samples), **provenance(), "common": COMMON,
                "settings": {k: RECIPES[k] for k in args.recipes}, "runs": runs}
     results["summary"] = summarise(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    report(results, args.out)
-    print((args.out / "speedrun.md").read_text(), end="")
-    print(f"wrote {args.out}/results.json, speedrun.md, speedrun.png")
+    write_results(args.out, results, speedrun_table(results), lambda path: plot_speedrun(results, path),
+                  "speedrun.png")
 
 
 if __name__ == "__main__":

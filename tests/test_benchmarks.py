@@ -124,5 +124,5 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
         firsts = [next((s / 60 for f, s in zip(r["fid"], r["clock"], strict=True) if f <= summary["targets"]["easy"]),
                        float("inf")) for r in runs]
         assert row["minutes_to_easy"] == statistics.median(firsts)
-    assert "| ddpm | 2 |" in out and "min to hard" in (tmp_path / "speedrun.md").read_text()
+    assert "| ddpm | 2 |" in out and "min to hard" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "speedrun.png").stat().st_size > 10_000
