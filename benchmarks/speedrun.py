@@ -124,7 +124,8 @@ def plot_speedrun(results: dict[str, Any], out: Path) -> None:
     for name, value in t.items():
         if value == value:
             ax.axhline(value, color="grey", ls="--", lw=0.8)
-            ax.annotate(f"{name} target", (0, value), fontsize="small", va="bottom", color="grey")
+            ax.text(0.01, value, f"{name} target", transform=ax.get_yaxis_transform(), fontsize="small",
+                    va="bottom", color="grey")
     ax.axvline(m, color="grey", ls=":", lw=0.8)
     ax.set(xlabel="training minutes (evaluations excluded)", ylabel="domain FID", yscale="log",
            title=f"speedrun on {results['dataset']} (every seed)")
