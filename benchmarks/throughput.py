@@ -1,7 +1,8 @@
 """Training speed: one `frugaldiff train` step against a bare PyTorch loop, and per-component overheads.
 
     python benchmarks/throughput.py [--device cpu|cuda] [--batch-sizes 8 64] [--precisions fp32 bf16]
-                                    [--blocks 5] [--steps 10] [--samples 256] [--json OUT.json] [--smoke]
+                                    [--blocks 5] [--steps 10] [--samples 256] [--set KEY=VALUE ...]
+                                    [--only-steps] [--json OUT.json] [--smoke]
 
 For each batch size and precision it times optimizer steps of (a) frugaldiff's train_step (x0 on
 VP-linear, like the bare loop) with the loss ledger, the adaptive timestep sampler and EMA switched on (the
@@ -12,7 +13,8 @@ time of each is reported, with their ratio (images/s of frugaldiff ÷ images/s o
 ≥ 0.95). Then: the cost of each timestep sampler's sample + update per step (µs), the step time of the
 mixed prediction and of a class-conditional model (mnist5000's 10 labels) against the bare loop, and the cost
 of the stable target (``diffusion.reference_images``) per step (µs).
-The model is the default config's UNet on mnist5000 (28×28).
+The model is the default config's UNet on mnist5000 (28×28); ``--set`` changes it for the step and generation
+rows (e.g. ``--set model.name=dit``), ``--only-steps`` leaves out everything after them.
 
 Utilisation: the machine's matmul peak in each precision (a 2048² matmul), the FLOPs per image of a training
 step (forward + backward, ``torch.utils.flop_counter``) and of generation (the default solver and steps,
@@ -38,7 +40,7 @@ from reporting import provenance
 from torch.utils.flop_counter import FlopCounterMode
 
 from frugaldiff.components import SampleSettings
-from frugaldiff.config import Config
+from frugaldiff.config import Config, parse_override
 from frugaldiff.generate import AUTOGUIDANCE_WEIGHT, generate
 from frugaldiff.guidance import Guidance
 from frugaldiff.objective import stable_target
@@ -209,12 +211,16 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=5, help="alternating blocks per measurement")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per block")
     parser.add_argument("--samples", type=int, default=256, help="samples generated for the generation speed")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config value of the timed model (step and generation rows), e.g. model.name=dit")
+    parser.add_argument("--only-steps", action="store_true", help="only the step and generation rows")
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
     args = parser.parse_args()
+    model = dict(parse_override(item) for item in args.set)
     if args.smoke:
         args.batch_sizes, args.precisions, args.blocks, args.steps = [4], ["fp32"], 1, 1
-    results: dict[str, Any] = {**provenance(), "torch": torch.__version__,
+    results: dict[str, Any] = {**provenance(), "torch": torch.__version__, "model": model,
                                "threads": torch.get_num_threads(), "device": args.device, "steps": []}
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
@@ -225,7 +231,7 @@ def main() -> None:
         print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items()), flush=True)
         for batch in args.batch_sizes:
             for precision in args.precisions:
-                row, trainer = compare(batch, precision, args.device, args.blocks, args.steps, root)
+                row, trainer = compare(batch, precision, args.device, args.blocks, args.steps, root, model)
                 row["gflop_per_image"] = step_flops_per_image(trainer) / 1e9
                 row.update(utilisation(row["frugaldiff_img_s"], row["gflop_per_image"] * 1e9, peaks[precision]))
                 results["steps"].append(row)
@@ -240,6 +246,9 @@ def main() -> None:
                     print(f"generation {precision} ({gen['samples']} samples, {gen['solver']}/{gen['steps']}, "
                           f"autoguided): {gen['img_s']:.1f} img/s ({gen['gflop_s']:.0f} GFLOP/s, "
                           f"{100 * gen['share_of_peak']:.1f} % of the peak)", flush=True)
+        if args.only_steps:
+            _write(results, args.json)
+            return
         batch = args.batch_sizes[0]
         mixed, _ = compare(batch, "fp32", args.device, args.blocks, args.steps, root,
                            {"diffusion.prediction": "mixed"})
@@ -265,9 +274,14 @@ def main() -> None:
     for b, overheads in results["sampler_us"].items():
         print(f"timestep sampler µs per step at batch {b}: " +
               ", ".join(f"{k} {v:.0f}" for k, v in sorted(overheads.items(), key=lambda kv: kv[1])))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    _write(results, args.json)
+
+
+def _write(results: dict[str, Any], path: Path | None) -> None:
+    """The results as JSON (when asked), after checking every step row is finite."""
     assert all(math.isfinite(r["ratio"]) for r in results["steps"])
+    if path:
+        path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
