@@ -14,7 +14,8 @@ time of each is reported, with their ratio (images/s of frugaldiff ÷ images/s o
 mixed prediction and of a class-conditional model (mnist5000's 10 labels) against the bare loop, and the cost
 of the stable target (``diffusion.reference_images``) per step (µs).
 The model is the default config's UNet on mnist5000 (28×28); ``--set`` changes it for the step and generation
-rows (e.g. ``--set model.name=dit``), ``--only-steps`` leaves out everything after them.
+rows (e.g. ``--set model.name=dit``, or ``--set train.compile=true``: then the first step's time is the
+compilation), ``--only-steps`` leaves out everything after them.
 
 Utilisation: the machine's matmul peak in each precision (a 2048² matmul), the FLOPs per image of a training
 step (forward + backward, ``torch.utils.flop_counter``) and of generation (the default solver and steps,
@@ -158,6 +159,7 @@ def compare(batch: int, precision: str, device: str, blocks: int, steps: int, ru
         train_step(trainer.state, trainer.parts.objective, trainer.model, trainer.settings, trainer.world)
 
     device = trainer.runtime.device
+    first = time_calls(ours_step, 1, device)[0]  # with train.compile: the compilation
     for fn in (ours_step, bare.step):  # warm-up
         time_calls(fn, 2, device)
     ours: list[list[float]] = []
@@ -167,7 +169,8 @@ def compare(batch: int, precision: str, device: str, blocks: int, steps: int, ru
         theirs.append(time_calls(bare.step, steps, device))
     t_ours, t_bare = _median_step(ours), _median_step(theirs)
     return {"batch_size": batch, "precision": precision, "autocast": str(trainer.runtime.amp_dtype),
-            "frugaldiff_img_s": batch / t_ours, "bare_img_s": batch / t_bare, "ratio": t_bare / t_ours}, trainer
+            "frugaldiff_img_s": batch / t_ours, "bare_img_s": batch / t_bare, "ratio": t_bare / t_ours,
+            "first_step_s": first}, trainer
 
 
 def sampler_overheads(batch: int, repeats: int) -> dict[str, float]:
@@ -237,7 +240,8 @@ def main() -> None:
                 results["steps"].append(row)
                 print(f"batch {batch:>3} {precision}: frugaldiff {row['frugaldiff_img_s']:.1f} img/s "
                       f"({row['gflop_s']:.0f} GFLOP/s, {100 * row['share_of_peak']:.1f} % of the {precision} peak), "
-                      f"bare loop {row['bare_img_s']:.1f} img/s, ratio {row['ratio']:.3f}", flush=True)
+                      f"bare loop {row['bare_img_s']:.1f} img/s, ratio {row['ratio']:.3f}; first step "
+                      f"{row['first_step_s']:.1f} s", flush=True)
                 if batch == args.batch_sizes[-1]:
                     gen = generation(trainer, 16 if args.smoke else args.samples)
                     gen.update(precision=precision, **utilisation(gen["img_s"], gen["gflop_per_image"] * 1e9,
