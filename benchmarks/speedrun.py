@@ -118,13 +118,11 @@ def plot_speedrun(results: dict[str, Any], out: Path) -> None:
     t, m = results["summary"]["targets"], results["minutes"]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for recipe in _order(results["summary"]):
-        mine = [r for r in results["runs"] if r["recipe"] == recipe]
-        colour = None
-        for i, r in enumerate(mine):
-            line, = ax.plot(np.array(r["clock"]) / 60, r["fid"], marker="o", ms=3, color=colour,
-                            lw=2.5 if recipe == "frugal" else 1.0, label=recipe if i == 0 else None)
-            colour = line.get_color()
+    palette = plt.get_cmap("tab20").colors  # one colour per recipe: more recipes than the default cycle's 10
+    for k, recipe in enumerate(_order(results["summary"])):
+        for i, r in enumerate(r for r in results["runs"] if r["recipe"] == recipe):
+            ax.plot(np.array(r["clock"]) / 60, r["fid"], marker="o", ms=3, color=palette[k % len(palette)],
+                    lw=2.5 if recipe == "frugal" else 1.0, label=recipe if i == 0 else None)
     for name, value in t.items():
         if value == value:
             ax.axhline(value, color="grey", ls="--", lw=0.8)
