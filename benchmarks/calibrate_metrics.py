@@ -1,6 +1,6 @@
 """Calibration of the domain metrics (docs/metrics.md): reference sets of known quality scored against the train split.
 
-    python benchmarks/calibrate_metrics.py [--dataset mnist5000] [--blur 1.0] [--samples S.npz ...]
+    python benchmarks/calibrate_metrics.py [--dataset mnist5000] [--image-size 64] [--blur 1.0] [--samples S.npz ...]
 
 Prints the classifier's held-out accuracy and one row per set: the held-out split (the floor: real images the
 classifier never saw), the held-out split blurred by a Gaussian of --blur pixels, with Gaussian noise of std
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from frugaldiff.config import Config
 from frugaldiff.metrics import Evaluator, add_noise, gaussian_blur, load_samples, shift_colours, to_grey
 
 COLUMNS = ["domain_fid", "domain_kid", "precision", "recall", "label_entropy", "confidence"]
@@ -27,13 +28,15 @@ COLUMNS = ["domain_fid", "domain_kid", "precision", "recall", "label_entropy", "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist5000")
+    parser.add_argument("--image-size", type=int, help="data.image_size (default: the dataset's own)")
     parser.add_argument("--blur", type=float, default=1.0, help="σ of the Gaussian blur, in pixels")
     parser.add_argument("--noise", type=float, default=0.1, help="std of the noise added to the held-out images")
     parser.add_argument("--samples", type=Path, nargs="*", default=[], help=".npz files of samples to score too")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    evaluator = Evaluator.for_dataset(args.dataset, ref="train")
+    data = {"data.name": args.dataset} | ({"data.image_size": args.image_size} if args.image_size else {})
+    evaluator = Evaluator.for_dataset(Config(data), ref="train")
     print(f"{args.dataset}: classifier held-out accuracy {evaluator.accuracy:.4f}; evaluator ready in "
           f"{time.perf_counter() - start:.1f} s (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()})")

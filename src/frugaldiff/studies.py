@@ -58,6 +58,7 @@ STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gmm": {"diffusion.sigma_data": 0.8, "train.images_seen": 200_000, "train.batch_size": 32,
             "train.warmup_images": 2000, "sample.n": 512},
     "mnist5000": {"train.images_seen": 20_000, "train.batch_size": 32},
+    "twemoji": {"train.images_seen": 20_000, "train.batch_size": 32},
 }
 
 
