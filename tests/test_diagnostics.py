@@ -130,6 +130,19 @@ def test_study_scores_samples_of_every_seed_and_trains_the_blend_and_measured_ga
     assert quality["best_single_type"] in ("x0", "velocity") and quality["best_model"] in names
 
 
+def test_study_keeps_each_runs_score_and_a_rerun_reuses_it(tmp_path, monkeypatch):
+    base = Config(TINY_GMM)
+    study = dict(types=["x0"], strategies=[], bins=2, per_bin=4, progress=False)
+    first = prediction_study(base, tmp_path, samples=32, **study)
+    kept = tmp_path / "x0" / f"seed-{base['train.seed']}" / "study-score.json"
+    assert json.loads(kept.read_text())["value"] == first["quality"]["x0"]["values"][0]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "evaluate", lambda *args, **kwargs: pytest.fail("a kept score was computed again"))
+        assert prediction_study(base, tmp_path, samples=32, **study)["quality"] == first["quality"]
+    prediction_study(base, tmp_path, samples=16, **study)  # another sample count is scored anew
+    assert json.loads(kept.read_text())["key"]["samples"] == 16
+
+
 def test_analyze_command(tmp_path, capsys):
     sets = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY_GMM.items()), [])
     assert main(["analyze", "prediction-types", "--types", "x0", "eps", "--strategies", "heads", "--bins", "2",

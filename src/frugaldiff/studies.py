@@ -20,7 +20,7 @@ from .components import build_data, build_process, model_data, true_mixture
 from .config import Config
 from .diagnostics import denoiser_predictions, fixed_grid, gate_weights_by_bin, heldout_loss_by_bin, x0_error_by_bin
 from .errors import FrugalError
-from .metrics import HIGHER_IS_BETTER, Evaluator
+from .metrics import EVALUATOR_VERSION, HIGHER_IS_BETTER, Evaluator
 from .plots import plot_batch_sweep, plot_error_by_bin, plot_gate_weights
 from .prediction import MixedPrediction
 from .runs import training_seconds
@@ -44,9 +44,27 @@ def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
     if started and Config.load(run / "config.toml", saved=True) != config:
         raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
     trainer = Trainer(config, run, resume=started, progress=progress)
-    if not trainer.done:
+    if trainer.done:
+        trainer.close()  # nothing to train: let another process (or a later study) open the folder
+    else:
         trainer.fit()
     return trainer
+
+
+def scored_once(trainer: Trainer, evaluator: Evaluator, samples: int) -> float:
+    """The headline metric of ``samples`` EMA samples of a finished run, computed once and kept in
+    ``RUN/study-score.json`` (keyed by the run's step, the sample count and the evaluator), so that a rerun of a
+    study reuses the scores of the runs it reuses."""
+    path = trainer.files.root / "study-score.json"
+    key = {"step": trainer.state.step, "samples": samples, "metric": evaluator.headline, "ref": evaluator.ref,
+           "evaluator_version": EVALUATOR_VERSION, "inception": evaluator.inception is not None}
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return float(kept["value"])
+    value = trainer.evaluate(evaluator, samples)
+    _write_json(path, {"key": key, "value": value})
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +138,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
             if isinstance(denoiser.prediction, MixedPrediction):
                 gate_runs.append(gate_weights_by_bin(denoiser, grid))
             if evaluator is not None:
-                quality["values"].append(trainer.evaluate(evaluator, samples))
+                quality["values"].append(scored_once(trainer, evaluator, samples))
                 quality["train_seconds"].append(training_seconds(trainer.files.metrics))
         for output in runs[0]:
             label = name if output == "model" else f"{name} {output}"

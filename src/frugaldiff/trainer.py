@@ -285,10 +285,15 @@ class Trainer:
                 plot_eval(self.files.metrics, self.eval_column, self.files.eval_plot)
             return self.files.root
         finally:
-            self.metrics.close()
-            if self.lock is not None:
-                self.lock.release()
-                self.lock = None
+            self.close()
+
+    def close(self) -> None:
+        """Close the metrics log and release the run folder's lock (``fit`` does it when it ends; a caller that
+        only reuses a finished run does it itself)."""
+        self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _train(self) -> None:
         s, state = self.settings, self.state
