@@ -27,12 +27,16 @@ from typing import Any
 import numpy as np
 from reporting import mean_std, provenance
 
+from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_x0_error_by_bin
 from frugaldiff.plots import pyplot, save_figure
 from frugaldiff.runs import training_clock, training_seconds
-from frugaldiff.studies import train_or_reuse
+from frugaldiff.studies import kept_in_run, train_or_reuse
 from frugaldiff.trainer import Trainer
+
+HELDOUT_X0 = "heldout_x0.json"  # each run's held-out x0 error, kept in the run
+X0_GRID = (20, 32)  # its grid: t bins, draws per bin
 
 #: The published values of settings where frugaldiff's defaults differ: every recipe but ``frugal`` (the defaults)
 #: starts from them, so a change of default never changes an anchor or a candidate.
@@ -76,6 +80,7 @@ RECIPES: dict[str, dict[str, Any]] = with_published({
 RECIPES["frugal"] = {}
 RECIPES["frugal+immiscible"] = {"train.immiscible": True}
 RECIPES["frugal+kim"] = {"diffusion.timestep_sampler": "kim"}
+RECIPES["frugal+x0"] = {"diffusion.prediction": "x0"}  # x0 beats velocity on colour in the prediction-type study
 #: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
 COMMON = {"data.name": "mnist5000", "train.heldout_every": 0, "train.tensorboard": False, "train.checkpoint_every": 0}
 METRIC = "eval_domain_fid"
@@ -90,15 +95,21 @@ def cell_config(recipe: str, batch: int, seed: int, images: int, eval_every: int
 
 def heldout_x0_error(run: Path, trainer: Trainer | None) -> float:
     """Mean held-out x0 squared error of the run's EMA model's x̂0 (a conditional model's unconditional one) over a
-    fixed (image, t, noise) grid, cached in the run (``trainer``, the run's, is needed only while the cache is
-    missing)."""
-    path = run / "heldout_x0.json"
-    if not path.is_file():
-        assert trainer is not None, f"{run} has no heldout_x0.json and no trainer to compute it"
-        grid = fixed_grid(trainer.parts.process, trainer.data.heldout, 20, 32)
+    fixed (image, t, noise) grid, kept in the run per checkpoint (``trainer``, the run's, is needed only while no
+    value is kept for its newest checkpoint)."""
+    key = {"step": checkpoint_info(latest_checkpoint(run))["step"], "bins": X0_GRID[0], "per_bin": X0_GRID[1]}
+
+    def measure() -> dict[str, Any]:
+        grid = fixed_grid(trainer.parts.process, trainer.data.heldout, *X0_GRID)
         per_bin = heldout_x0_error_by_bin(trainer.state.ema.model.eval(), grid)
-        path.write_text(json.dumps({"per_bin": per_bin, "mean": statistics.mean(per_bin)}) + "\n")
-    return json.loads(path.read_text())["mean"]
+        return {"per_bin": per_bin, "mean": statistics.mean(per_bin)}
+
+    return kept_in_run(run / HELDOUT_X0, key, measure if trainer is not None else None)["mean"]
+
+
+def measured(run: Path) -> bool:
+    """Whether a run of a grid was trained and measured (what ``--report-only`` reports)."""
+    return (run / HELDOUT_X0).is_file()
 
 
 def curve(run: Path) -> tuple[list[int], list[float], list[float]]:
@@ -204,7 +215,7 @@ def main() -> None:
         if i % count != index:
             continue
         config = cell_config(recipe, batch, seed, args.images, args.eval_every, args.eval_samples)
-        if args.report_only and not (run / "heldout_x0.json").is_file():
+        if args.report_only and not measured(run):
             print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}: not finished, left out", flush=True)
             continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)

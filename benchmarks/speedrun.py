@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from recipes import COMMON, RECIPES, cell_config, train_cell
+from recipes import COMMON, RECIPES, cell_config, measured, train_cell
 from reporting import provenance, write_results
 
 from frugaldiff.config import Config, parse_override
@@ -172,7 +172,7 @@ def main() -> None:
     cells = [(r, s) for s in args.seeds for r in args.recipes]  # seed-major: every recipe once first
     for i, (recipe, seed) in enumerate(cells):
         run = args.out / recipe / f"b{batch}-s{seed}"
-        if args.report_only and not (run / "heldout_x0.json").is_file():
+        if args.report_only and not measured(run):
             print(f"[{i + 1}/{len(cells)}] {recipe}, seed {seed}: not finished, left out", flush=True)
             continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, seed {seed}", flush=True)

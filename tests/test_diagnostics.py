@@ -6,6 +6,7 @@ import statistics
 import pytest
 import torch
 
+from frugaldiff import studies
 from frugaldiff.cli import main
 from frugaldiff.components import build_denoiser
 from frugaldiff.config import Config
@@ -22,7 +23,14 @@ from frugaldiff.diagnostics import (
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import VPLinear
 from frugaldiff.runs import read_metrics
-from frugaldiff.studies import prediction_study, study_claims, train_or_reuse
+from frugaldiff.studies import (
+    kept_in_run,
+    measured_blend,
+    prediction_study,
+    study_claims,
+    study_table,
+    train_or_reuse,
+)
 from frugaldiff.trainer import Trainer
 from frugaldiff.weighting import WEIGHTINGS, Weighting
 
@@ -87,7 +95,24 @@ def test_claims_flag_exactly_the_bins_where_a_mixture_is_significantly_worse():
     assert claims["mixtures"]["mixed-heads"]["bins_worse_than_best_single_model"] == [1]
 
 
-def test_study_writes_its_outputs_and_reuses_finished_runs(tmp_path):
+def test_measured_blend_is_the_inverse_error_share_and_its_printed_keys_configure_it():
+    models = {"eps": [0.01, 0.3, 189.0], "x0": [0.12, 0.3, 0.35], "mixed-heads": [0.01, 0.3, 0.35]}
+    blend = measured_blend(models, ["eps", "x0", "velocity"])
+    # x0's share: E_eps / (E_eps + E_x0) per bin
+    assert blend == {"types": ["eps", "x0"], "weights": [round(0.01 / 0.13, 3), 0.5, round(189 / 189.35, 3)]}
+    assert measured_blend(models, ["x0"]) is None  # one single type: nothing to blend
+    assert measured_blend({"x0": [0.1, -0.01], "eps": [0.2, 0.1]}, ["x0", "eps"]) is None  # excess over Bayes
+    results = {"dataset": "d", "images_seen": 1, "batch_size": 1, "process": "vp-linear", "edges": [0, 0.5, 1],
+               "measure": "x0 error", "models": {"eps": [1.0, 2.0], "x0": [3.0, 1.0]},
+               "blend": measured_blend({"eps": [1.0, 2.0], "x0": [3.0, 1.0]}, ["eps", "x0"])}
+    line = study_table(results).strip().splitlines()[-1].strip()
+    overrides = [arg.strip("'") for arg in line.split(" --set ")]
+    overrides[0] = overrides[0].removeprefix("--set ").strip("'")
+    config = Config.load(overrides=overrides)
+    assert config["diffusion.blend.types"] == ["eps", "x0"] and config["diffusion.blend.weights"] == [0.25, 0.667]
+
+
+def test_study_writes_its_outputs_and_reuses_finished_runs(tmp_path, monkeypatch):
     base = Config(TINY_GMM)
     results = prediction_study(base, tmp_path, types=["x0", "velocity"], strategies=["joint", "heads"], bins=3,
                                per_bin=8, progress=False)
@@ -101,9 +126,14 @@ def test_study_writes_its_outputs_and_reuses_finished_runs(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["claims"] == results["claims"]
     assert "| mixed-heads head:velocity |" in (tmp_path / "table.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
-    again = prediction_study(base, tmp_path, types=["x0", "velocity"], strategies=["joint", "heads"], bins=3,
-                             per_bin=8, progress=False)
-    assert again["models"] == results["models"]
+    with monkeypatch.context() as patch:  # each run's grid measurement is kept in it: a rerun measures nothing
+        patch.setattr(studies, "x0_error_by_bin", lambda *args, **kwargs: pytest.fail("measured the grid again"))
+        again = prediction_study(base, tmp_path, types=["x0", "velocity"], strategies=["joint", "heads"], bins=3,
+                                 per_bin=8, progress=False)
+    assert again["models"] == results["models"] and again["gates"] == results["gates"]
+    assert again["claims"] == results["claims"] and again["bayes"] == results["bayes"]
+    assert prediction_study(base, tmp_path, types=["x0"], strategies=[], bins=2, per_bin=8,  # another grid: anew
+                            progress=False)["edges"] == pytest.approx([0, 0.5, 1])
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")} == stamps
     with pytest.raises(FrugalError, match="holds a run of another config"):
         prediction_study(base.updated({"train.lr": 5e-4}), tmp_path, types=["x0"], strategies=[], progress=False)
@@ -112,12 +142,15 @@ def test_study_writes_its_outputs_and_reuses_finished_runs(tmp_path):
 def test_study_scores_samples_of_every_seed_and_trains_the_blend_and_measured_gates(tmp_path):
     base = Config(TINY_GMM)
     results = prediction_study(base, tmp_path, types=["x0", "velocity"], strategies=["heads"], bins=3, per_bin=8,
-                               progress=False, gates=["timestep", "analytic", "switch"], blend=True, seeds=[0, 1],
-                               samples=64)
+                               progress=False, gates=["timestep", "analytic", "switch"],
+                               blend={"diffusion.blend.weights": [0.3, 0.7]}, seeds=[0, 1], samples=64)
     names = ["x0", "velocity", "blend", "mixed-heads", "mixed-heads-analytic", "mixed-heads-switch"]
     assert list(results["quality"]) == names and set(results["gates"]) == set(names[3:])
     assert all(len(q["values"]) == len(q["train_seconds"]) == 2 for q in results["quality"].values())
     assert {p.name for p in (tmp_path / "blend").iterdir()} == {"seed-0", "seed-1"}
+    saved = {name: Config.load(tmp_path / name / "seed-1" / "config.toml") for name in ("blend", "x0")}
+    assert saved["blend"]["diffusion.blend.weights"] == [0.3, 0.7]  # the blend's own keys, no other model's
+    assert saved["x0"]["diffusion.blend.weights"] == base["diffusion.blend.weights"]
     table = (tmp_path / "table.md").read_text()
     assert f"| blend | {statistics.mean(results['quality']['blend']['values']):.4g} ± " in table
     # the per-bin errors are the mean over seeds of each seed's own measurement
@@ -143,12 +176,33 @@ def test_study_keeps_each_runs_score_and_a_rerun_reuses_it(tmp_path, monkeypatch
     assert json.loads(kept.read_text())["key"]["samples"] == 16
 
 
+def test_kept_in_run_computes_once_per_key_and_reads_only_when_asked(tmp_path):
+    path, calls = tmp_path / "kept.json", []
+
+    def compute():
+        calls.append(1)
+        return {"mean": 0.5 * len(calls)}
+
+    assert kept_in_run(path, {"step": 3}, compute) == {"mean": 0.5}
+    assert kept_in_run(path, {"step": 3}, compute) == {"mean": 0.5} and len(calls) == 1
+    assert kept_in_run(path, {"step": 3}, None) == {"mean": 0.5}  # read only: the kept value
+    with pytest.raises(FrugalError, match="keeps no value for {'step': 4}"):
+        kept_in_run(path, {"step": 4}, None)
+    assert kept_in_run(path, {"step": 4}, compute) == {"mean": 1.0}  # another key is measured anew
+    assert json.loads(path.read_text()) == {"key": {"step": 4}, "value": {"mean": 1.0}}
+
+
 def test_analyze_command(tmp_path, capsys):
     sets = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY_GMM.items()), [])
     assert main(["analyze", "prediction-types", "--types", "x0", "eps", "--strategies", "heads", "--bins", "2",
                  "--per-bin", "4", "--out", str(tmp_path / "s"), "--no-progress", *sets]) == 0
     out = capsys.readouterr().out
     assert "| mixed-heads head:eps |" in out and "bins_worse_than_own_best_head" in out
+    assert main(["analyze", "prediction-types", "--types", "x0", "--strategies", "--blend", "x0", "eps",
+                 "--blend-weights", "0.25", "0.75", "--bins", "2", "--per-bin", "4", "--out", str(tmp_path / "s"),
+                 "--no-progress", *sets]) == 0
+    blend = Config.load(tmp_path / "s" / "blend" / f"seed-{Config(TINY_GMM)['train.seed']}" / "config.toml")
+    assert (blend["diffusion.blend.types"], blend["diffusion.blend.weights"]) == (["x0", "eps"], [0.25, 0.75])
     assert main(["analyze", "prediction-types", "--bins", "0", "--out", str(tmp_path / "t")]) == 2
 
 

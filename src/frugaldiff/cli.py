@@ -117,8 +117,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="mixed strategies to train (default: all three; none: no mixture)")
     study.add_argument("--gates", nargs="+", default=["timestep"], choices=list(GATES),
                        help="gates of the mixtures (default: timestep): each strategy is trained with each")
-    study.add_argument("--blend", action="store_true",
-                       help="also train the single-head blend (diffusion.prediction = blend: velocity → x0 over t)")
+    study.add_argument("--blend", nargs="*", metavar="TYPE",
+                       help="also train the single-head blend (diffusion.prediction = blend): of these two types "
+                       "(diffusion.blend.types; none given: the config's)")
+    study.add_argument("--blend-weights", type=float, nargs="+", metavar="W",
+                       help="the blend's share of its second type per t bin (diffusion.blend.weights; default: the "
+                       "config's); the table prints the shares the study's own errors call for")
     study.add_argument("--seeds", type=int, nargs="+", help="training seeds per model (default: the config's)")
     study.add_argument("--samples", type=int, default=0,
                        help="score this many EMA samples of every run with the data's headline metric (0: none)")
@@ -302,8 +306,11 @@ def _prediction_types(args: argparse.Namespace) -> int:
     base = Config(values).updated(dict(parse_override(o) for o in args.overrides))
     if args.samples < 0 or (args.samples and args.samples < 2):
         raise FrugalError("--samples must be 0 (no scoring) or at least 2")
+    blend = None if args.blend is None and args.blend_weights is None else {
+        **({"diffusion.blend.types": args.blend} if args.blend else {}),
+        **({"diffusion.blend.weights": args.blend_weights} if args.blend_weights else {})}
     results = prediction_study(base, args.out, args.types, args.strategies, args.bins, args.per_bin,
-                               progress=not args.no_progress, gates=args.gates, blend=args.blend, seeds=args.seeds,
+                               progress=not args.no_progress, gates=args.gates, blend=blend, seeds=args.seeds,
                                samples=args.samples)
     print((args.out / "table.md").read_text(), end="")
     print(json.dumps(results["claims"]))

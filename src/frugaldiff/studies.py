@@ -9,20 +9,31 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .checkpoint import atomic_write_text
 from .components import build_data, build_process, model_data, true_mixture
 from .config import Config
-from .diagnostics import denoiser_predictions, fixed_grid, gate_weights_by_bin, heldout_loss_by_bin, x0_error_by_bin
+from .diagnostics import (
+    GRID_SEED,
+    denoiser_predictions,
+    fixed_grid,
+    gate_weights_by_bin,
+    heldout_loss_by_bin,
+    x0_error_by_bin,
+)
 from .errors import FrugalError
+from .gmm import GaussianMixture
 from .metrics import EVALUATOR_VERSION, HIGHER_IS_BETTER, Evaluator
+from .networks import Denoiser
 from .plots import plot_batch_sweep, plot_error_by_bin, plot_gate_weights
-from .prediction import MixedPrediction
+from .prediction import MixedPrediction, inverse_error_shares
 from .runs import training_seconds
 from .trainer import Trainer
 
@@ -51,20 +62,29 @@ def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
     return trainer
 
 
+def kept_in_run(path: Path, key: dict[str, Any], compute: Callable[[], Any] | None) -> Any:
+    """A measurement of a run computed once per ``key`` and kept in ``path`` (JSON ``{key, value}``, written
+    atomically), so that a rerun of an experiment reuses it; ``compute`` None reads only (an error when ``path``
+    keeps no value for ``key``)."""
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept["value"]
+    if compute is None:
+        raise FrugalError(f"{path} keeps no value for {key}; run the experiment without reading only")
+    value = compute()
+    _write_json(path, {"key": key, "value": value})
+    return value
+
+
 def scored_once(trainer: Trainer, evaluator: Evaluator, samples: int) -> float:
     """The headline metric of ``samples`` EMA samples of a finished run, computed once and kept in
     ``RUN/study-score.json`` (keyed by the run's step, the sample count and the evaluator), so that a rerun of a
     study reuses the scores of the runs it reuses."""
-    path = trainer.files.root / "study-score.json"
     key = {"step": trainer.state.step, "samples": samples, "metric": evaluator.headline, "ref": evaluator.ref,
            "evaluator_version": EVALUATOR_VERSION, "inception": evaluator.inception is not None}
-    if path.is_file():
-        kept = json.loads(path.read_text())
-        if kept.get("key") == key:
-            return float(kept["value"])
-    value = trainer.evaluate(evaluator, samples)
-    _write_json(path, {"key": key, "value": value})
-    return value
+    return float(kept_in_run(trainer.files.root / "study-score.json", key,
+                             lambda: trainer.evaluate(evaluator, samples)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,13 +101,14 @@ STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def study_models(types: Sequence[str], strategies: Sequence[str], gates: Sequence[str] = ("timestep",),
-                 blend: bool = False) -> dict[str, dict[str, Any]]:
-    """Model name → config changes: one model per single type, the single-head ``blend`` (velocity → x0 with the
-    measured default shares) when asked, and one per mixed strategy and gate over ``types`` (``mixed-<strategy>``
-    for the timestep gate, ``mixed-<strategy>-<gate>`` for the others)."""
+                 blend: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Model name → config changes: one model per single type, the single-head ``blend`` when ``blend`` is given
+    (its own ``diffusion.blend.*`` changes, which no other model carries; empty: the config's), and one per mixed
+    strategy and gate over ``types`` (``mixed-<strategy>`` for the timestep gate, ``mixed-<strategy>-<gate>`` for
+    the others)."""
     models: dict[str, dict[str, Any]] = {t: {"diffusion.prediction": t} for t in types}
-    if blend:
-        models["blend"] = {"diffusion.prediction": "blend"}
+    if blend is not None:
+        models["blend"] = {"diffusion.prediction": "blend", **blend}
     for strategy in strategies:
         for gate in gates:
             name = f"mixed-{strategy}" if gate == "timestep" else f"mixed-{strategy}-{gate}"
@@ -99,7 +120,8 @@ def study_models(types: Sequence[str], strategies: Sequence[str], gates: Sequenc
 def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", "velocity", "acceleration"),
                      strategies: Sequence[str] = ("joint", "heads", "heads+joint"), bins: int = 10,
                      per_bin: int = 512, progress: bool = True, gates: Sequence[str] = ("timestep",),
-                     blend: bool = False, seeds: Sequence[int] | None = None, samples: int = 0) -> dict[str, Any]:
+                     blend: Mapping[str, Any] | None = None, seeds: Sequence[int] | None = None,
+                     samples: int = 0) -> dict[str, Any]:
     """Train (or reuse, when finished) one run per model of :func:`study_models` and seed (default: the config's)
     under ``out_dir/<model>/seed-<seed>`` at equal budget and batch, then measure each model's (and each mixed
     head's) x0 error per t bin on a fixed held-out grid (per-sample errors averaged over seeds), the gate weights
@@ -118,7 +140,6 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
                                "batch_size": base["train.batch_size"], "process": base["diffusion.process"],
                                "seeds": seeds, "models": {}, "gates": {}, "quality": {}}
     per_sample: dict[str, list[Tensor]] = {}
-    key = "excess" if mixture is not None else "error"
     for name, changes in study_models(types, strategies, gates, blend).items():
         runs: list[dict[str, list[Tensor]]] = []
         gate_runs: list[dict[str, list[float]]] = []
@@ -126,17 +147,18 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
         for seed in seeds:
             config = base.updated({**changes, "train.name": name, "train.seed": seed})
             trainer = train_or_reuse(config, out_dir / name / f"seed-{seed}", progress)
-            denoiser = trainer.state.ema.model.eval()
-            grid = fixed_grid(denoiser.process, data.heldout, bins, per_bin)
-            errors = x0_error_by_bin(denoiser_predictions(denoiser), grid, mixture, denoiser.process)
-            results["edges"] = errors["edges"]
-            if "bayes" in errors:
-                results["bayes"] = errors["bayes"]
-            runs.append({output: errors["samples"][output] for output in errors[key]})
-            if mixture is not None:  # excess over Bayes per sample: the error minus the Bayes error of its bin
-                runs[-1] = {o: [e - b for e, b in zip(v, errors["bayes"], strict=True)] for o, v in runs[-1].items()}
-            if isinstance(denoiser.prediction, MixedPrediction):
-                gate_runs.append(gate_weights_by_bin(denoiser, grid))
+            grid_key = {"step": trainer.state.step, "bins": bins, "per_bin": per_bin, "grid_seed": GRID_SEED}
+            measured = kept_in_run(trainer.files.root / "study-x0-error.json", grid_key,
+                                   partial(measure_on_grid, trainer.state.ema.model.eval(), data.heldout, bins,
+                                           per_bin, mixture))
+            results["edges"] = measured["edges"]
+            if "bayes" in measured:
+                results["bayes"] = measured["bayes"]
+            floor = measured.get("bayes", [0.0] * bins)  # excess over Bayes per sample: minus its bin's Bayes error
+            runs.append({output: [torch.tensor(v, dtype=torch.float64) - b for v, b in zip(cells, floor, strict=True)]
+                         for output, cells in measured["samples"].items()})
+            if "gates" in measured:
+                gate_runs.append(measured["gates"])
             if evaluator is not None:
                 quality["values"].append(scored_once(trainer, evaluator, samples))
                 quality["train_seconds"].append(training_seconds(trainer.files.metrics))
@@ -154,12 +176,29 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
         results["metric"], results["samples"] = evaluator.headline, samples
         results["higher_is_better"] = evaluator.headline in HIGHER_IS_BETTER
     results["claims"] = study_claims(results, per_sample, types)
+    results["blend"] = measured_blend(results["models"], types)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out_dir / "table.md", study_table(results))
     plot_error_by_bin(results, out_dir / "x0_error.png")
     if results["gates"]:
         plot_gate_weights(results, out_dir / "gates.png")
     return results
+
+
+def measure_on_grid(denoiser: Denoiser, heldout: Tensor, bins: int, per_bin: int,
+                    mixture: GaussianMixture | None = None) -> dict[str, Any]:
+    """What the study measures of one run on the fixed held-out grid, as JSON: the bin edges, every output's
+    per-sample x0 errors per bin (``samples``; a mixture's heads too), with a ``mixture`` the Bayes error per bin,
+    and a mixed model's mean gate weights per bin (``gates``)."""
+    grid = fixed_grid(denoiser.process, heldout, bins, per_bin)
+    errors = x0_error_by_bin(denoiser_predictions(denoiser), grid, mixture, denoiser.process)
+    measured: dict[str, Any] = {"edges": errors["edges"],
+                                "samples": {o: [v.tolist() for v in cells] for o, cells in errors["samples"].items()}}
+    if "bayes" in errors:
+        measured["bayes"] = errors["bayes"]
+    if isinstance(denoiser.prediction, MixedPrediction):
+        measured["gates"] = gate_weights_by_bin(denoiser, grid)
+    return measured
 
 
 def study_claims(results: dict[str, Any], samples: dict[str, list[Tensor]], types: Sequence[str]) -> dict[str, Any]:
@@ -207,6 +246,16 @@ def study_claims(results: dict[str, Any], samples: dict[str, list[Tensor]], type
     return claims
 
 
+def measured_blend(models: dict[str, list[float]], types: Sequence[str]) -> dict[str, Any] | None:
+    """The blend of the study's first two single types that its measurements call for: ``diffusion.blend.types``
+    and, per t bin, ``diffusion.blend.weights`` = the second type's inverse-error share of x̂0 (None where fewer
+    than two single types were trained or an error is not positive, e.g. an excess over Bayes)."""
+    singles = [t for t in types if t in models][:2]
+    if len(singles) < 2 or min(min(models[t]) for t in singles) <= 0:
+        return None
+    return {"types": singles, "weights": [round(w, 3) for w in inverse_error_shares(*(models[t] for t in singles))]}
+
+
 def study_table(results: dict[str, Any]) -> str:
     """Markdown table: one row per model (and mixed head), one column per t bin, plus the mean."""
     edges = results["edges"]
@@ -228,6 +277,13 @@ def study_table(results: dict[str, Any]) -> str:
             spread = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
             lines.append(f"| {name} | {statistics.mean(values):.4g}{spread} | {_fmt(sum(error) / len(error))} | "
                          f"{statistics.mean(q['train_seconds']):.0f} |")
+    if results.get("blend"):
+        types, weights = results["blend"]["types"], results["blend"]["weights"]
+        lines += ["", f"The blend these errors call for ({types[1]}'s inverse-error share of x̂0 per bin), in this "
+                  "study and in frugaldiff train:", "",
+                  f"    --blend {' '.join(types)} --blend-weights {' '.join(map(str, weights))}",
+                  f"    --set diffusion.prediction=blend --set 'diffusion.blend.types={json.dumps(types)}' "
+                  f"--set 'diffusion.blend.weights={json.dumps(weights)}'"]
     return "\n".join(lines) + "\n"
 
 
