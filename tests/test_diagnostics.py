@@ -2,6 +2,7 @@
 
 import json
 import statistics
+import threading
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from frugaldiff.diagnostics import (
 )
 from frugaldiff.errors import FrugalError
 from frugaldiff.noise import VPLinear
-from frugaldiff.runs import read_metrics
+from frugaldiff.runs import RunLock, read_metrics
 from frugaldiff.studies import (
     kept_in_run,
     measured_blend,
@@ -319,6 +320,22 @@ def test_train_or_reuse_restarts_a_run_stopped_before_its_first_checkpoint_and_r
     assert train_or_reuse(config, run, progress=False).state.images_seen == 64  # finished: reused
     with pytest.raises(FrugalError, match="holds a run of another config"):
         train_or_reuse(config.updated({"train.images_seen": 128}), run, progress=False)
+
+
+def test_train_or_reuse_waits_for_a_run_another_process_holds(tmp_path):
+    config = Config({**TINY_GMM, "train.tensorboard": False, "train.heldout_every": 0})
+    run = tmp_path / "run"
+    finished = train_or_reuse(config, run, progress=False).state.ema.model.state_dict()
+    holder = RunLock(run)  # another study reusing (or training) the same run folder
+    with pytest.raises(FrugalError, match="is being trained by process"):
+        Trainer(config, run, resume=True, progress=False)  # a plain train or resume refuses a held folder
+    release = threading.Timer(0.5, holder.release)
+    release.start()
+    with pytest.warns(UserWarning, match="in use by process .*; waiting until it is free"):
+        trainer = train_or_reuse(config, run, progress=False)
+    release.join()
+    assert trainer.done and trainer.state.images_seen == 64
+    assert all(torch.equal(v, finished[k]) for k, v in trainer.state.ema.model.state_dict().items())
 
 
 def test_heldout_x0_error_is_the_models_x0_error_and_a_heads_mixtures_objective_is_not():

@@ -73,9 +73,10 @@ class RunFiles:
 
 class RunLock:
     """An advisory lock on a run folder (``fcntl.flock`` on ``RUN/.lock``, which holds the holder's PID) while a
-    process trains it; it dies with the process, so a killed trainer never leaves the folder locked."""
+    process trains it; it dies with the process, so a killed trainer never leaves the folder locked. A folder
+    locked by another process is an error, or with ``wait`` a one-line notice and a wait until it is free."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, wait: bool = False) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self._file: Any = (root / ".lock").open("a+")
         if fcntl is None:  # no flock on this platform: no lock
@@ -85,9 +86,12 @@ class RunLock:
         except OSError:
             self._file.seek(0)
             holder = self._file.read(32).strip() or "another process"
-            self._file.close()
-            raise FrugalError(f"run folder {root} is being trained by process {holder}; wait for it to finish "
-                              f"(or stop it: kill {holder}), then resume it") from None
+            if not wait:
+                self._file.close()
+                raise FrugalError(f"run folder {root} is being trained by process {holder}; wait for it to finish "
+                                  f"(or stop it: kill {holder}), then resume it") from None
+            warnings.warn(f"run folder {root} is in use by process {holder}; waiting until it is free", stacklevel=2)
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
         self._file.truncate(0)
         self._file.write(str(os.getpid()))
         self._file.flush()

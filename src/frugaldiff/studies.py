@@ -50,11 +50,12 @@ def _write_json(path: Path, result: dict[str, Any]) -> None:
 def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
     """A trainer of ``config`` in ``run`` trained to its budget: started, continued or, when finished, reused
     (an experiment rerun skips what is done); a run of another config there is an error. A run of this config
-    that was stopped before its first checkpoint starts again from step 0 (the trainer does that)."""
+    that was stopped before its first checkpoint starts again from step 0 (the trainer does that). A run that
+    another process holds (a study sharing the folder) is waited for, then continued or reused."""
     started = (run / "config.toml").is_file()
     if started and Config.load(run / "config.toml", saved=True) != config:
         raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
-    trainer = Trainer(config, run, resume=started, progress=progress)
+    trainer = Trainer(config, run, resume=started, progress=progress, wait=True)
     if trainer.done:
         trainer.close()  # nothing to train: let another process (or a later study) open the folder
     else:

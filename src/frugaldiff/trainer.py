@@ -137,14 +137,16 @@ def signals_to_flag(flag: list[int]) -> Iterator[None]:
 
 
 class Trainer:
-    """Trains one run folder; ``resume`` continues from its newest checkpoint.
+    """Trains one run folder; ``resume`` continues from its newest checkpoint; ``wait``: when another process
+    holds the folder, wait for it instead of refusing.
 
     Under torchrun (RANK/WORLD_SIZE set) each process trains its share of every global batch with
     DistributedDataParallel; every rank draws the same global data order, times and noise, so sampler state and
     checkpoints do not depend on the number of processes. Only rank 0 writes.
     """
 
-    def __init__(self, config: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+                 wait: bool = False) -> None:
         self.world, device_name = init_distributed(config["train.device"])
         self.config, self.settings = config, TrainSettings.from_config(config)
         self.files, self.progress = RunFiles(Path(run_dir)), progress and self.world.is_main
@@ -165,7 +167,7 @@ class Trainer:
         self.state = TrainState(self.parts, self.data, s)
         self.eval_column = eval_column(self.images) if s.eval_every else None
         # the folder is touched only now that the config has built: bad input leaves nothing behind
-        self.lock = RunLock(self.files.root) if self.world.is_main else None  # released at the end of fit
+        self.lock = RunLock(self.files.root, wait) if self.world.is_main else None  # released at the end of fit
         point = self.world.broadcast(start_run(self.files.root, resume) if self.world.is_main else None)
         if point is not None:
             self.state.restore(point)
