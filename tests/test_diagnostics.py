@@ -4,8 +4,11 @@ import json
 import statistics
 import threading
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from testkit import TINY_UNET
 
 from frugaldiff import studies
 from frugaldiff.cli import main
@@ -22,6 +25,7 @@ from frugaldiff.diagnostics import (
     x0_error_by_bin,
 )
 from frugaldiff.errors import FrugalError
+from frugaldiff.images import make_grid, to_uint8
 from frugaldiff.noise import VPLinear
 from frugaldiff.runs import RunLock, read_metrics
 from frugaldiff.studies import (
@@ -162,6 +166,25 @@ def test_study_scores_samples_of_every_seed_and_trains_the_blend_and_measured_ga
         assert [a + b for a, b in zip(gates["x0"], gates["velocity"], strict=True)] == pytest.approx([1.0] * 3)
     quality = results["claims"]["quality"]
     assert quality["best_single_type"] in ("x0", "velocity") and quality["best_model"] in names
+
+
+def test_study_on_images_shows_the_first_seeds_samples_of_every_model(tmp_path, monkeypatch):
+    base = Config({**TINY_UNET, "diffusion.process": "vp-linear", "train.images_seen": 32, "train.tensorboard": False,
+                   "train.heldout_every": 0, "train.checkpoint_every": 0})
+    shown = {}
+    monkeypatch.setattr(studies, "plot_sample_panels", lambda panels, title, out: shown.update(panels, title=title))
+    prediction_study(base, tmp_path, types=["x0", "eps"], strategies=[], bins=2, per_bin=4, progress=False,
+                     seeds=[1, 0], samples=16)
+    assert list(shown) == ["x0", "eps", "title"] and "seed 1" in shown["title"]
+    for name in ("x0", "eps"):  # the run's own samples, in a grid of PANEL_COLUMNS columns
+        run = train_or_reuse(base.updated({"diffusion.prediction": name, "train.name": name, "train.seed": 1}),
+                             tmp_path / name / "seed-1", progress=False)
+        expected = make_grid(to_uint8(run.samples(studies.PANEL_SAMPLES)), ncols=studies.PANEL_COLUMNS)
+        assert np.array_equal(shown[name], expected)
+    monkeypatch.undo()
+    prediction_study(base, tmp_path, types=["x0"], strategies=[], bins=2, per_bin=4, progress=False, samples=16)
+    with Image.open(tmp_path / "samples.png") as picture:
+        assert picture.size[0] > 300 and picture.mode in ("RGB", "RGBA")
 
 
 def test_study_keeps_each_runs_score_and_a_rerun_reuses_it(tmp_path, monkeypatch):

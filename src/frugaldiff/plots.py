@@ -162,6 +162,19 @@ def plot_error_by_bin(results: dict[str, Any], out: Path) -> None:
     save_figure(plt, fig, out)
 
 
+def plot_sample_panels(panels: dict[str, np.ndarray], title: str, out: Path) -> None:
+    """One panel per model, each a uint8 grid image [H, W, C] of its samples, side by side under ``title``."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3), squeeze=False)
+    for ax, (name, grid) in zip(axes[0], panels.items(), strict=True):
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title)
+    save_figure(plt, fig, out)
+
+
 def plot_gate_weights(results: dict[str, Any], out: Path) -> None:
     """Learned gate weight of each head over t, one panel per mixed model."""
     plt = pyplot()

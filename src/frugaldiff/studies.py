@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,9 +31,10 @@ from .diagnostics import (
 )
 from .errors import FrugalError
 from .gmm import GaussianMixture
+from .images import make_grid, to_uint8
 from .metrics import EVALUATOR_VERSION, HIGHER_IS_BETTER, Evaluator
 from .networks import Denoiser
-from .plots import plot_batch_sweep, plot_error_by_bin, plot_gate_weights
+from .plots import plot_batch_sweep, plot_error_by_bin, plot_gate_weights, plot_sample_panels
 from .prediction import MixedPrediction, inverse_error_shares
 from .runs import training_seconds
 from .trainer import Trainer
@@ -91,6 +93,8 @@ def scored_once(trainer: Trainer, evaluator: Evaluator, samples: int) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # The prediction-type study
 
+PANEL_SAMPLES, PANEL_COLUMNS = 30, 6  # samples.png of a study: this many samples of each model, in this many columns
+
 #: The study runs on vp-linear, where every named type (acceleration too) is defined; per dataset: its budget.
 STUDY_PROCESS = "vp-linear"
 STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -128,7 +132,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
     head's) x0 error per t bin on a fixed held-out grid (per-sample errors averaged over seeds), the gate weights
     over t, and, with ``samples`` > 0 on data that has a quality metric, the headline metric of that many EMA
     samples of every run (the run's own sampling settings) and its training seconds. Writes ``results.json``,
-    ``table.md``, ``x0_error.png``, ``gates.png``.
+    ``table.md``, ``x0_error.png``, ``gates.png`` and, for scored images, ``samples.png`` (the first seed's).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds) if seeds else [base["train.seed"]]
@@ -141,6 +145,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
                                "batch_size": base["train.batch_size"], "process": base["diffusion.process"],
                                "seeds": seeds, "models": {}, "gates": {}, "quality": {}}
     per_sample: dict[str, list[Tensor]] = {}
+    panels: dict[str, np.ndarray] = {}  # the first seed's samples of every model, for samples.png
     for name, changes in study_models(types, strategies, gates, blend).items():
         runs: list[dict[str, list[Tensor]]] = []
         gate_runs: list[dict[str, list[float]]] = []
@@ -160,6 +165,8 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
                          for output, cells in measured["samples"].items()})
             if "gates" in measured:
                 gate_runs.append(measured["gates"])
+            if evaluator is not None and seed == seeds[0] and evaluator.data.kind == "image":
+                panels[name] = make_grid(to_uint8(trainer.samples(PANEL_SAMPLES)), ncols=PANEL_COLUMNS)
             if evaluator is not None:
                 quality["values"].append(scored_once(trainer, evaluator, samples))
                 quality["train_seconds"].append(training_seconds(trainer.files.metrics))
@@ -183,6 +190,9 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
     plot_error_by_bin(results, out_dir / "x0_error.png")
     if results["gates"]:
         plot_gate_weights(results, out_dir / "gates.png")
+    if panels:
+        plot_sample_panels(panels, f"{results['dataset']}, {results['images_seen']} images, seed {seeds[0]}: "
+                           f"{PANEL_SAMPLES} samples per model (its own sampling settings)", out_dir / "samples.png")
     return results
 
 
