@@ -223,10 +223,14 @@ def test_analyze_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| mixed-heads head:eps |" in out and "bins_worse_than_own_best_head" in out
     assert main(["analyze", "prediction-types", "--types", "x0", "--strategies", "--blend", "x0", "eps",
-                 "--blend-weights", "0.25", "0.75", "--bins", "2", "--per-bin", "4", "--out", str(tmp_path / "s"),
+                 "--blend-weights", "0.25", "0.75", "--blend-set", "diffusion.weighting=type_loss", "--bins", "2",
+                 "--per-bin", "4", "--out", str(tmp_path / "s"),
                  "--no-progress", *sets]) == 0
     blend = Config.load(tmp_path / "s" / "blend" / f"seed-{Config(TINY_GMM)['train.seed']}" / "config.toml")
     assert (blend["diffusion.blend.types"], blend["diffusion.blend.weights"]) == (["x0", "eps"], [0.25, 0.75])
+    assert blend["diffusion.weighting"] == "type_loss"
+    x0 = Config.load(tmp_path / "s" / "x0" / f"seed-{Config(TINY_GMM)['train.seed']}" / "config.toml")
+    assert x0["diffusion.weighting"] == Config(TINY_GMM)["diffusion.weighting"]  # the blend's keys are its own
     assert main(["analyze", "prediction-types", "--bins", "0", "--out", str(tmp_path / "t")]) == 2
 
 

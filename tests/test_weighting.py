@@ -28,17 +28,17 @@ def _grid(process, n=257, dtype=torch.float64):
 
 def test_registered_names_and_keyword_only_typed_parameters():
     assert set(WEIGHTINGS.names()) == {"none", "snr", "min_snr", "soft_min_snr", "p2", "edm", "debias",
-                                       "sigma_sqrt", "flow_loss", "cosmap", "sigmoid", "speed", "learned"}
+                                       "sigma_sqrt", "flow_loss", "cosmap", "sigmoid", "speed", "type_loss", "learned"}
     defaults = {}
     for name in WEIGHTINGS.names():
         for param in inspect.signature(WEIGHTINGS.get(name)).parameters.values():
-            assert param.kind is param.KEYWORD_ONLY and param.annotation in ("float", "int", "bool")
+            assert param.kind is param.KEYWORD_ONLY and param.annotation in ("float", "int", "bool", "str")
             assert type(param.default).__name__ == param.annotation
             defaults[f"{name}.{param.name}"] = param.default
     assert defaults == {"min_snr.gamma": 5.0, "min_snr.plus_one": True, "soft_min_snr.gamma": 5.0, "p2.k": 1.0,
                         "p2.gamma": 1.0,
                         "edm.sigma_data": 0.5, "learned.features": 32, "flow_loss.clip": 0.05, "sigmoid.bias": 2.0,
-                        "speed.lam": 0.6, "speed.tau_log_snr": -5.0}
+                        "speed.lam": 0.6, "speed.tau_log_snr": -5.0, "type_loss.prediction": "x0"}
 
 
 # Hand-computed from the anchors' formulas on VP-linear, where SNR(0.1) = 8.641543 (> 5), SNR(0.3) = 0.656543
@@ -86,6 +86,30 @@ def test_flow_loss_is_the_velocity_loss_clipped_at_small_noise():
     t = torch.linspace(0.05, 1.0, 97, dtype=torch.float64)
     torch.testing.assert_close(WEIGHTINGS.create("flow_loss").x0_weight(_on(process), t) * velocity.x0_factor(t),
                                torch.full_like(t, float(velocity.x0_factor(t[:1]) / t[0] ** 2)), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("process", [VPLinear(), Flow()], ids=["vp-linear", "flow"])
+def test_type_loss_trains_any_type_with_the_named_types_per_t_loss_scale(process):
+    """type_loss(x0): the x0 weight of a direct x0 prediction (1/A_x0² = 1/σ_d²) whatever the model's type, so an
+    ε or blend model's loss is its x0-space error exactly as an x0 model's own loss counts it."""
+    t = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
+    weighting, x0 = WEIGHTINGS.create("type_loss"), PREDICTIONS.create("x0", process, SIGMA_DATA)
+    blend = PREDICTIONS.create("blend", process, SIGMA_DATA, types=["velocity", "x0"], weights=[0.1, 0.9])
+    for model in (PREDICTIONS.create("velocity", process, SIGMA_DATA), blend, x0):
+        torch.testing.assert_close(weighting.x0_weight(model, t), torch.full_like(t, SIGMA_DATA ** -2), rtol=1e-12,
+                                   atol=0)
+    g = torch.Generator().manual_seed(0)
+    x0_true, eps = torch.randn(49, 3, generator=g, dtype=torch.float64), torch.randn(49, 3, generator=g,
+                                                                                    dtype=torch.float64)
+    x_t = process.alpha(t)[:, None] * x0_true + process.sigma(t)[:, None] * eps
+    out = blend.target(x0_true, eps, t) + 0.1 * torch.randn(49, 3, generator=g, dtype=torch.float64)
+    unit_error = (out - blend.target(x0_true, eps, t)).pow(2).mean(1)
+    x0_error = (blend.to_x0(out, x_t, t) - x0_true).pow(2).mean(1)
+    torch.testing.assert_close(weighting.weigh(unit_error, blend, t), x0_error / SIGMA_DATA ** 2, rtol=1e-9, atol=0)
+    velocity = WEIGHTINGS.create("type_loss", prediction="velocity").x0_weight(x0, t)  # another named type
+    torch.testing.assert_close(velocity, 1 / PREDICTIONS.create("velocity", process, SIGMA_DATA).x0_factor(t))
+    with pytest.raises(FrugalError, match="weighting.type_loss.prediction' must be a linear type"):
+        WEIGHTINGS.create("type_loss", prediction="mixed")
 
 
 def test_speed_weighting_reproduces_speeds_weights_on_ddpms_linear_schedule():

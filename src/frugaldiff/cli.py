@@ -123,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--blend-weights", type=float, nargs="+", metavar="W",
                        help="the blend's share of its second type per t bin (diffusion.blend.weights; default: the "
                        "config's); the table prints the shares the study's own errors call for")
+    study.add_argument("--blend-set", dest="blend_overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="change a key of the blend alone, e.g. --blend-set diffusion.weighting=type_loss")
     study.add_argument("--seeds", type=int, nargs="+", help="training seeds per model (default: the config's)")
     study.add_argument("--samples", type=int, default=0,
                        help="score this many EMA samples of every run with the data's headline metric (0: none)")
@@ -306,9 +308,10 @@ def _prediction_types(args: argparse.Namespace) -> int:
     base = Config(values).updated(dict(parse_override(o) for o in args.overrides))
     if args.samples < 0 or (args.samples and args.samples < 2):
         raise FrugalError("--samples must be 0 (no scoring) or at least 2")
-    blend = None if args.blend is None and args.blend_weights is None else {
+    blend = None if args.blend is None and args.blend_weights is None and not args.blend_overrides else {
         **({"diffusion.blend.types": args.blend} if args.blend else {}),
-        **({"diffusion.blend.weights": args.blend_weights} if args.blend_weights else {})}
+        **({"diffusion.blend.weights": args.blend_weights} if args.blend_weights else {}),
+        **dict(parse_override(o) for o in args.blend_overrides)}
     results = prediction_study(base, args.out, args.types, args.strategies, args.bins, args.per_bin,
                                progress=not args.no_progress, gates=args.gates, blend=blend, seeds=args.seeds,
                                samples=args.samples)

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from .errors import FrugalError
 from .noise import NoiseProcess
-from .prediction import PredictionType
+from .prediction import LINEAR_TYPES, PREDICTIONS, PredictionType
 from .registry import Registry
 
 
@@ -194,6 +194,24 @@ class FlowLossWeighting(Weighting):
     def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
         log_s = _log_flow_sigma(prediction.process.log_snr(t)).clamp(min=math.log(self.clip))
         return torch.exp(-2 * log_s)
+
+
+@WEIGHTINGS.register("type_loss")
+class TypeLossWeighting(Weighting):
+    """Another prediction type's own loss whatever the prediction type: x0 weight 1/A(t)² of the named linear type
+    (``x0``: the x0-MSE scaled as a direct prediction trains it), so that a blend or a mixture trains with a single
+    type's per-t loss scale and the target and the loss scale can be measured apart."""
+
+    def __init__(self, *, prediction: str = "x0") -> None:
+        _require(prediction in LINEAR_TYPES, "type_loss.prediction", f"a linear type ({', '.join(LINEAR_TYPES)})",
+                 prediction)
+        self.prediction = prediction
+        self._named: weakref.WeakKeyDictionary[PredictionType, PredictionType] = weakref.WeakKeyDictionary()
+
+    def x0_weight(self, prediction: PredictionType, t: Tensor) -> Tensor:
+        if prediction not in self._named:  # the named type on the model's process, built once per model
+            self._named[prediction] = PREDICTIONS.create(self.prediction, prediction.process, prediction.sigma_data)
+        return 1 / self._named[prediction].x0_factor(t)
 
 
 @WEIGHTINGS.register("cosmap")
