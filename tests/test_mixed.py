@@ -206,7 +206,10 @@ def test_mixed_learns_with_every_timestep_sampler(tmp_path, name):
 @pytest.mark.parametrize("name", WEIGHTINGS.names())
 @pytest.mark.parametrize("strategy", ["joint", "heads"])
 def test_mixed_learns_with_every_weighting(tmp_path, name, strategy):
-    trainer = _learns(tmp_path, {"diffusion.weighting": name, "diffusion.mixed.strategy": strategy})
+    # type_loss with its default x0 scale weighs every t alike, so on moons its held-out loss is mostly the
+    # irreducible x0 error near t = 1 and cannot fall by 10 %; the velocity type's scale tests the same code path
+    extra = {"weighting.type_loss.prediction": "velocity"} if name == "type_loss" else {}
+    trainer = _learns(tmp_path, {"diffusion.weighting": name, "diffusion.mixed.strategy": strategy, **extra})
     uncertainty = list(trainer.parts.denoiser.uncertainty.parameters())
     assert bool(uncertainty) == (name == "learned")
     assert all(p.abs().sum() > 0 for p in uncertainty)  # the learned uncertainty is trained with the heads
