@@ -317,7 +317,8 @@ def _prediction_types(args: argparse.Namespace) -> int:
                                samples=args.samples)
     print((args.out / "table.md").read_text(), end="")
     print(json.dumps(results["claims"]))
-    print(f"wrote {args.out}/results.json, table.md, x0_error.png" + (", gates.png" if results["gates"] else ""))
+    print(f"wrote {args.out}/results.json, table.md, x0_error.png" + (", gates.png" if results["gates"] else "")
+          + (", samples.png" if results["quality"] and (args.out / "samples.png").is_file() else ""))
     return 0
 
 
