@@ -116,3 +116,25 @@ def test_plot_amplification_writes_a_png_and_refuses_unknown_types(tmp_path, cap
         assert image.size[0] > 500
     assert main(["plot-amplification", "score", "--out", str(out)]) == 2
     assert "unknown diffusion.prediction 'score'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["train"], "continue with: frugaldiff train --resume {run}"),
+    (["analyze", "prediction-types", "--out", "x"],
+     "continue by running the same command again (it reuses finished runs and continues {run})"),
+])
+def test_an_interrupt_says_how_to_continue(argv, hint, tmp_path, monkeypatch, capsys):
+    """Only the train commands have --resume; a study continues when the same command runs again."""
+    import signal
+
+    from frugaldiff import cli
+    from frugaldiff.trainer import Interrupted
+    run = tmp_path / "run"
+
+    def interrupted(args):
+        raise Interrupted(signal.SIGTERM, run / "checkpoints" / "step-5.pt")
+
+    monkeypatch.setattr(cli, f"_{argv[0]}", interrupted)
+    assert main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(hint.format(run=run))

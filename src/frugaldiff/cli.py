@@ -395,6 +395,14 @@ def _warning_line(message: Warning | str, category: type[Warning], filename: str
     print(f"frugaldiff: warning: {message}", file=sys.stderr)
 
 
+def _continue_hint(command: str, run: Path) -> str:
+    """How to continue after an interrupt: train commands resume the run; the others (studies) reuse their
+    finished runs and continue the interrupted one when the same command runs again."""
+    if command in ("train", "train-autoencoder"):
+        return f"continue with: frugaldiff {command} --resume {run}"
+    return f"continue by running the same command again (it reuses finished runs and continues {run})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Every error prints one line and exits with status 2: the user's (FrugalError), the machine's
     (a full disk, missing permissions, too little memory), and, as the last resort, a bug (the traceback with
@@ -409,8 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return commands[args.command](args)
         except Interrupted as e:  # a checkpoint was written: say how to continue
-            print(f"frugaldiff: {e}; continue with: frugaldiff {args.command} --resume {e.checkpoint.parent.parent}",
-                  file=sys.stderr)
+            print(f"frugaldiff: {e}; {_continue_hint(args.command, e.checkpoint.parent.parent)}", file=sys.stderr)
             return 128 + e.signum
         except FrugalError as e:
             message = str(e)
