@@ -1,5 +1,6 @@
 import copy
 import csv
+import json
 import math
 import os
 import shutil
@@ -385,3 +386,57 @@ def test_a_missing_compiler_falls_back_to_eager_training_with_one_line_of_notice
     assert trainer.model is trainer.parts.denoiser
     trainer.fit()
     assert trainer.state.step == 6
+
+
+PRECISION_TOY = {**TINY_UNET, "train.images_seen": 16 * 4, "train.checkpoint_every": 0}
+
+
+@pytest.mark.parametrize("fp32, bf16, expected", [(1.0, 0.5, torch.bfloat16), (1.0, 0.97, None), (1.0, 1.5, None)])
+def test_auto_precision_is_the_measured_faster_one_and_is_measured_once(fp32, bf16, expected, tmp_path, monkeypatch,
+                                                                          fresh_cache):
+    from frugaldiff import runtime as runtime_module
+    monkeypatch.setattr(runtime_module, "bf16_supported", lambda device: True)
+    calls = []
+
+    def seconds(probe, device, dtype, repeats=3):
+        calls.append((probe.batch, probe.shape, probe.backward, dtype))
+        return bf16 if dtype == torch.bfloat16 else fp32
+
+    monkeypatch.setattr(runtime_module.Probe, "seconds", seconds)
+    first = Trainer(Config(PRECISION_TOY), tmp_path / "a", progress=False)
+    # the training step's work: the micro-batch of the run's samples, forward and backward, in both precisions
+    assert calls == [(16, (1, 8, 8), True, None), (16, (1, 8, 8), True, torch.bfloat16)]
+    assert first.runtime.amp_dtype == expected and first.parts.objective.runtime is first.runtime
+    kept = json.loads((fresh_cache / "precision.json").read_text())
+    assert [v["choice"] for v in kept.values()] == ["bf16" if expected else "fp32"]
+    again = Trainer(Config({**PRECISION_TOY, "train.seed": 1}), tmp_path / "b", progress=False)
+    assert len(calls) == 2 and again.runtime.amp_dtype == expected  # kept: the same model is not measured again
+    other = Trainer(Config({**PRECISION_TOY, "train.batch_size": 8}), tmp_path / "c", progress=False)
+    assert len(calls) == 4 and other.runtime.amp_dtype == expected  # other work: measured
+    assert Trainer(Config({**PRECISION_TOY, "train.precision": "fp32"}), tmp_path / "d",
+                   progress=False).runtime.amp_dtype is None and len(calls) == 4
+
+
+def test_auto_precision_where_bf16_does_not_run_is_fp32_without_measuring(tmp_path, monkeypatch, fresh_cache):
+    from frugaldiff import runtime as runtime_module
+    monkeypatch.setattr(runtime_module, "bf16_supported", lambda device: False)
+    assert Trainer(Config(PRECISION_TOY), tmp_path / "a", progress=False).runtime.amp_dtype is None
+    assert not (fresh_cache / "precision.json").exists()
+
+
+def test_measuring_the_precision_leaves_the_run_as_it_would_be_without(tmp_path, monkeypatch, fresh_cache):
+    """The real measurement (a copy of the model, the random state restored) changes no weight, batch or noise: with
+    fp32 chosen, an auto run is bit-identical to an fp32 run."""
+    from frugaldiff import runtime as runtime_module
+    monkeypatch.setattr(runtime_module, "BF16_MARGIN", 1.0)  # bf16 never wins: the measurement runs, fp32 is chosen
+    auto = Trainer(Config({**PRECISION_TOY, "model.dropout": 0.1}), tmp_path / "auto", progress=False)
+    auto.fit()
+    fp32 = Trainer(Config({**PRECISION_TOY, "model.dropout": 0.1, "train.precision": "fp32"}), tmp_path / "fp32",
+                   progress=False)
+    fp32.fit()
+    for (name, a), b in zip(auto.state.denoiser.state_dict().items(), fp32.state.denoiser.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    if runtime_module.bf16_supported(torch.device("cpu")):  # measured for real: both precisions timed
+        kept = json.loads((fresh_cache / "precision.json").read_text())
+        assert len(kept) == 1 and all(v["fp32_s"] > 0 and v["bf16_s"] > 0 for v in kept.values())

@@ -27,7 +27,7 @@ from .config import Config
 from .diagnostics import fixed_grid, heldout_loss_by_bin
 from .distributed import SINGLE_PROCESS
 from .errors import FrugalError
-from .generate import generate, load_run
+from .generate import generate, load_run, sampling_runtime
 from .images import to_uint8
 from .metrics import MIN_SAMPLES, Evaluator
 from .networks import Denoiser
@@ -316,7 +316,7 @@ def run_importance(run_dir: str | Path, out_dir: str | Path | None = None, bins:
     _require(degrade != "noise" or error > 0, f"--error must be positive, got {error}")
     run_dir = Path(run_dir)
     config, denoiser, info = load_run(run_dir)
-    runtime = Runtime.create(config["train.device"], config["train.precision"])
+    runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), n)
     scores = _scores(config, info["data_kind"], metric, n)
     result: dict[str, Any] = {"run": str(run_dir), "checkpoint": info["checkpoint"],
                               "images_seen": info["images_seen"], "degrade": degrade}

@@ -19,7 +19,7 @@ from .images import save_grid, to_uint8
 from .networks import Denoiser
 from .plots import plot_points
 from .runs import RunFiles, read_run_config
-from .runtime import CPU, Runtime
+from .runtime import CPU, Probe, Runtime
 from .solvers import solve
 
 
@@ -104,6 +104,13 @@ def chunk_size(sample_shape: tuple[int, ...]) -> int:
     return max(1, min(4096, CHUNK_VALUES // math.prod(sample_shape)))
 
 
+def sampling_runtime(config: Config, denoiser: Denoiser, sample_shape: tuple[int, ...], n: int) -> Runtime:
+    """Where and in what precision ``n`` samples of ``denoiser`` are generated: ``config``'s device and precision,
+    ``auto`` measured on one generation chunk of this model."""
+    probe = Probe(denoiser, sample_shape, min(n, chunk_size(sample_shape)), backward=False)
+    return Runtime.create(config["train.device"], config["train.precision"], probe)
+
+
 def early_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint a run kept at ``train.guide_at`` (RUN/guide), or None."""
     kept = sorted(p for p in RunFiles(run_dir).guide.glob("step-*") if p.is_dir())
@@ -172,10 +179,10 @@ def sample_run(run_dir: str | Path, n: int = 64, steps: int | None = None, solve
     class order) for conditional runs; ``guidance`` a weight and ``guide_checkpoint`` a weaker model's checkpoint."""
     run_dir = Path(run_dir)
     config, denoiser, info = load_run(run_dir, checkpoint)
-    runtime = Runtime.create(config["train.device"], config["train.precision"])
     settings = SampleSettings.from_config(config)
     classes = denoiser.num_classes
     total = n * classes if which == "all" and classes else n
+    runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), total)
     labels = class_labels(total, classes, which)
     plan = run_guidance(run_dir, settings, denoiser, guidance, None if guide_checkpoint is None else
                         Path(guide_checkpoint), info["images_seen"])

@@ -20,12 +20,11 @@ from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, l
 from .components import SampleSettings, build_data, run_denoiser
 from .ema import load_snapshots, reconstruct
 from .errors import FrugalError
-from .generate import generate, run_guidance
+from .generate import generate, run_guidance, sampling_runtime
 from .images import to_uint8
 from .metrics import HIGHER_IS_BETTER, Evaluator
 from .plots import plot_posthoc_sweep
 from .runs import RunFiles, read_run_config
-from .runtime import Runtime
 
 
 def _snapshots(run_dir: Path) -> list[Any]:
@@ -61,12 +60,12 @@ def posthoc_sweep(run_dir: str | Path, sigma_rels: list[float], n: int = 512, ou
     state = load_checkpoint(newest)
     info, settings = state["info"], SampleSettings.from_config(config)
     settings = replace(settings, steps=steps or settings.steps, solver=solver or settings.solver)
-    runtime = Runtime.create(config["train.device"], config["train.precision"])
     data = build_data(config)
     evaluator = Evaluator(data)
     if evaluator.headline is None:
         raise FrugalError(f"{data.name!r} has no quality metric (images without labels); sweep a labelled dataset")
     denoiser = run_denoiser(config, info).eval()
+    runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), n)
 
     guidance = run_guidance(run_dir, settings, denoiser)  # the same guide for every length: loaded once
 

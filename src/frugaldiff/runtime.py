@@ -1,8 +1,12 @@
-"""Where and in what precision a run computes: the device, and bf16 autocast where it is fast."""
+"""Where and in what precision a run computes: the device, and bf16 autocast where it measures faster."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
+import json
+import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -11,7 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write_text
+from .datasets import cache_dir
 from .errors import FrugalError
+
+#: bf16 is chosen by ``auto`` only when it is at least this much faster than fp32 (fp32 is the more accurate)
+BF16_MARGIN = 0.05
 
 
 def select_device(name: str) -> torch.device:
@@ -43,17 +52,94 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def bf16_fast(device: torch.device) -> bool:
-    """Whether ``auto`` precision should pick bf16: a CUDA device with bf16, or a CPU with native bf16."""
+    """The rule ``auto`` precision follows where there is no model to measure: bf16 on a CUDA device with bf16 or
+    on a CPU with native bf16."""
     return bf16_supported(device) and (device.type != "cpu" or cpu_has_native_bf16())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.precision`` (None = fp32)."""
-    if precision == "fp32" or (precision == "auto" and not bf16_fast(device)):
+def autocast_dtype(precision: str, device: torch.device, probe: Probe | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` (None = fp32); ``auto`` with a ``probe`` measures which is faster
+    (:func:`measured_dtype`), without one it follows :func:`bf16_fast`."""
+    if precision == "auto":
+        if not bf16_supported(device):
+            return None
+        if probe is not None:
+            return measured_dtype(device, probe)
+        return torch.bfloat16 if bf16_fast(device) else None
+    if precision == "fp32":
         return None
     if not bf16_supported(device):
         raise FrugalError(f"train.precision=bf16 is not supported on {device.type} here; use auto or fp32")
     return torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The work whose speed decides ``auto`` precision: ``model`` (called as ``model(x, t)``) on batches of
+    ``batch`` inputs of ``shape``, forward and backward (training) or forward only (generation)."""
+
+    model: nn.Module
+    shape: tuple[int, ...]
+    batch: int
+    backward: bool
+
+    def key(self, device: torch.device) -> str:
+        """What the measurement depends on: the machine (processor or card, torch, threads) and the work."""
+        work = f"{self.model!r}|{self.shape}|{self.batch}|{'train' if self.backward else 'generate'}"
+        return (f"{machine_name(device)}|torch {torch.__version__}|{torch.get_num_threads()} threads|"
+                f"{hashlib.sha256(work.encode()).hexdigest()[:16]}")
+
+    def seconds(self, device: torch.device, dtype: torch.dtype | None, repeats: int = 3) -> float:
+        """The fastest of ``repeats`` runs of the work under autocast to ``dtype`` (after one warm-up run), on a
+        copy of the model and with the random state restored: the run it is measured for is left as it was."""
+        model = copy.deepcopy(self.model).to(device).train(self.backward)
+        x = torch.randn(self.batch, *self.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        t = torch.linspace(0.05, 0.95, self.batch, device=device)
+        runtime, best = Runtime(device, dtype), float("inf")
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for i in range(repeats + 1):
+                start = time.perf_counter()
+                with torch.inference_mode(not self.backward), runtime.autocast():
+                    out = model(x, t)
+                if self.backward:
+                    out.float().square().mean().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:
+                    best = min(best, time.perf_counter() - start)
+        return best
+
+
+def machine_name(device: torch.device) -> str:
+    """The processor's or the card's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return device.type
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), device.type)
+
+
+def measured_dtype(device: torch.device, probe: Probe) -> torch.dtype | None:
+    """bf16 when the probe's work runs at least :data:`BF16_MARGIN` faster under bf16 autocast than in fp32 on
+    this machine, else None (fp32). Measured once per machine and work and kept in the cache folder
+    (``precision.json``), so that every run of a model on a machine computes in the same precision."""
+    path, key = cache_dir() / "precision.json", probe.key(device)
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    if key not in kept:
+        fp32, bf16 = probe.seconds(device, None), probe.seconds(device, torch.bfloat16)
+        kept[key] = {"fp32_s": fp32, "bf16_s": bf16,
+                     "choice": "bf16" if bf16 < (1 - BF16_MARGIN) * fp32 else "fp32"}
+        try:
+            atomic_write_text(path, json.dumps(kept, indent=1))
+        except OSError as e:
+            warnings.warn(f"could not keep the precision measurement in {path} ({e}); set FRUGALDIFF_CACHE",
+                          stacklevel=3)
+    return torch.bfloat16 if kept[key]["choice"] == "bf16" else None
 
 
 @dataclass(frozen=True)
@@ -64,10 +150,11 @@ class Runtime:
     amp_dtype: torch.dtype | None = None
 
     @classmethod
-    def create(cls, device: str, precision: str) -> Runtime:
-        """From ``train.device`` and ``train.precision`` values (``auto`` resolved on this machine)."""
+    def create(cls, device: str, precision: str, probe: Probe | None = None) -> Runtime:
+        """From ``train.device`` and ``train.precision`` values (``auto`` resolved on this machine: measured on
+        ``probe``'s work when given)."""
         where = select_device(device)
-        return cls(where, autocast_dtype(precision, where))
+        return cls(where, autocast_dtype(precision, where, probe))
 
     def autocast(self) -> AbstractContextManager[object]:
         """Autocast to the runtime's dtype, or a no-op for fp32."""

@@ -34,7 +34,7 @@ from .metrics import Evaluator, eval_column
 from .objective import Batch, Objective
 from .plots import plot_eval
 from .runs import METRIC_FIELDS, MetricsLog, RunFiles, RunLock, start_run
-from .runtime import Runtime, compiled
+from .runtime import Probe, Runtime, compiled
 from .state import TrainState, empty_log
 
 MAX_NONFINITE_IN_A_ROW = 10
@@ -154,7 +154,8 @@ class Trainer:
         if s.batch_size % (s.grad_accum * self.world.size):
             raise FrugalError(f"train.batch_size ({s.batch_size}) must be divisible by train.grad_accum × "
                               f"processes ({s.grad_accum} × {self.world.size}); change one of them")
-        self.runtime = Runtime.create(device_name, s.precision)
+        # the device now; ``auto`` precision is measured on the built model below
+        self.runtime = Runtime.create(device_name, "fp32" if s.precision == "auto" else s.precision)
         torch.manual_seed(s.seed)
         if resume and config["data.autoencoder"]:  # before encoding anything with an autoencoder the run never saw
             kept = intact_checkpoints(self.files.root)
@@ -164,6 +165,12 @@ class Trainer:
         self.images = build_data(config)  # what samples are compared with
         self.data = model_data(config, self.images, self.progress)  # what the model trains on: those, or latents
         self.parts = build(config, self.data, self.runtime)
+        if s.precision == "auto":  # rank 0 measures, so that every rank computes alike
+            probe = Probe(self.parts.denoiser, self.data.sample_shape, s.batch_size // (s.grad_accum * self.world.size),
+                          backward=True)
+            dtype = self.world.broadcast(Runtime.create(device_name, "auto", probe).amp_dtype
+                                         if self.world.is_main else None)
+            self.runtime = self.parts.objective.runtime = Runtime(self.runtime.device, dtype)
         self.state = TrainState(self.parts, self.data, s)
         self.eval_column = eval_column(self.images) if s.eval_every else None
         # the folder is touched only now that the config has built: bad input leaves nothing behind
