@@ -20,7 +20,7 @@ from testkit import TINY_UNET, RecordingObjective, fit_interrupted
 
 import frugaldiff
 from frugaldiff import trainer as trainer_module
-from frugaldiff.checkpoint import latest_checkpoint, list_checkpoints
+from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint, list_checkpoints
 from frugaldiff.config import Config
 from frugaldiff.datasets import BatchStream, load_dataset
 from frugaldiff.distributed import SINGLE_PROCESS
@@ -388,12 +388,12 @@ def test_a_missing_compiler_falls_back_to_eager_training_with_one_line_of_notice
     assert trainer.state.step == 6
 
 
-PRECISION_TOY = {**TINY_UNET, "train.images_seen": 16 * 4, "train.checkpoint_every": 0}
+PRECISION_TOY = {**TINY_UNET, "train.precision": "auto", "train.images_seen": 16 * 4, "train.checkpoint_every": 0}
 
 
-@pytest.mark.parametrize("fp32, bf16, expected", [(1.0, 0.5, torch.bfloat16), (1.0, 0.97, None), (1.0, 1.5, None)])
-def test_auto_precision_is_the_measured_faster_one_and_is_measured_once(fp32, bf16, expected, tmp_path, monkeypatch,
-                                                                          fresh_cache):
+def timed(monkeypatch, fp32: float, bf16: float) -> list:
+    """Probe.seconds replaced by fixed times (bf16 runs everywhere): the calls it gets, as (batch, shape, backward,
+    dtype)."""
     from frugaldiff import runtime as runtime_module
     monkeypatch.setattr(runtime_module, "bf16_supported", lambda device: True)
     calls = []
@@ -403,6 +403,13 @@ def test_auto_precision_is_the_measured_faster_one_and_is_measured_once(fp32, bf
         return bf16 if dtype == torch.bfloat16 else fp32
 
     monkeypatch.setattr(runtime_module.Probe, "seconds", seconds)
+    return calls
+
+
+@pytest.mark.parametrize("fp32, bf16, expected", [(1.0, 0.5, torch.bfloat16), (1.0, 0.97, None), (1.0, 1.5, None)])
+def test_auto_precision_is_the_measured_faster_one_and_is_measured_once(fp32, bf16, expected, tmp_path, monkeypatch,
+                                                                          fresh_cache):
+    calls = timed(monkeypatch, fp32, bf16)
     first = Trainer(Config(PRECISION_TOY), tmp_path / "a", progress=False)
     # the training step's work: the micro-batch of the run's samples, forward and backward, in both precisions
     assert calls == [(16, (1, 8, 8), True, None), (16, (1, 8, 8), True, torch.bfloat16)]
@@ -417,6 +424,21 @@ def test_auto_precision_is_the_measured_faster_one_and_is_measured_once(fp32, bf
                    progress=False).runtime.amp_dtype is None and len(calls) == 4
 
 
+def test_a_resumed_auto_run_keeps_the_precision_its_checkpoint_recorded(tmp_path, monkeypatch, fresh_cache):
+    calls = timed(monkeypatch, 1.0, 0.5)
+    trainer = Trainer(Config({**PRECISION_TOY, "train.checkpoint_every": 32}), tmp_path / "run", progress=False)
+    trainer.fit()
+    assert checkpoint_info(latest_checkpoint(tmp_path / "run"))["precision"] == "bf16"
+    (fresh_cache / "precision.json").write_text("[1, 2]")  # a cache that is no object: as if none were kept
+    calls = timed(monkeypatch, 0.5, 1.0)  # fp32 would now measure faster
+    resumed = Trainer(Config({**PRECISION_TOY, "train.checkpoint_every": 32, "train.images_seen": 16 * 6}),
+                      tmp_path / "run", resume=True, progress=False)
+    assert resumed.runtime.amp_dtype == torch.bfloat16 and calls == []  # kept from the checkpoint, not measured
+    fresh = Trainer(Config(PRECISION_TOY), tmp_path / "new", progress=False)
+    assert fresh.runtime.amp_dtype is None and len(calls) == 2  # a new run measures (the damaged cache is rewritten)
+    assert [v["choice"] for v in json.loads((fresh_cache / "precision.json").read_text()).values()] == ["fp32"]
+
+
 def test_auto_precision_where_bf16_does_not_run_is_fp32_without_measuring(tmp_path, monkeypatch, fresh_cache):
     from frugaldiff import runtime as runtime_module
     monkeypatch.setattr(runtime_module, "bf16_supported", lambda device: False)
@@ -426,17 +448,19 @@ def test_auto_precision_where_bf16_does_not_run_is_fp32_without_measuring(tmp_pa
 
 def test_measuring_the_precision_leaves_the_run_as_it_would_be_without(tmp_path, monkeypatch, fresh_cache):
     """The real measurement (a copy of the model, the random state restored) changes no weight, batch or noise: with
-    fp32 chosen, an auto run is bit-identical to an fp32 run."""
+    fp32 chosen, an auto run is bit-identical to an fp32 run; bf16 itself trains and samples."""
     from frugaldiff import runtime as runtime_module
+    monkeypatch.setattr(runtime_module, "bf16_supported", lambda device: True)  # bf16 autocast runs on any CPU
     monkeypatch.setattr(runtime_module, "BF16_MARGIN", 1.0)  # bf16 never wins: the measurement runs, fp32 is chosen
-    auto = Trainer(Config({**PRECISION_TOY, "model.dropout": 0.1}), tmp_path / "auto", progress=False)
-    auto.fit()
-    fp32 = Trainer(Config({**PRECISION_TOY, "model.dropout": 0.1, "train.precision": "fp32"}), tmp_path / "fp32",
-                   progress=False)
-    fp32.fit()
-    for (name, a), b in zip(auto.state.denoiser.state_dict().items(), fp32.state.denoiser.state_dict().values(),
-                            strict=True):
+    runs = {}
+    for precision in ("auto", "fp32", "bf16"):
+        runs[precision] = Trainer(Config({**PRECISION_TOY, "model.dropout": 0.1, "train.precision": precision}),
+                                  tmp_path / precision, progress=False)
+        runs[precision].fit()
+    for (name, a), b in zip(runs["auto"].state.denoiser.state_dict().items(),
+                            runs["fp32"].state.denoiser.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    if runtime_module.bf16_supported(torch.device("cpu")):  # measured for real: both precisions timed
-        kept = json.loads((fresh_cache / "precision.json").read_text())
-        assert len(kept) == 1 and all(v["fp32_s"] > 0 and v["bf16_s"] > 0 for v in kept.values())
+    kept = json.loads((fresh_cache / "precision.json").read_text())
+    assert len(kept) == 1 and all(v["fp32_s"] > 0 and v["bf16_s"] > 0 for v in kept.values())
+    assert runs["bf16"].runtime.amp_dtype == torch.bfloat16 and runs["bf16"].state.precision == "bf16"
+    assert torch.isfinite(runs["bf16"].samples(4)).all()

@@ -9,6 +9,7 @@ from frugaldiff.trainer import Interrupted
 # A network small enough that a few hundred steps take seconds on a 2-core CPU.
 TINY_UNET = {
     "data.name": "digits",
+    "train.precision": "fp32",  # the same in every session (auto would time the machine); tests of auto set it
     "model.channels": 8,
     "model.channel_mult": [1, 2],
     "model.num_res_blocks": 1,

@@ -37,7 +37,7 @@ from .runs import read_run_config
 from .runtime import CPU, Runtime
 from .state import TrainState
 from .timestep_samplers import TIMESTEP_SAMPLERS, TimestepSampler
-from .trainer import train_step
+from .trainer import train_step, training_dtype
 
 
 def _require(ok: bool, message: str) -> None:
@@ -68,12 +68,14 @@ class DisruptionProbe:
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
         self.checkpoint = latest_checkpoint(run_dir)
-        runtime = Runtime.create(config["train.device"], config["train.precision"])
+        runtime = Runtime.create(config["train.device"], "fp32")  # the device; the run's precision below
         self.data = model_data(config, build_data(config))
         self.parts = build(config, self.data, runtime)
         settings = TrainSettings.from_config(config)
         self.state = TrainState(self.parts, self.data, settings)
         self.state.restore(self.checkpoint)
+        self.parts.objective.runtime = Runtime(runtime.device, training_dtype(
+            self.state, self.parts, settings.precision, runtime.device, settings.batch_size // settings.grad_accum))
         self.images_seen, self.bins, self.seed = self.state.images_seen, bins, seed
         self.lr = settings.lr_at(self.images_seen) if lr is None else lr
         _require(self.lr > 0, f"the run's learning rate at {self.images_seen} images is 0 (its schedule has "

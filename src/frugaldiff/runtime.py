@@ -11,6 +11,7 @@ import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ from .errors import FrugalError
 
 #: bf16 is chosen by ``auto`` only when it is at least this much faster than fp32 (fp32 is the more accurate)
 BF16_MARGIN = 0.05
+#: the autocast dtype of each precision a run can compute in (None: no autocast)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def select_device(name: str) -> torch.device:
@@ -126,20 +129,39 @@ def measured_dtype(device: torch.device, probe: Probe) -> torch.dtype | None:
     this machine, else None (fp32). Measured once per machine and work and kept in the cache folder
     (``precision.json``), so that every run of a model on a machine computes in the same precision."""
     path, key = cache_dir() / "precision.json", probe.key(device)
-    try:
-        kept = json.loads(path.read_text())
-    except (OSError, ValueError):
-        kept = {}
-    if key not in kept:
+    choice = _kept_measurements(path).get(key, {}).get("choice")
+    if choice not in PRECISIONS:
         fp32, bf16 = probe.seconds(device, None), probe.seconds(device, torch.bfloat16)
-        kept[key] = {"fp32_s": fp32, "bf16_s": bf16,
-                     "choice": "bf16" if bf16 < (1 - BF16_MARGIN) * fp32 else "fp32"}
+        choice = "bf16" if bf16 < (1 - BF16_MARGIN) * fp32 else "fp32"
+        kept = {**_kept_measurements(path), key: {"fp32_s": fp32, "bf16_s": bf16, "choice": choice}}
         try:
             atomic_write_text(path, json.dumps(kept, indent=1))
         except OSError as e:
             warnings.warn(f"could not keep the precision measurement in {path} ({e}); set FRUGALDIFF_CACHE",
                           stacklevel=3)
-    return torch.bfloat16 if kept[key]["choice"] == "bf16" else None
+    return PRECISIONS[choice]
+
+
+def _kept_measurements(path: Path) -> dict[str, dict[str, Any]]:
+    """The measurements kept in ``path`` (none when it is missing or not a JSON object of objects)."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in kept.items() if isinstance(v, dict)} if isinstance(kept, dict) else {}
+
+
+def run_dtype(precision: str, device: torch.device, recorded: str | None, probe: Probe) -> torch.dtype | None:
+    """The autocast dtype of a run's training: an ``auto`` run keeps the precision its checkpoint ``recorded`` (a
+    resumed run computes as it started), a new one measures on ``probe``; fp32 and bf16 are what they say."""
+    if precision == "auto" and recorded in PRECISIONS:
+        return PRECISIONS[recorded]
+    return autocast_dtype(precision, device, probe)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``fp32`` or ``bf16``: what a run computes in, as its checkpoints record it."""
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
 @dataclass(frozen=True)

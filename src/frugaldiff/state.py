@@ -50,6 +50,9 @@ class TrainState:
         self.sample_shape, self.data_kind = data.sample_shape, data.kind
         #: a latent run records its autoencoder's digest and scaling: sampling needs them, not the cached latents
         self.autoencoder = data.autoencoder
+        #: what the training computes in (fp32, bf16), recorded so that a resumed ``auto`` run keeps it (None: not
+        #: known yet, or a checkpoint from before it was recorded)
+        self.precision: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +89,7 @@ class TrainState:
         return {"step": self.step, "images_seen": self.images_seen, "nonfinite_skipped": self.nonfinite_total,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_shape": list(self.sample_shape),
                 "data_kind": self.data_kind, "num_classes": self.classes,
+                **({} if self.precision is None else {"precision": self.precision}),
                 **({} if self.autoencoder is None else {"latent_factors": [self.autoencoder.scale,
                                                                            self.autoencoder.shift],
                                                         "autoencoder_digest": self.autoencoder.digest})}
@@ -124,6 +128,7 @@ class TrainState:
             self.ledger.load_state_dict(trainer["ledger"])
         self.step, self.images_seen = info["step"], info["images_seen"]
         self.nonfinite_total, self.nonfinite_in_a_row = info["nonfinite_skipped"], info["nonfinite_in_a_row"]
+        self.precision = info.get("precision")
 
     def save(self, folder: Path, keep: int) -> Path:
         """Write the checkpoint of the current step under ``folder``, keeping the newest ``keep``."""

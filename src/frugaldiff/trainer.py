@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_info, checkpoint_path, intact_checkpoints
-from .components import SampleSettings, TrainSettings, build, build_data, model_data, true_mixture
+from .components import Components, SampleSettings, TrainSettings, build, build_data, model_data, true_mixture
 from .config import Config
 from .diagnostics import HeldoutGrid, bin_columns, csv_cells, fixed_grid, heldout_loss_by_bin
 from .distributed import World, init_distributed
@@ -34,7 +34,7 @@ from .metrics import Evaluator, eval_column
 from .objective import Batch, Objective
 from .plots import plot_eval
 from .runs import METRIC_FIELDS, MetricsLog, RunFiles, RunLock, start_run
-from .runtime import Probe, Runtime, compiled
+from .runtime import Probe, Runtime, compiled, precision_name, run_dtype
 from .state import TrainState, empty_log
 
 MAX_NONFINITE_IN_A_ROW = 10
@@ -136,6 +136,14 @@ def signals_to_flag(flag: list[int]) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def training_dtype(state: TrainState, parts: Components, precision: str, device: torch.device,
+                   micro_batch: int) -> torch.dtype | None:
+    """The autocast dtype a run trains in (:func:`~frugaldiff.runtime.run_dtype`): ``auto`` keeps what the restored
+    checkpoint recorded, or measures the model's training step at ``micro_batch`` on this machine."""
+    probe = Probe(parts.denoiser, state.sample_shape, micro_batch, backward=True)
+    return run_dtype(precision, device, state.precision, probe)
+
+
 class Trainer:
     """Trains one run folder; ``resume`` continues from its newest checkpoint; ``wait``: when another process
     holds the folder, wait for it instead of refusing.
@@ -154,7 +162,7 @@ class Trainer:
         if s.batch_size % (s.grad_accum * self.world.size):
             raise FrugalError(f"train.batch_size ({s.batch_size}) must be divisible by train.grad_accum × "
                               f"processes ({s.grad_accum} × {self.world.size}); change one of them")
-        # the device now; ``auto`` precision is measured on the built model below
+        # the device now; the precision once the model is built and its checkpoint read (training_dtype)
         self.runtime = Runtime.create(device_name, "fp32" if s.precision == "auto" else s.precision)
         torch.manual_seed(s.seed)
         if resume and config["data.autoencoder"]:  # before encoding anything with an autoencoder the run never saw
@@ -165,12 +173,6 @@ class Trainer:
         self.images = build_data(config)  # what samples are compared with
         self.data = model_data(config, self.images, self.progress)  # what the model trains on: those, or latents
         self.parts = build(config, self.data, self.runtime)
-        if s.precision == "auto":  # rank 0 measures, so that every rank computes alike
-            probe = Probe(self.parts.denoiser, self.data.sample_shape, s.batch_size // (s.grad_accum * self.world.size),
-                          backward=True)
-            dtype = self.world.broadcast(Runtime.create(device_name, "auto", probe).amp_dtype
-                                         if self.world.is_main else None)
-            self.runtime = self.parts.objective.runtime = Runtime(self.runtime.device, dtype)
         self.state = TrainState(self.parts, self.data, s)
         self.eval_column = eval_column(self.images) if s.eval_every else None
         # the folder is touched only now that the config has built: bad input leaves nothing behind
@@ -178,6 +180,11 @@ class Trainer:
         point = self.world.broadcast(start_run(self.files.root, resume) if self.world.is_main else None)
         if point is not None:
             self.state.restore(point)
+        dtype = self.world.broadcast(training_dtype(self.state, self.parts, s.precision, self.runtime.device,
+                                                    s.batch_size // (s.grad_accum * self.world.size))
+                                     if self.world.is_main else None)  # rank 0 decides: every rank computes alike
+        self.runtime = self.parts.objective.runtime = Runtime(self.runtime.device, dtype)
+        self.state.precision = precision_name(dtype)
         ledger = self.state.ledger
         heldout = bin_columns("heldout", ledger.bins) if self.settings.heldout_every else []
         fields = [*METRIC_FIELDS, *([self.eval_column] if self.eval_column else []), *ledger.columns(), *heldout]
