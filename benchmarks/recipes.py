@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from reporting import mean_std, provenance
+from reporting import add_shard_option, mean_std, provenance, shard_of
 
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint
 from frugaldiff.config import Config, parse_override
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8_000, help="budget in images seen per run")
     parser.add_argument("--eval-every", type=int, default=4_000, help="images between evaluations")
     parser.add_argument("--eval-samples", type=int, default=256, help="samples per evaluation")
-    parser.add_argument("--shard", default="0/1", help="I/N: train only every N-th run, from the I-th")
+    add_shard_option(parser)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config value for every recipe, as `frugaldiff train --set`, e.g. train.precision=fp32")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
@@ -208,13 +208,10 @@ def main() -> None:
         args.images, args.eval_every, args.eval_samples = 16, 8, 16
         COMMON.update({"data.name": "digits", "sample.steps": 2, "model.channels": 8, "model.channel_mult": [1, 2],
                        "model.num_res_blocks": 1, "model.attention_resolutions": [4]})
-    index, count = (int(v) for v in args.shard.split("/"))
     cells = [(r, b, s) for r in args.recipes for b in args.batch_sizes for s in args.seeds]
     runs = []
-    for i, (recipe, batch, seed) in enumerate(cells):
+    for i, (recipe, batch, seed) in shard_of(cells, args.shard):
         run = args.out / recipe / f"b{batch}-s{seed}"
-        if i % count != index:
-            continue
         config = cell_config(recipe, batch, seed, args.images, args.eval_every, args.eval_samples)
         if args.report_only and not measured(run):
             print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}: not finished, left out", flush=True)
@@ -222,7 +219,7 @@ def main() -> None:
         print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)
         runs.append({"recipe": recipe, "batch_size": batch, "seed": seed,
                      **train_cell(config, run, not args.smoke, train=not args.report_only)})
-    if count > 1:
+    if args.shard != "0/1":
         print("shard done; run again without --shard for the report")
         return
     results = {"recipes": args.recipes, "batch_sizes": args.batch_sizes, "seeds": args.seeds, "images": args.images,

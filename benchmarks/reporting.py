@@ -3,13 +3,14 @@ commit), how a table cell shows them (mean ± std over seeds) and where they go 
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -56,3 +57,24 @@ def mean_std(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+Cell = TypeVar("Cell")
+
+
+def add_shard_option(parser: argparse.ArgumentParser) -> None:
+    """``--shard I/N``: this process trains every N-th run of the grid, from the I-th (one process per core)."""
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="train only every N-th run, from the I-th (e.g. 0/2 and 1/2 in two shells, each pinned "
+                             "to its own core with taskset), then run once more without --shard for the report")
+
+
+def shard_of(cells: list[Cell], shard: str) -> list[tuple[int, Cell]]:
+    """(index, cell) of the ``cells`` that ``shard`` ("I/N") trains: every N-th, from the I-th."""
+    try:
+        index, count = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must be I/N (e.g. 0/2), got {shard!r}") from None
+    if not 0 <= index < count:
+        raise SystemExit(f"--shard {shard}: I must be in 0..N-1")
+    return [(i, cell) for i, cell in enumerate(cells) if i % count == index]

@@ -1,7 +1,7 @@
 """Speedrun: CPU-minutes until each recipe's samples first reach a fixed quality, at the default run's budget.
 
     python benchmarks/speedrun.py --out DIR [--recipes ...] [--seeds 0 1 2] [--eval-every 4000]
-        [--eval-samples 256] [--minutes 5] [--threads N] [--set KEY=VALUE] [--report-only] [--smoke]
+        [--eval-samples 256] [--minutes 5] [--threads N] [--set KEY=VALUE] [--shard I/N] [--report-only] [--smoke]
 
 Every recipe of ``benchmarks/recipes.py`` trains with the default run's batch size and budget in images (the
 user's ``frugaldiff train``), is evaluated every --eval-every images (domain FID of --eval-samples EMA samples with
@@ -13,7 +13,9 @@ recipe: the training minutes until its curve first reaches each target (median o
 reaches it counts as infinite), its FID at --minutes minutes of training (the last evaluation by then) and at the
 end. Runs are folders DIR/<recipe>/b<batch>-s<seed>, the same as the recipe grid's, reused when finished. Writes
 DIR/results.json, DIR/table.md (the table, with machine and commit) and DIR/speedrun.png (FID against training
-minutes, the targets as lines). Run one at a time, nothing else on the machine: the clock is wall time.
+minutes, the targets as lines). The clock is wall time: run one process per core (``--shard 0/2`` and ``--shard
+1/2``, each pinned with ``taskset`` and ``--threads 1``), nothing else on the machine, then once more with
+``--report-only``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from recipes import COMMON, RECIPES, cell_config, measured, train_cell
-from reporting import provenance, write_results
+from reporting import add_shard_option, provenance, shard_of, write_results
 
 from frugaldiff.config import Config, parse_override
 from frugaldiff.metrics import Evaluator
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, as `frugaldiff train`)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config value for every recipe, e.g. data.name=twemoji")
+    add_shard_option(parser)
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that everything runs (CI)")
     args = parser.parse_args()
@@ -164,13 +167,13 @@ def main() -> None:
     unknown = sorted(set(args.recipes) - set(RECIPES))
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
-    if "ddpm" not in args.recipes and not args.targets:
+    if "ddpm" not in args.recipes and not args.targets and args.shard == "0/1":
         parser.error("the targets come from ddpm's runs: include ddpm in --recipes, or give --targets EASY HARD")
     default = Config(COMMON)
     batch, images = default["train.batch_size"], default["train.images_seen"]
     runs = []
     cells = [(r, s) for s in args.seeds for r in args.recipes]  # seed-major: every recipe once first
-    for i, (recipe, seed) in enumerate(cells):
+    for i, (recipe, seed) in shard_of(cells, args.shard):
         run = args.out / recipe / f"b{batch}-s{seed}"
         if args.report_only and not measured(run):
             print(f"[{i + 1}/{len(cells)}] {recipe}, seed {seed}: not finished, left out", flush=True)
@@ -179,6 +182,9 @@ def main() -> None:
         config = cell_config(recipe, batch, seed, images, args.eval_every, args.eval_samples)
         runs.append({"recipe": recipe, "seed": seed, **train_cell(config, run, not args.smoke,
                                                                    train=not args.report_only)})
+    if args.shard != "0/1":
+        print("shard done; run again without --shard (and with --report-only) for the table")
+        return
     results = {"dataset": default["data.name"], "recipes": args.recipes, "seeds": args.seeds, "batch_size": batch,
                "images": images, "eval_every": args.eval_every, "eval_samples": args.eval_samples,
                "minutes": args.minutes, "floor": floor(args.eval_samples), "targets": args.targets,

@@ -108,7 +108,18 @@ def test_profile_step_smoke_reports_the_network_share_and_the_top_operators(tmp_
 
 
 def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_path):
+    """Two shards train the grid's cells between them (seed-major: ddpm, frugal at seed 0, then at seed 1) and
+    write no table; the unsharded call reuses every run and reports."""
+    def trained() -> set[str]:
+        return {f"{p.parent.name}/{p.name}" for p in tmp_path.glob("*/b8-s*") if (p / "heldout_x0.json").is_file()}
+
+    assert "shard done" in _run("speedrun.py", "--out", str(tmp_path), "--shard", "0/2")
+    assert trained() == {"ddpm/b8-s0", "ddpm/b8-s1"} and not (tmp_path / "results.json").exists()
+    _run("speedrun.py", "--out", str(tmp_path), "--shard", "1/2")
+    assert trained() == {"ddpm/b8-s0", "ddpm/b8-s1", "frugal/b8-s0", "frugal/b8-s1"}
+    csvs = {p: p.read_bytes() for p in tmp_path.glob("*/b8-s*/metrics.csv")}
     out = _run("speedrun.py", "--out", str(tmp_path))
+    assert {p: p.read_bytes() for p in tmp_path.glob("*/b8-s*/metrics.csv")} == csvs  # reused, not trained again
     results = json.loads((tmp_path / "results.json").read_text())
     assert [(r["recipe"], r["seed"]) for r in results["runs"]] == [("ddpm", 0), ("frugal", 0), ("ddpm", 1),
                                                                    ("frugal", 1)]
