@@ -81,6 +81,7 @@ RECIPES["frugal"] = {}
 RECIPES["frugal+immiscible"] = {"train.immiscible": True}
 RECIPES["frugal+kim"] = {"diffusion.timestep_sampler": "kim"}
 RECIPES["frugal+x0"] = {"diffusion.prediction": "x0"}  # x0 beats velocity on colour in the prediction-type study
+RECIPES["frugal-stable"] = {"diffusion.reference_images": 0}  # frugal without the stable target (an ablation)
 RECIPES["frugal+shift"] = {"diffusion.shift": "auto"}  # the resolution shift: √(values / 784), 1.98 at 32 px colour
 #: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
 COMMON = {"data.name": "mnist5000", "train.heldout_every": 0, "train.tensorboard": False, "train.checkpoint_every": 0}
