@@ -28,12 +28,11 @@ from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.checkpoint import checkpoint_info, intact_checkpoints
 from frugaldiff.components import SampleSettings
-from frugaldiff.generate import class_labels, generate, load_run
+from frugaldiff.generate import class_labels, generate, load_run, sampling_runtime
 from frugaldiff.guidance import NONE, Guidance
 from frugaldiff.images import to_uint8
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
-from frugaldiff.runtime import Runtime
 
 
 def _score(evaluator: Evaluator, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
@@ -46,7 +45,7 @@ def score_run(run: Path, samples: int, weights: list[float], intervals: list[tup
     """Rows (guide, share of the budget the guide saw, weight, interval, scores) of one run: classifier-free
     guidance (conditional runs) and autoguidance from each earlier checkpoint, as ``kinds`` asks."""
     config, denoiser, info = load_run(run)
-    runtime = Runtime.create(config["train.device"], config["train.precision"])
+    runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), samples)  # as `frugaldiff sample`
     settings = replace(SampleSettings.from_config(config), **overrides)
     evaluator, shape = Evaluator.for_dataset(config), tuple(info["sample_shape"])
     labels = class_labels(samples, denoiser.num_classes)

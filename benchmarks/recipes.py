@@ -30,9 +30,10 @@ from reporting import add_shard_option, mean_std, provenance, shard_of
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_x0_error_by_bin
+from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
 from frugaldiff.runs import training_clock, training_seconds
-from frugaldiff.studies import kept_in_run, train_or_reuse
+from frugaldiff.studies import kept_in_run, scored_once, train_or_reuse
 from frugaldiff.trainer import Trainer
 
 HELDOUT_X0 = "heldout_x0.json"  # each run's held-out x0 error, kept in the run
@@ -81,8 +82,10 @@ RECIPES["frugal"] = {}
 RECIPES["frugal+immiscible"] = {"train.immiscible": True}
 RECIPES["frugal+kim"] = {"diffusion.timestep_sampler": "kim"}
 RECIPES["frugal+x0"] = {"diffusion.prediction": "x0"}  # x0 beats velocity on colour in the prediction-type study
-RECIPES["frugal-stable"] = {"diffusion.reference_images": 0}  # frugal without the stable target (an ablation)
+RECIPES["frugal-nostable"] = {"diffusion.reference_images": 0}  # frugal without the stable target (an ablation)
 RECIPES["frugal+shift"] = {"diffusion.shift": "auto"}  # the resolution shift: √(values / 784), 1.98 at 32 px colour
+RECIPES["frugal+patch"] = {"train.patch": True, "diffusion.reference_images": 0}  # Patch Diffusion: whole images
+#                                                                                  only for the stable target
 #: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
 COMMON = {"data.name": "mnist5000", "train.heldout_every": 0, "train.tensorboard": False, "train.checkpoint_every": 0}
 METRIC = "eval_domain_fid"
@@ -121,13 +124,17 @@ def curve(run: Path) -> tuple[list[int], list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 
-def train_cell(config: Config, run: Path, progress: bool, train: bool = True) -> dict[str, Any]:
-    """Train (or reuse; only read when not ``train``) one run of a grid: its evaluation curve, training seconds
-    and held-out x0 error."""
+def train_cell(config: Config, run: Path, progress: bool, train: bool = True, final_samples: int = 0) -> dict[str, Any]:
+    """Train (or reuse; only read when not ``train``) one run of a grid: its evaluation curve, training seconds,
+    held-out x0 error and, when ``final_samples``, the headline metric of that many samples of the finished run
+    (scored once and kept in the run)."""
     trainer = train_or_reuse(config, run, progress=progress) if train else None
     images, fid, clock = curve(run)
-    return {"images": images, "fid": fid, "clock": clock, "train_seconds": training_seconds(run / "metrics.csv"),
+    cell = {"images": images, "fid": fid, "clock": clock, "train_seconds": training_seconds(run / "metrics.csv"),
             "heldout_x0": heldout_x0_error(run, trainer)}
+    if final_samples:
+        cell["final_fid"] = scored_once(run, trainer, Evaluator.for_dataset(config), final_samples)
+    return cell
 
 
 def evaluation_table(results: dict[str, Any], batch: int) -> list[str]:

@@ -26,11 +26,10 @@ import torch
 from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.components import SampleSettings
-from frugaldiff.generate import generate, load_run
+from frugaldiff.generate import generate, load_run, sampling_runtime
 from frugaldiff.images import to_uint8
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
-from frugaldiff.runtime import Runtime
 from frugaldiff.solvers import SCHEDULES, SOLVERS
 
 
@@ -43,7 +42,7 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
           ) -> dict[str, Any]:
     """The FID, KID and seconds of every (solver, schedule, steps) for the run's EMA model."""
     config, denoiser, info = load_run(run)
-    runtime = Runtime.create(config["train.device"], config["train.precision"])
+    runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), samples)  # as `frugaldiff sample`
     base = SampleSettings.from_config(config)
     evaluator = Evaluator.for_dataset(config)
     rows = []

@@ -1,7 +1,8 @@
 """Speedrun: CPU-minutes until each recipe's samples first reach a fixed quality, at the default run's budget.
 
     python benchmarks/speedrun.py --out DIR [--recipes ...] [--seeds 0 1 2] [--eval-every 4000]
-        [--eval-samples 256] [--minutes 5] [--threads N] [--set KEY=VALUE] [--shard I/N] [--report-only] [--smoke]
+        [--eval-samples 256] [--final-samples N] [--minutes 5] [--threads N] [--set KEY=VALUE] [--shard I/N]
+        [--report-only] [--smoke]
 
 Every recipe of ``benchmarks/recipes.py`` trains with the default run's batch size and budget in images (the
 user's ``frugaldiff train``), is evaluated every --eval-every images (domain FID of --eval-samples EMA samples with
@@ -11,9 +12,11 @@ recipe at the default budget), and **hard**, the geometric mean of that and the 
 scored against the held-out split at the same sample count) — halfway to the floor on the log scale. For each
 recipe: the training minutes until its curve first reaches each target (median over seeds; a seed that never
 reaches it counts as infinite), its FID at --minutes minutes of training (the last evaluation by then) and at the
-end. Runs are folders DIR/<recipe>/b<batch>-s<seed>, the same as the recipe grid's, reused when finished. Writes
-DIR/results.json, DIR/table.md (the table, with machine and commit) and DIR/speedrun.png (FID against training
-minutes, the targets as lines). The clock is wall time: run one process per core (``--shard 0/2`` and ``--shard
+end; with --final-samples N also the FID of N samples of each finished run (less noisy than the curve's, to rank
+recipes whose curves end close together; scored once and kept in the run). Runs are folders
+DIR/<recipe>/b<batch>-s<seed>, the same as the recipe grid's, reused when finished. Writes DIR/results.json,
+DIR/table.md (the table, with machine and commit) and DIR/speedrun.png (FID against training minutes, the
+targets as lines). The clock is wall time: run one process per core (``--shard 0/2`` and ``--shard
 1/2``, each pinned with ``taskset`` and ``--threads 1``), nothing else on the machine, then once more with
 ``--report-only``.
 """
@@ -32,6 +35,7 @@ from recipes import COMMON, RECIPES, cell_config, measured, train_cell
 from reporting import add_shard_option, provenance, shard_of, write_results
 
 from frugaldiff.config import Config, parse_override
+from frugaldiff.errors import FrugalError
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
 
@@ -82,6 +86,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                         "fid_at_minutes": _median(at), "fid_at_minutes_range": [min(at), max(at)],
                         "fid_final": _median(final), "fid_final_range": [min(final), max(final)],
                         "train_minutes": statistics.mean(r["train_seconds"] for r in mine) / 60, "seeds": len(mine)}
+        if all("final_fid" in r for r in mine):
+            scored = [r["final_fid"] for r in mine]
+            rows[recipe] |= {"fid_scored": _median(scored), "fid_scored_range": [min(scored), max(scored)]}
     return {"targets": targets, "rows": rows}
 
 
@@ -96,6 +103,8 @@ def speedrun_table(results: dict[str, Any]) -> str:
     """The speedrun table in markdown, with its targets, machine and commit."""
     summary, m = results["summary"], results["minutes"]
     t = summary["targets"]
+    n = results.get("final_samples", 0)
+    scored_head = f" final FID of {n} samples (range; floor {results['final_floor']:.3f}) |" if n else ""
     origin = "given" if results.get("targets") else "ddpm's final FID, and halfway from it to the floor, log scale"
     lines = [f"{results['dataset']}, batch {results['batch_size']}, {results['images']:,} images per run, domain FID "
              f"of {results['eval_samples']} samples every {results['eval_every']:,} images; machine: "
@@ -103,15 +112,19 @@ def speedrun_table(results: dict[str, Any]) -> str:
              f"{_cell(t['hard'], 3)} ({origin}; the real-data floor is {results['floor']:.3f}). Minutes are "
              "training minutes (median over seeds; evaluations excluded).\n",
              f"| recipe | seeds | min to easy | min to hard | FID at {m:g} min (range) | final FID (range) "
-             "| train min |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| train min |{scored_head}",
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * bool(scored_head)]
     for recipe in _order(summary):
         row = summary["rows"][recipe]
         lo, hi = row["fid_at_minutes_range"]
         flo, fhi = row["fid_final_range"]
+        scored = ""
+        if scored_head:
+            slo, shi = row.get("fid_scored_range", (math.nan, math.nan))
+            scored = f" {row.get('fid_scored', math.nan):.3f} ({slo:.3f}–{shi:.3f}) |"
         lines.append(f"| {recipe} | {row['seeds']} | {_cell(row['minutes_to_easy'], 1)} | "
                      f"{_cell(row['minutes_to_hard'], 1)} | {row['fid_at_minutes']:.3f} ({lo:.3f}–{hi:.3f}) | "
-                     f"{row['fid_final']:.3f} ({flo:.3f}–{fhi:.3f}) | {row['train_minutes']:.1f} |")
+                     f"{row['fid_final']:.3f} ({flo:.3f}–{fhi:.3f}) | {row['train_minutes']:.1f} |{scored}")
     return "\n".join(lines) + "\n"
 
 
@@ -144,6 +157,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-every", type=int, default=4_000, help="images between evaluations")
     parser.add_argument("--eval-samples", type=int, default=256, help="samples per evaluation")
+    parser.add_argument("--final-samples", type=int, default=0,
+                        help="also score each finished run with this many samples (0: only the curve's evaluations)")
     parser.add_argument("--minutes", type=float, default=5.0, help="report each recipe's FID at this training time")
     parser.add_argument("--targets", type=float, nargs=2, metavar=("EASY", "HARD"),
                         help="fixed targets (e.g. another table's) instead of ddpm's final FID and the halfway point")
@@ -159,7 +174,7 @@ def main() -> None:
     COMMON.update(parse_override(item) for item in args.set)
     if args.smoke:
         args.recipes, args.seeds, args.eval_every, args.eval_samples = ["ddpm", "frugal"], [0, 1], 8, 16
-        args.minutes = 0.01
+        args.minutes, args.final_samples = 0.01, 24
         COMMON.update({"data.name": "digits", "sample.steps": 2, "model.channels": 8, "model.channel_mult": [1, 2],
                        "model.num_res_blocks": 1, "model.attention_resolutions": [4], "train.images_seen": 24,
                        "train.batch_size": 8})
@@ -181,13 +196,15 @@ def main() -> None:
         print(f"[{i + 1}/{len(cells)}] {recipe}, seed {seed}", flush=True)
         config = cell_config(recipe, batch, seed, images, args.eval_every, args.eval_samples)
         runs.append({"recipe": recipe, "seed": seed, **train_cell(config, run, not args.smoke,
-                                                                   train=not args.report_only)})
+                                                                   not args.report_only, args.final_samples)})
     if args.shard != "0/1":
         print("shard done; run again without --shard (and with --report-only) for the table")
         return
     results = {"dataset": default["data.name"], "recipes": args.recipes, "seeds": args.seeds, "batch_size": batch,
                "images": images, "eval_every": args.eval_every, "eval_samples": args.eval_samples,
-               "minutes": args.minutes, "floor": floor(args.eval_samples), "targets": args.targets,
+               "final_samples": args.final_samples,
+               "final_floor": floor(args.final_samples) if args.final_samples else None, "minutes": args.minutes,
+               "floor": floor(args.eval_samples), "targets": args.targets,
                **provenance(), "common": COMMON,
                "settings": {k: RECIPES[k] for k in args.recipes}, "runs": runs}
     results["summary"] = summarise(results)
@@ -196,4 +213,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FrugalError as e:  # e.g. --report-only with a --final-samples the shards did not score
+        raise SystemExit(f"error: {e}") from None

@@ -98,6 +98,25 @@ def test_the_flop_counter_counts_a_two_layer_network_as_by_hand():
     assert counted_flops(lambda: linear(conv(x).flatten(1)).sum().backward()) == 2 * (2 * conv_mac + 3 * linear_mac)
 
 
+def test_the_speedrun_table_has_as_many_cells_in_every_row_with_and_without_final_scores():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from speedrun import speedrun_table, summarise
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    runs = [{"recipe": r, "seed": s, "fid": [9.0 - s, 4.0 + s], "clock": [30.0, 60.0], "train_seconds": 61.0,
+             "final_fid": 3.5 + s} for r in ("ddpm", "frugal") for s in (0, 1)]
+    for final_samples in (0, 512):
+        results = {"dataset": "toy", "recipes": ["ddpm", "frugal"], "batch_size": 64, "images": 100, "eval_every": 50,
+                   "eval_samples": 16, "final_samples": final_samples, "final_floor": 0.25 if final_samples else None,
+                   "minutes": 0.75, "floor": 0.5, "targets": None, "machine": "m", "commit": "c", "runs": runs}
+        results["summary"] = summarise(results)
+        rows = [line for line in speedrun_table(results).splitlines() if line.startswith("|")]
+        assert len(rows) == 4 and len({row.count("|") for row in rows}) == 1, rows
+        assert ("final FID of 512 samples (range; floor 0.250)" in rows[0]) == bool(final_samples)
+        assert rows[2].endswith("| 4.000 (3.500–4.500) |" if final_samples else "| 1.0 |")
+
+
 def test_profile_step_smoke_reports_the_network_share_and_the_top_operators(tmp_path):
     out = _run("profile_step.py", "--json", str(tmp_path / "p.json"))
     (row,) = json.loads((tmp_path / "p.json").read_text())["rows"]
@@ -135,5 +154,10 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
         firsts = [next((s / 60 for f, s in zip(r["fid"], r["clock"], strict=True) if f <= summary["targets"]["easy"]),
                        float("inf")) for r in runs]
         assert row["minutes_to_easy"] == statistics.median(firsts)
-    assert "| ddpm | 2 |" in out and "min to hard" in (tmp_path / "table.md").read_text()
+    for recipe, row in summary["rows"].items():  # each finished run scored once with --final-samples, kept in it
+        scored = [r["final_fid"] for r in results["runs"] if r["recipe"] == recipe]
+        assert row["fid_scored"] == statistics.median(scored) and row["fid_scored_range"] == [min(scored), max(scored)]
+    kept = json.loads((tmp_path / "frugal" / "b8-s0" / "study-score.json").read_text())
+    assert kept["key"]["samples"] == 24 and kept["value"] == results["runs"][1]["final_fid"]
+    assert "| ddpm | 2 |" in out and "final FID of 24 samples" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "speedrun.png").stat().st_size > 10_000

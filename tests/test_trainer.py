@@ -446,6 +446,53 @@ def test_auto_precision_where_bf16_does_not_run_is_fp32_without_measuring(tmp_pa
     assert not (fresh_cache / "precision.json").exists()
 
 
+def test_processes_starting_together_measure_the_precision_one_after_another(monkeypatch, fresh_cache):
+    """The measurement holds the cache's precision.lock, and a process that waited for the lock takes the choice
+    the first one kept instead of measuring again (so every run of a model on a machine computes alike)."""
+    import fcntl
+    import threading
+
+    from frugaldiff import runtime as runtime_module
+    from frugaldiff.runtime import Probe, measured_dtype
+    calls, lock = timed(monkeypatch, 1.0, 0.5), fresh_cache / "precision.lock"
+    measure = runtime_module.Probe.seconds
+
+    def locked_seconds(probe, device, dtype, repeats=3):
+        with lock.open("a") as other:  # another open of the lock: refused while the measurement holds it
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return measure(probe, device, dtype, repeats)
+
+    monkeypatch.setattr(runtime_module.Probe, "seconds", locked_seconds)
+    cpu = torch.device("cpu")
+    first, second = Probe(torch.nn.Identity(), (4,), 2, False), Probe(torch.nn.Identity(), (4,), 3, False)
+    assert measured_dtype(cpu, first) == torch.bfloat16 and len(calls) == 2
+    fresh_cache.mkdir(exist_ok=True)
+    with lock.open("a") as held:  # another process is measuring `second`
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        result = []
+        waiting = threading.Thread(target=lambda: result.append(measured_dtype(cpu, second)))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and len(calls) == 2  # it waits for the lock
+        kept = json.loads((fresh_cache / "precision.json").read_text())
+        kept[second.key(cpu)] = {"fp32_s": 1.0, "bf16_s": 2.0, "choice": "fp32"}  # what the other process kept
+        (fresh_cache / "precision.json").write_text(json.dumps(kept))
+    waiting.join()
+    assert result == [None] and len(calls) == 2  # the kept choice, not a measurement of its own
+
+
+def test_a_recorded_bf16_is_kept_only_where_bf16_runs(monkeypatch, fresh_cache):
+    from frugaldiff import runtime as runtime_module
+    from frugaldiff.runtime import Probe, run_dtype
+    calls, cpu = timed(monkeypatch, 0.5, 1.0), torch.device("cpu")
+    probe = Probe(torch.nn.Identity(), (4,), 2, False)
+    assert run_dtype("auto", cpu, "bf16", probe) == torch.bfloat16 and calls == []  # kept, though fp32 measures faster
+    monkeypatch.setattr(runtime_module, "bf16_supported", lambda device: False)  # resumed where bf16 does not run
+    assert run_dtype("auto", cpu, "bf16", probe) is None and calls == []
+    assert run_dtype("auto", cpu, "fp32", probe) is None
+
+
 def test_measuring_the_precision_leaves_the_run_as_it_would_be_without(tmp_path, monkeypatch, fresh_cache):
     """The real measurement (a copy of the model, the random state restored) changes no weight, batch or noise: with
     fp32 chosen, an auto run is bit-identical to an fp32 run; bf16 itself trains and samples."""

@@ -20,8 +20,15 @@ import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import torch
 from safetensors import SafetensorError
@@ -60,6 +67,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold an advisory lock on the file ``lock`` (created if missing) for the block, waiting while another process
+    holds it (no lock where the platform has no ``flock`` or the folder cannot be written)."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        file = lock.open("a")
+    except OSError:
+        yield
+        return
+    with file:
+        if fcntl is not None:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:

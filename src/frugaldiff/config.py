@@ -210,7 +210,8 @@ OPTIONS: list[Option] = [
            "(docs/benchmarks.md): worth it for long runs only", predating=False),
     Option("train.grad_accum", 1, "micro-batches per optimizer step", low=1, high=65536),
     Option("train.precision", "auto", "fp32, bf16, or auto (bf16 autocast where it measures ≥ 5 % faster for "
-           "this model and machine; measured once, kept in the cache folder)",
+           "this model and machine; measured once, kept in the cache folder; train-autoencoder: bf16 where the device "
+           "has native bf16)",
            choices=lambda: ["auto", "fp32", "bf16"]),
     Option("train.seed", 0, "seed of weights, batches, noise and t", low=0, high=MAX_SEED),
     Option("train.checkpoint_every", 10000, "checkpoint interval in images (0 = only at the end)", low=0,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, exclusive
 from .datasets import cache_dir
 from .errors import FrugalError
 
@@ -129,16 +129,17 @@ def measured_dtype(device: torch.device, probe: Probe) -> torch.dtype | None:
     this machine, else None (fp32). Measured once per machine and work and kept in the cache folder
     (``precision.json``), so that every run of a model on a machine computes in the same precision."""
     path, key = cache_dir() / "precision.json", probe.key(device)
-    choice = _kept_measurements(path).get(key, {}).get("choice")
-    if choice not in PRECISIONS:
-        fp32, bf16 = probe.seconds(device, None), probe.seconds(device, torch.bfloat16)
-        choice = "bf16" if bf16 < (1 - BF16_MARGIN) * fp32 else "fp32"
-        kept = {**_kept_measurements(path), key: {"fp32_s": fp32, "bf16_s": bf16, "choice": choice}}
-        try:
-            atomic_write_text(path, json.dumps(kept, indent=1))
-        except OSError as e:
-            warnings.warn(f"could not keep the precision measurement in {path} ({e}); set FRUGALDIFF_CACHE",
-                          stacklevel=3)
+    with exclusive(path.with_suffix(".lock")):  # processes starting together measure one after another
+        choice = _kept_measurements(path).get(key, {}).get("choice")
+        if choice not in PRECISIONS:
+            fp32, bf16 = probe.seconds(device, None), probe.seconds(device, torch.bfloat16)
+            choice = "bf16" if bf16 < (1 - BF16_MARGIN) * fp32 else "fp32"
+            kept = {**_kept_measurements(path), key: {"fp32_s": fp32, "bf16_s": bf16, "choice": choice}}
+            try:
+                atomic_write_text(path, json.dumps(kept, indent=1))
+            except OSError as e:
+                warnings.warn(f"could not keep the precision measurement in {path} ({e}); set FRUGALDIFF_CACHE",
+                              stacklevel=3)
     return PRECISIONS[choice]
 
 
@@ -153,8 +154,9 @@ def _kept_measurements(path: Path) -> dict[str, dict[str, Any]]:
 
 def run_dtype(precision: str, device: torch.device, recorded: str | None, probe: Probe) -> torch.dtype | None:
     """The autocast dtype of a run's training: an ``auto`` run keeps the precision its checkpoint ``recorded`` (a
-    resumed run computes as it started), a new one measures on ``probe``; fp32 and bf16 are what they say."""
-    if precision == "auto" and recorded in PRECISIONS:
+    resumed run computes as it started, unless this device has no bf16), a new one measures on ``probe``; fp32
+    and bf16 are what they say."""
+    if precision == "auto" and recorded in PRECISIONS and (recorded == "fp32" or bf16_supported(device)):
         return PRECISIONS[recorded]
     return autocast_dtype(precision, device, probe)
 

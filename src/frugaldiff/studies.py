@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, checkpoint_info, latest_checkpoint
 from .components import build_data, build_process, model_data, true_mixture
 from .config import Config
 from .diagnostics import (
@@ -80,14 +80,14 @@ def kept_in_run(path: Path, key: dict[str, Any], compute: Callable[[], Any] | No
     return value
 
 
-def scored_once(trainer: Trainer, evaluator: Evaluator, samples: int) -> float:
-    """The headline metric of ``samples`` EMA samples of a finished run, computed once and kept in
-    ``RUN/study-score.json`` (keyed by the run's step, the sample count and the evaluator), so that a rerun of a
-    study reuses the scores of the runs it reuses."""
-    key = {"step": trainer.state.step, "samples": samples, "metric": evaluator.headline, "ref": evaluator.ref,
-           "evaluator_version": EVALUATOR_VERSION, "inception": evaluator.inception is not None}
-    return float(kept_in_run(trainer.files.root / "study-score.json", key,
-                             lambda: trainer.evaluate(evaluator, samples)))
+def scored_once(run: Path, trainer: Trainer | None, evaluator: Evaluator, samples: int) -> float:
+    """The headline metric of ``samples`` EMA samples of the finished run in ``run``, computed once and kept in
+    ``RUN/study-score.json`` (keyed by the run's last checkpoint, the sample count and the evaluator), so that a
+    rerun of an experiment reuses the scores of the runs it reuses; ``trainer`` (the run's) None reads only."""
+    key = {"step": checkpoint_info(latest_checkpoint(run))["step"], "samples": samples, "metric": evaluator.headline,
+           "ref": evaluator.ref, "evaluator_version": EVALUATOR_VERSION, "inception": evaluator.inception is not None}
+    compute = None if trainer is None else lambda: trainer.evaluate(evaluator, samples)
+    return float(kept_in_run(run / "study-score.json", key, compute))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
             if evaluator is not None and seed == seeds[0] and evaluator.data.kind == "image":
                 panels[name] = make_grid(to_uint8(trainer.samples(PANEL_SAMPLES)), ncols=PANEL_COLUMNS)
             if evaluator is not None:
-                quality["values"].append(scored_once(trainer, evaluator, samples))
+                quality["values"].append(scored_once(trainer.files.root, trainer, evaluator, samples))
                 quality["train_seconds"].append(training_seconds(trainer.files.metrics))
         for output in runs[0]:
             label = name if output == "model" else f"{name} {output}"
