@@ -84,6 +84,8 @@ RECIPES["frugal+kim"] = {"diffusion.timestep_sampler": "kim"}
 RECIPES["frugal+x0"] = {"diffusion.prediction": "x0"}  # x0 beats velocity on colour in the prediction-type study
 RECIPES["frugal-nostable"] = {"diffusion.reference_images": 0}  # frugal without the stable target (an ablation)
 RECIPES["frugal+shift"] = {"diffusion.shift": "auto"}  # the resolution shift: √(values / 784), 1.98 at 32 px colour
+RECIPES["frugal-m0"] = {"timestep_sampler.logit_normal.m": 0.0}  # frugal centred as sd3 (m = 0): an ablation
+RECIPES["frugal-indep"] = {"timestep_sampler.logit_normal.stratified": False}  # frugal with sd3's independent draws
 RECIPES["frugal+patch"] = {"train.patch": True, "diffusion.reference_images": 0}  # Patch Diffusion: whole images
 #                                                                                  only for the stable target
 #: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
