@@ -86,8 +86,7 @@ RECIPES["frugal-nostable"] = {"diffusion.reference_images": 0}  # frugal without
 RECIPES["frugal+shift"] = {"diffusion.shift": "auto"}  # the resolution shift: √(values / 784), 1.98 at 32 px colour
 RECIPES["frugal-m0"] = {"timestep_sampler.logit_normal.m": 0.0}  # frugal centred as sd3 (m = 0): an ablation
 RECIPES["frugal-indep"] = {"timestep_sampler.logit_normal.stratified": False}  # frugal with sd3's independent draws
-RECIPES["frugal+patch"] = {"train.patch": True, "diffusion.reference_images": 0}  # Patch Diffusion: whole images
-#                                                                                  only for the stable target
+RECIPES["frugal+patch"] = {"train.patch": True, "diffusion.reference_images": 0}  # Patch Diffusion (on crops)
 #: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
 COMMON = {"data.name": "mnist5000", "train.heldout_every": 0, "train.tensorboard": False, "train.checkpoint_every": 0}
 METRIC = "eval_domain_fid"
@@ -126,16 +125,17 @@ def curve(run: Path) -> tuple[list[int], list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 
-def train_cell(config: Config, run: Path, progress: bool, train: bool = True, final_samples: int = 0) -> dict[str, Any]:
+def train_cell(config: Config, run: Path, progress: bool, train: bool = True,
+               final: tuple[Evaluator, int] | None = None) -> dict[str, Any]:
     """Train (or reuse; only read when not ``train``) one run of a grid: its evaluation curve, training seconds,
-    held-out x0 error and, when ``final_samples``, the headline metric of that many samples of the finished run
-    (scored once and kept in the run)."""
+    held-out x0 error and, with ``final`` = (evaluator, samples), the evaluator's headline metric of that many
+    samples of the finished run (scored once and kept in the run)."""
     trainer = train_or_reuse(config, run, progress=progress) if train else None
     images, fid, clock = curve(run)
     cell = {"images": images, "fid": fid, "clock": clock, "train_seconds": training_seconds(run / "metrics.csv"),
             "heldout_x0": heldout_x0_error(run, trainer)}
-    if final_samples:
-        cell["final_fid"] = scored_once(run, trainer, Evaluator.for_dataset(config), final_samples)
+    if final is not None:
+        cell["final_fid"] = scored_once(run, trainer, *final)
     return cell
 
 

@@ -40,9 +40,8 @@ from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
 
 
-def floor(eval_samples: int) -> float:
-    """The headline metric of ``eval_samples`` real training images against the held-out split (seed 0)."""
-    evaluator = Evaluator.for_dataset(Config(COMMON))
+def floor(evaluator: Evaluator, eval_samples: int) -> float:
+    """``evaluator``'s headline metric of ``eval_samples`` real training images (seed 0)."""
     train = evaluator.data.train.numpy()
     pick = np.random.default_rng(0).choice(len(train), size=min(eval_samples, len(train)), replace=False)
     return float(evaluator(train[pick])[evaluator.headline])
@@ -86,7 +85,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                         "fid_at_minutes": _median(at), "fid_at_minutes_range": [min(at), max(at)],
                         "fid_final": _median(final), "fid_final_range": [min(final), max(final)],
                         "train_minutes": statistics.mean(r["train_seconds"] for r in mine) / 60, "seeds": len(mine)}
-        if all("final_fid" in r for r in mine):
+        if results["final_samples"]:
             scored = [r["final_fid"] for r in mine]
             rows[recipe] |= {"fid_scored": _median(scored), "fid_scored_range": [min(scored), max(scored)]}
     return {"targets": targets, "rows": rows}
@@ -103,7 +102,7 @@ def speedrun_table(results: dict[str, Any]) -> str:
     """The speedrun table in markdown, with its targets, machine and commit."""
     summary, m = results["summary"], results["minutes"]
     t = summary["targets"]
-    n = results.get("final_samples", 0)
+    n = results["final_samples"]
     scored_head = f" final FID of {n} samples (range; floor {results['final_floor']:.3f}) |" if n else ""
     origin = "given" if results.get("targets") else "ddpm's final FID, and halfway from it to the floor, log scale"
     lines = [f"{results['dataset']}, batch {results['batch_size']}, {results['images']:,} images per run, domain FID "
@@ -120,8 +119,8 @@ def speedrun_table(results: dict[str, Any]) -> str:
         flo, fhi = row["fid_final_range"]
         scored = ""
         if scored_head:
-            slo, shi = row.get("fid_scored_range", (math.nan, math.nan))
-            scored = f" {row.get('fid_scored', math.nan):.3f} ({slo:.3f}–{shi:.3f}) |"
+            slo, shi = row["fid_scored_range"]
+            scored = f" {row['fid_scored']:.3f} ({slo:.3f}–{shi:.3f}) |"
         lines.append(f"| {recipe} | {row['seeds']} | {_cell(row['minutes_to_easy'], 1)} | "
                      f"{_cell(row['minutes_to_hard'], 1)} | {row['fid_at_minutes']:.3f} ({lo:.3f}–{hi:.3f}) | "
                      f"{row['fid_final']:.3f} ({flo:.3f}–{fhi:.3f}) | {row['train_minutes']:.1f} |{scored}")
@@ -186,6 +185,9 @@ def main() -> None:
         parser.error("the targets come from ddpm's runs: include ddpm in --recipes, or give --targets EASY HARD")
     default = Config(COMMON)
     batch, images = default["train.batch_size"], default["train.images_seen"]
+    # one evaluator (its data loaded once) for the final scores and the floors
+    evaluator = Evaluator.for_dataset(default) if args.final_samples or args.shard == "0/1" else None
+    final = (evaluator, args.final_samples) if args.final_samples else None
     runs = []
     cells = [(r, s) for s in args.seeds for r in args.recipes]  # seed-major: every recipe once first
     for i, (recipe, seed) in shard_of(cells, args.shard):
@@ -196,15 +198,15 @@ def main() -> None:
         print(f"[{i + 1}/{len(cells)}] {recipe}, seed {seed}", flush=True)
         config = cell_config(recipe, batch, seed, images, args.eval_every, args.eval_samples)
         runs.append({"recipe": recipe, "seed": seed, **train_cell(config, run, not args.smoke,
-                                                                   not args.report_only, args.final_samples)})
+                                                                   not args.report_only, final)})
     if args.shard != "0/1":
         print("shard done; run again without --shard (and with --report-only) for the table")
         return
     results = {"dataset": default["data.name"], "recipes": args.recipes, "seeds": args.seeds, "batch_size": batch,
                "images": images, "eval_every": args.eval_every, "eval_samples": args.eval_samples,
                "final_samples": args.final_samples,
-               "final_floor": floor(args.final_samples) if args.final_samples else None, "minutes": args.minutes,
-               "floor": floor(args.eval_samples), "targets": args.targets,
+               "final_floor": floor(evaluator, args.final_samples) if args.final_samples else None,
+               "minutes": args.minutes, "floor": floor(evaluator, args.eval_samples), "targets": args.targets,
                **provenance(), "common": COMMON,
                "settings": {k: RECIPES[k] for k in args.recipes}, "runs": runs}
     results["summary"] = summarise(results)
