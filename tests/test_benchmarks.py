@@ -157,7 +157,7 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
     for recipe, row in summary["rows"].items():  # each finished run scored once with --final-samples, kept in it
         scored = [r["final_fid"] for r in results["runs"] if r["recipe"] == recipe]
         assert row["fid_scored"] == statistics.median(scored) and row["fid_scored_range"] == [min(scored), max(scored)]
-    kept = json.loads((tmp_path / "frugal" / "b8-s0" / "study-score.json").read_text())
+    [kept] = json.loads((tmp_path / "frugal" / "b8-s0" / "study-score.json").read_text())["kept"]
     assert kept["key"]["samples"] == 24 and kept["value"] == results["runs"][1]["final_fid"]
     assert "| ddpm | 2 |" in out and "final FID of 24 samples" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "speedrun.png").stat().st_size > 10_000

@@ -192,12 +192,12 @@ def test_study_keeps_each_runs_score_and_a_rerun_reuses_it(tmp_path, monkeypatch
     study = dict(types=["x0"], strategies=[], bins=2, per_bin=4, progress=False)
     first = prediction_study(base, tmp_path, samples=32, **study)
     kept = tmp_path / "x0" / f"seed-{base['train.seed']}" / "study-score.json"
-    assert json.loads(kept.read_text())["value"] == first["quality"]["x0"]["values"][0]
+    assert json.loads(kept.read_text())["kept"][0]["value"] == first["quality"]["x0"]["values"][0]
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "evaluate", lambda *args, **kwargs: pytest.fail("a kept score was computed again"))
         assert prediction_study(base, tmp_path, samples=32, **study)["quality"] == first["quality"]
-    prediction_study(base, tmp_path, samples=16, **study)  # another sample count is scored anew
-    assert json.loads(kept.read_text())["key"]["samples"] == 16
+    prediction_study(base, tmp_path, samples=16, **study)  # another sample count is scored anew, beside the first
+    assert [entry["key"]["samples"] for entry in json.loads(kept.read_text())["kept"]] == [32, 16]
 
 
 def test_kept_in_run_computes_once_per_key_and_reads_only_when_asked(tmp_path):
@@ -213,7 +213,13 @@ def test_kept_in_run_computes_once_per_key_and_reads_only_when_asked(tmp_path):
     with pytest.raises(FrugalError, match="keeps no value for {'step': 4}"):
         kept_in_run(path, {"step": 4}, None)
     assert kept_in_run(path, {"step": 4}, compute) == {"mean": 1.0}  # another key is measured anew
-    assert json.loads(path.read_text()) == {"key": {"step": 4}, "value": {"mean": 1.0}}
+    assert kept_in_run(path, {"step": 3}, None) == {"mean": 0.5}  # and the first is still kept
+    assert json.loads(path.read_text()) == {"kept": [{"key": {"step": 3}, "value": {"mean": 0.5}},
+                                                     {"key": {"step": 4}, "value": {"mean": 1.0}}]}
+    old = tmp_path / "old.json"  # the one-entry file of earlier versions is read, and kept when a key is added
+    old.write_text(json.dumps({"key": {"step": 3}, "value": 7.0}))
+    assert kept_in_run(old, {"step": 3}, None) == 7.0
+    assert kept_in_run(old, {"step": 5}, lambda: 8.0) == 8.0 and kept_in_run(old, {"step": 3}, None) == 7.0
 
 
 def test_analyze_command(tmp_path, capsys):

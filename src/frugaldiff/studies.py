@@ -66,17 +66,18 @@ def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
 
 
 def kept_in_run(path: Path, key: dict[str, Any], compute: Callable[[], Any] | None) -> Any:
-    """A measurement of a run computed once per ``key`` and kept in ``path`` (JSON ``{key, value}``, written
-    atomically), so that a rerun of an experiment reuses it; ``compute`` None reads only (an error when ``path``
-    keeps no value for ``key``)."""
-    if path.is_file():
-        kept = json.loads(path.read_text())
-        if kept.get("key") == key:
-            return kept["value"]
+    """A measurement of a run computed once per ``key`` and kept in ``path`` (JSON ``{"kept": [{key, value},
+    ...]}``, one entry per key, written atomically), so that a rerun of an experiment reuses it; ``compute`` None
+    reads only (an error when ``path`` keeps no value for ``key``)."""
+    kept = json.loads(path.read_text()) if path.is_file() else {"kept": []}
+    entries = kept.get("kept", [kept])  # a file of one {key, value} (written before several keys were kept)
+    for entry in entries:
+        if entry.get("key") == key:
+            return entry["value"]
     if compute is None:
         raise FrugalError(f"{path} keeps no value for {key}; run the experiment without reading only")
     value = compute()
-    _write_json(path, {"key": key, "value": value})
+    _write_json(path, {"kept": [*entries, {"key": key, "value": value}]})
     return value
 
 
