@@ -34,7 +34,7 @@ TINY = {**FP32, "model.channels": 8, "model.channel_mult": [1, 2], "model.num_re
         "model.attention_resolutions": [4], "train.batch_size": 16, "train.warmup_images": 64}
 #: name -> config of a single-process run
 CASES: dict[str, dict[str, Any]] = {
-    "default": {**FP32, "train.images_seen": 640},
+    "default": {**FP32, "train.batch_size": 64, "train.images_seen": 640},  # the default batch when recorded
     "x0-vp-linear-adaptive": {**TINY, "diffusion.process": "vp-linear", "diffusion.prediction": "x0",
                               "diffusion.timestep_sampler": "adaptive", "train.images_seen": 16 * 24},
     "mixed-heads": {**TINY, "diffusion.process": "vp-linear", "diffusion.prediction": "mixed",

@@ -180,8 +180,8 @@ OPTIONS: list[Option] = [
            "batch and this many random training images instead of the drawn x0 (0 = off; at least the train split's "
            "size: all of it)", low=0, predating=0),
     Option("train.name", "", "run name (default: dataset-prediction)", max_length=100),
-    Option("train.batch_size", 64, "global batch size", low=1, high=65536),
-    Option("train.images_seen", 38000, "training budget in images", low=1, high=10**10),
+    Option("train.batch_size", 16, "global batch size", low=1, high=65536),
+    Option("train.images_seen", 28000, "training budget in images", low=1, high=10**10),
     Option("train.lr", 1e-3, "AdamW learning rate", low=0.0, high=1.0),
     Option("train.lr_schedule", "cosine", "learning rate after warm-up",
            choices=lambda: ["constant", "cosine"]),
