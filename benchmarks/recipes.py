@@ -28,6 +28,7 @@ import numpy as np
 from reporting import add_shard_option, mean_std, provenance, shard_of
 
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint
+from frugaldiff.components import FRUGAL_RECIPE
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_x0_error_by_bin
 from frugaldiff.metrics import Evaluator
@@ -39,9 +40,11 @@ from frugaldiff.trainer import Trainer
 HELDOUT_X0 = "heldout_x0.json"  # each run's held-out x0 error, kept in the run
 X0_GRID = (20, 32)  # its grid: t bins, draws per bin
 
-#: The published values of settings where frugaldiff's defaults differ: every recipe but ``frugal`` (the defaults)
-#: starts from them, so a change of default never changes an anchor or a candidate.
-PUBLISHED = {"diffusion.reference_images": 0, "timestep_sampler.logit_normal.m": 0.0}
+#: The published values of settings where frugaldiff's defaults differ: every anchor starts from them, so a change of
+#: default never changes an anchor (stratified logit-normal draws are the value the anchors' runs were recorded with;
+#: only sd3 and jit draw from the logit-normal, and they set it).
+PUBLISHED = {"diffusion.reference_images": 0, "timestep_sampler.logit_normal.m": 0.0,
+             "timestep_sampler.logit_normal.stratified": True}
 
 
 def with_published(recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -78,15 +81,18 @@ RECIPES: dict[str, dict[str, Any]] = with_published({
             "timestep_sampler.logit_normal.m": 0.8, "timestep_sampler.logit_normal.s": 0.8,
             "timestep_sampler.logit_normal.stratified": False, "diffusion.weighting": "flow_loss"},
 })
-RECIPES["frugal"] = {}
-RECIPES["frugal+immiscible"] = {"train.immiscible": True}
-RECIPES["frugal+kim"] = {"diffusion.timestep_sampler": "kim"}
-RECIPES["frugal+x0"] = {"diffusion.prediction": "x0"}  # x0 beats velocity on colour in the prediction-type study
-RECIPES["frugal-nostable"] = {"diffusion.reference_images": 0}  # frugal without the stable target (an ablation)
-RECIPES["frugal+shift"] = {"diffusion.shift": "auto"}  # the resolution shift: √(values / 784), 1.98 at 32 px colour
-RECIPES["frugal-m0"] = {"timestep_sampler.logit_normal.m": 0.0}  # frugal centred as sd3 (m = 0): an ablation
-RECIPES["frugal-indep"] = {"timestep_sampler.logit_normal.stratified": False}  # frugal with sd3's independent draws
-RECIPES["frugal+patch"] = {"train.patch": True, "diffusion.reference_images": 0}  # Patch Diffusion (on crops)
+RECIPES["frugal"] = {}  # the defaults: frugal-small's settings up to 784 values per image, sd3's above
+#: frugal's settings for small images on any data (the defaults before they followed the data), and the candidates
+#: and ablations built on them
+RECIPES["frugal-small"] = dict(FRUGAL_RECIPE)
+RECIPES["frugal+immiscible"] = {**FRUGAL_RECIPE, "train.immiscible": True}
+RECIPES["frugal+kim"] = {**FRUGAL_RECIPE, "diffusion.timestep_sampler": "kim"}
+RECIPES["frugal+x0"] = {**FRUGAL_RECIPE, "diffusion.prediction": "x0"}  # x0 beats velocity on colour (prediction study)
+RECIPES["frugal-nostable"] = {**FRUGAL_RECIPE, "diffusion.reference_images": 0}  # without the stable target
+RECIPES["frugal+shift"] = {**FRUGAL_RECIPE, "diffusion.shift": "auto"}  # the resolution shift: √(values / 784)
+RECIPES["frugal-m0"] = {**FRUGAL_RECIPE, "timestep_sampler.logit_normal.m": 0.0}  # centred as sd3 (m = 0)
+RECIPES["frugal-indep"] = {**FRUGAL_RECIPE, "timestep_sampler.logit_normal.stratified": False}  # sd3's draws
+RECIPES["frugal+patch"] = {**FRUGAL_RECIPE, "train.patch": True, "diffusion.reference_images": 0}  # on crops
 #: What every recipe shares: the dataset and the user's default sampling settings (so the ranking is the user's).
 COMMON = {"data.name": "mnist5000", "train.heldout_every": 0, "train.tensorboard": False, "train.checkpoint_every": 0}
 METRIC = "eval_domain_fid"

@@ -161,3 +161,18 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
     assert kept["key"]["samples"] == 24 and kept["value"] == results["runs"][1]["final_fid"]
     assert "| ddpm | 2 |" in out and "final FID of 24 samples" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "speedrun.png").stat().st_size > 10_000
+
+
+def test_only_frugal_follows_the_data_every_other_recipe_fixes_the_recipe_settings():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from recipes import RECIPES
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from frugaldiff.components import FRUGAL_RECIPE
+    from frugaldiff.config import Config
+
+    assert RECIPES["frugal"] == {} and RECIPES["frugal-small"] == FRUGAL_RECIPE
+    for name, settings in RECIPES.items():
+        config = Config(settings)
+        assert all((config[key] == "auto") == (name == "frugal") for key in FRUGAL_RECIPE), name

@@ -1,9 +1,14 @@
+import inspect
+import math
 import tomllib
 
 import pytest
+import torch
 
-from frugaldiff.config import OPTIONS, Config, dump_toml, flatten, parse_override
+from frugaldiff.components import FRUGAL_RECIPE, SD3_RECIPE, data_recipe
+from frugaldiff.config import DATA_DEPENDENT, OPTIONS, Config, dump_toml, flatten, parse_override
 from frugaldiff.errors import FrugalError
+from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
 
 
 def _one_line_error(values) -> str:
@@ -102,9 +107,59 @@ def test_a_saved_config_from_before_a_key_existed_keeps_its_old_behaviour(tmp_pa
     old = "\n".join(line for line in text.splitlines() if not line.startswith("reference_images"))
     assert old != text
     path.write_text(old + "\n")  # as written before diffusion.reference_images existed
-    assert Config.load(path)["diffusion.reference_images"] == 4096  # a new config: today's default
+    assert Config.load(path)["diffusion.reference_images"] == "auto"  # a new config: today's default
     saved = Config.load(path, saved=True)
     assert saved["diffusion.reference_images"] == 0 and saved["train.batch_size"] == 16
     assert Config.load(path, ["diffusion.reference_images=32"], saved=True)["diffusion.reference_images"] == 32
     Config({"diffusion.reference_images": 64}).save(path)  # a key the file has keeps its value
     assert Config.load(path, saved=True)["diffusion.reference_images"] == 64
+
+
+@pytest.mark.parametrize(("shape", "recipe"), [((1, 28, 28), FRUGAL_RECIPE), ((2,), FRUGAL_RECIPE),
+                                               ((4, 8, 8), FRUGAL_RECIPE), ((1, 8, 98), FRUGAL_RECIPE),
+                                               ((1, 8, 99), SD3_RECIPE), ((1, 32, 32), SD3_RECIPE),
+                                               ((3, 32, 32), SD3_RECIPE), ((4, 16, 16), SD3_RECIPE)])
+def test_the_auto_recipe_follows_the_values_per_sample(shape, recipe):
+    config = Config()
+    assert all(config[key] == "auto" for key in recipe)  # the defaults follow the data
+    resolved = data_recipe(config, shape)
+    assert {key: resolved[key] for key in recipe} == recipe
+    assert resolved.updated(dict.fromkeys(recipe, "auto")) == config  # nothing else changed
+    sampler = resolved.timestep_sampler(resolved.process())
+    assert (sampler.m, sampler.stratified) == (recipe["timestep_sampler.logit_normal.m"],
+                                               recipe["timestep_sampler.logit_normal.stratified"])
+
+
+def test_the_two_recipes_set_the_same_keys_and_frugals_are_the_samplers_own_defaults():
+    assert FRUGAL_RECIPE.keys() == SD3_RECIPE.keys() == {"diffusion.reference_images", *DATA_DEPENDENT}
+    defaults = inspect.signature(TIMESTEP_SAMPLERS.get("logit_normal")).parameters
+    assert FRUGAL_RECIPE["timestep_sampler.logit_normal.m"] == defaults["m"].default
+    assert FRUGAL_RECIPE["timestep_sampler.logit_normal.stratified"] == defaults["stratified"].default
+    assert {SD3_RECIPE[key] for key in ("diffusion.reference_images", "timestep_sampler.logit_normal.m")} == {0}
+
+
+def test_a_recipe_key_the_user_sets_stays_and_patch_training_drops_the_stable_target():
+    set_m = data_recipe(Config({"timestep_sampler.logit_normal.m": 0.3}), (3, 32, 32))
+    assert set_m["timestep_sampler.logit_normal.m"] == 0.3 and set_m["diffusion.reference_images"] == 0
+    kept = data_recipe(Config({"diffusion.reference_images": 64}), (3, 32, 32))
+    assert kept["diffusion.reference_images"] == 64 and kept["timestep_sampler.logit_normal.stratified"] is False
+    patch = data_recipe(Config({"train.patch": True}), (1, 28, 28))
+    assert patch["diffusion.reference_images"] == 0 and patch["timestep_sampler.logit_normal.m"] == 0.5
+
+
+def test_an_unresolved_auto_sampler_parameter_is_refused_in_one_line():
+    with pytest.raises(FrugalError, match="timestep_sampler.logit_normal.m = auto follows the data") as info:
+        Config().timestep_sampler(Config().process())
+    assert "\n" not in str(info.value)
+    Config({"timestep_sampler.logit_normal.m": 0.2, "timestep_sampler.logit_normal.stratified": True}).timestep_sampler(
+        Config().process())  # set values need no data
+    with pytest.raises(FrugalError, match="timestep_sampler.logit_normal.m"):
+        Config({"timestep_sampler.logit_normal.m": math.inf})  # a set value is still checked
+
+
+def test_building_a_config_leaves_torchs_generator_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    Config().updated({"diffusion.weighting": "learned"})  # validation builds every sampler and weighting
+    assert torch.equal(torch.rand(4), expected)  # so a run's network starts the same however often it is built

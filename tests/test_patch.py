@@ -82,12 +82,14 @@ def test_a_patch_trained_model_trains_on_crops_resumes_exactly_and_samples_at_fu
 
 
 def test_patch_training_refuses_vectors_and_the_stable_target_in_one_line(tmp_path, capsys):
-    for values, message in (({**TINY_UNET, "train.patch": True}, "set diffusion.reference_images = 0"),
+    for values, message in (({**TINY_UNET, "train.patch": True, "diffusion.reference_images": 32},
+                             "set diffusion.reference_images = 0"),
                             ({"data.name": "gmm", "train.patch": True, "diffusion.reference_images": 0},
                              "holds vectors")):
         with pytest.raises(FrugalError, match=message) as info:
             Trainer(Config(values), tmp_path / "run", progress=False)
         assert "\n" not in str(info.value)
         assert not (tmp_path / "run").exists()
-    assert main(["train", "--set", "train.patch=true", "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert main(["train", "--set", "train.patch=true", "--set", "diffusion.reference_images=32", "--out",
+                 str(tmp_path / "cli"), "--no-progress"]) == 2
     assert "train.patch" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from testkit import TINY_UNET, RecordingObjective, fit_interrupted
 import frugaldiff
 from frugaldiff import trainer as trainer_module
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint, list_checkpoints
+from frugaldiff.components import FRUGAL_RECIPE, SD3_RECIPE, data_recipe
 from frugaldiff.config import Config
 from frugaldiff.datasets import BatchStream, load_dataset
 from frugaldiff.distributed import SINGLE_PROCESS
@@ -31,6 +32,7 @@ from frugaldiff.noise import VPLinear, empirical_posterior_mean
 from frugaldiff.objective import Batch, Objective, stable_target
 from frugaldiff.prediction import PREDICTIONS
 from frugaldiff.runtime import CPU
+from frugaldiff.studies import train_or_reuse
 from frugaldiff.trainer import Trainer, train_step
 from frugaldiff.weighting import WEIGHTINGS, Weighting
 
@@ -511,3 +513,21 @@ def test_measuring_the_precision_leaves_the_run_as_it_would_be_without(tmp_path,
     assert len(kept) == 1 and all(v["fp32_s"] > 0 and v["bf16_s"] > 0 for v in kept.values())
     assert runs["bf16"].runtime.amp_dtype == torch.bfloat16 and runs["bf16"].state.precision == "bf16"
     assert torch.isfinite(runs["bf16"].samples(4)).all()
+
+
+@pytest.mark.parametrize(("data", "recipe"), [({}, FRUGAL_RECIPE),
+                                              ({"data.color": "rgb", "data.image_size": 24}, SD3_RECIPE)])
+def test_a_run_trains_and_saves_the_recipe_its_data_chose(tmp_path, data, recipe):
+    config = Config({**TINY_UNET, **data, "train.images_seen": 32, "train.checkpoint_every": 0})
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    sampler, objective = trainer.parts.sampler, trainer.parts.objective
+    assert (objective.reference_images, sampler.m, sampler.stratified) == tuple(recipe.values())
+    assert (objective.pool is None) == (recipe["diffusion.reference_images"] == 0)
+    saved = Config.load(tmp_path / "run" / "config.toml", saved=True)
+    assert saved == trainer.config == data_recipe(config, trainer.data.sample_shape)  # resolved, kept on resume
+    assert {key: saved[key] for key in recipe} == recipe
+    trainer.fit()
+    reused = train_or_reuse(config, tmp_path / "run", progress=False)  # the same auto config: the same run
+    assert reused.done
+    with pytest.raises(FrugalError, match="holds a run of another config"):
+        train_or_reuse(config.updated({"timestep_sampler.logit_normal.m": 0.25}), tmp_path / "run", progress=False)

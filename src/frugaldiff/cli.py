@@ -15,6 +15,7 @@ import numpy as np
 
 from .analysis import disruption, run_importance
 from .api import train, train_autoencoder
+from .components import build_data, data_recipe, model_data
 from .config import Config, parse_override
 from .errors import FrugalError, short_repr
 from .generate import sample_run, save_samples
@@ -88,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = sub.add_parser("plot-timesteps", help="draw timestep samplers' densities over t (PNG)")
     plot.add_argument("samplers", nargs="*", help="sampler names (default: all)")
-    plot.add_argument("--config", type=Path, help="TOML file whose process and sampler parameters to use")
+    plot.add_argument("--config", type=Path, help="TOML file whose process and sampler parameters to use "
+                      "(\"auto\" ones resolved for its data.*)")
     plot.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     plot.add_argument("--out", type=Path, required=True, help="output PNG")
 
@@ -260,6 +262,7 @@ def _ema(args: argparse.Namespace) -> int:
 
 def _plot_timesteps(args: argparse.Namespace) -> int:
     config = Config.load(args.config, args.overrides)
+    config = data_recipe(config, model_data(config, build_data(config)).sample_shape)  # "auto" follows the data
     names = args.samplers or TIMESTEP_SAMPLERS.names()
     for name in names:
         TIMESTEP_SAMPLERS.get(name)  # one-line error for an unknown name

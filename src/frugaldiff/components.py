@@ -165,6 +165,27 @@ def build_process(config: Config, sample_shape: tuple[int, ...]) -> NoiseProcess
     return shifted(config.process(), shift)
 
 
+#: The training recipe's settings that follow the data ("auto"), by the values per sample (C·H·W, or D of vectors):
+#: frugal's up to the size they were tuned at (BASE_SIZE: mnist5000 and fashion-mnist measured them best), SD3's
+#: above (best on twemoji in grey, 1,024, and in colour, 3,072): docs/speedrun.md, "The recipe follows the data".
+RECIPE_SWITCH = BASE_SIZE
+FRUGAL_RECIPE = {"diffusion.reference_images": 4096, "timestep_sampler.logit_normal.m": 0.5,
+                 "timestep_sampler.logit_normal.stratified": True}
+SD3_RECIPE = {"diffusion.reference_images": 0, "timestep_sampler.logit_normal.m": 0.0,
+              "timestep_sampler.logit_normal.stratified": False}
+
+
+def data_recipe(config: Config, sample_shape: tuple[int, ...]) -> Config:
+    """``config`` with its "auto" recipe settings (:data:`FRUGAL_RECIPE`'s keys) resolved for samples of
+    ``sample_shape``: frugal's up to :data:`RECIPE_SWITCH` values per sample, SD3's above, and no stable target with
+    train.patch (crops have no whole-image references); set keys stay."""
+    recipe = FRUGAL_RECIPE if math.prod(sample_shape) <= RECIPE_SWITCH else SD3_RECIPE
+    if config["train.patch"]:
+        recipe = {**recipe, "diffusion.reference_images": 0}
+    auto = {key: value for key, value in recipe.items() if config[key] == "auto"}
+    return config.updated(auto) if auto else config
+
+
 def unet_keys(config: Config, side: int) -> dict[str, Any]:
     """The UNet's size for images of ``side`` px: ``model.preset`` (auto: by the side), each model.* key overriding."""
     preset = config["model.preset"]
@@ -234,7 +255,9 @@ class Components:
 
 
 def build(config: Config, data: Data, runtime: Runtime) -> Components:
-    """Every part of a run of ``config`` on ``data``; the denoiser and the stable target's pool on the device."""
+    """Every part of a run of ``config`` (its recipe resolved for ``data``: :func:`data_recipe`) on ``data``; the
+    denoiser and the stable target's pool on the device."""
+    config = data_recipe(config, data.sample_shape)
     process = build_process(config, data.sample_shape)
     weighting = config.weighting()
     classes = num_classes(config, data)
@@ -243,7 +266,7 @@ def build(config: Config, data: Data, runtime: Runtime) -> Components:
     if config["train.patch"] and config["diffusion.reference_images"]:
         raise FrugalError("train.patch trains on crops, which the stable target's whole-image references cannot "
                           f"match (diffusion.reference_images = {config['diffusion.reference_images']}); set "
-                          "diffusion.reference_images = 0 with train.patch")
+                          "diffusion.reference_images = 0 (or auto) with train.patch")
     pool: Tensor | None = data.train.to(runtime.device) if config["diffusion.reference_images"] else None
     pool_labels = data.train_labels.to(runtime.device) if pool is not None and classes else None
     objective = Objective(denoiser, weighting, runtime, pool, config["diffusion.reference_images"], pool_labels)

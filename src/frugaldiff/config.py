@@ -12,9 +12,11 @@ import json
 import math
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .checkpoint import atomic_write_text
 from .datasets import TWEMOJI_VARIANTS, dataset_names
@@ -92,6 +94,11 @@ class Option:
     def _bad(self, value: Any) -> FrugalError:
         return FrugalError(f"config key '{self.key}' must be {self.describe()}; got {short_repr(value)}")
 
+
+#: What "auto" means for the settings of the training recipe that follow the data (components.data_recipe).
+AUTO_RECIPE = ("auto: frugal's (stable target over 4096 images, logit-normal m = 0.5, stratified) for images of at "
+               "most 784 values (28 × 28 grey, the size it was tuned at), SD3's (no stable target, m = 0, independent draws) for larger; "
+               "no stable target with train.patch")
 
 #: The longest string any config value may hold (paths included), and the largest seed.
 MAX_STRING = 4096
@@ -176,9 +183,9 @@ OPTIONS: list[Option] = [
            auto=float, predating=1.0),
     Option("diffusion.sigma_data", 0.5, "data standard deviation for target and input scaling", low=1e-3,
            high=100.0),
-    Option("diffusion.reference_images", 4096, "stable target (Xu et al. 2023): train towards E[x0 | x_t] over the "
+    Option("diffusion.reference_images", "auto", "stable target (Xu et al. 2023): train towards E[x0 | x_t] over the "
            "batch and this many random training images instead of the drawn x0 (0 = off; at least the train split's "
-           "size: all of it)", low=0, predating=0),
+           f"size: all of it); {AUTO_RECIPE}", low=0, auto=int, predating=0),
     Option("train.name", "", "run name (default: dataset-prediction)", max_length=100),
     Option("train.batch_size", 16, "global batch size", low=1, high=65536),
     Option("train.images_seen", 28000, "training budget in images", low=1, high=10**10),
@@ -201,7 +208,8 @@ OPTIONS: list[Option] = [
     Option("train.immiscible", False, "immiscible diffusion (Li et al. 2024): pair each batch's noise draws with its "
            "images by least total distance (a linear assignment) before noising", predating=False),
     Option("train.patch", False, "Patch Diffusion (Wang et al. 2023): train on random crops with two coordinate "
-           "channels and sample at full size (image data; needs diffusion.reference_images = 0)", predating=False),
+           "channels and sample at full size (image data; diffusion.reference_images must be 0 or auto)",
+           predating=False),
     Option("train.patch_full", 0.5, "train.patch: share of steps on full images; the others crop half the side "
            "or (pixels) a quarter, 3:2, one random position per image, as Patch Diffusion", low=0.0, high=1.0,
            predating=0.5),
@@ -286,6 +294,10 @@ def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
 
 OPTIONS += (parameter_options("diffusion", PREDICTIONS) + parameter_options("timestep_sampler", TIMESTEP_SAMPLERS)
             + parameter_options("weighting", WEIGHTINGS))
+#: Timestep-sampler parameters whose default follows the data as diffusion.reference_images does (auto).
+DATA_DEPENDENT = ("timestep_sampler.logit_normal.m", "timestep_sampler.logit_normal.stratified")
+OPTIONS = [replace(o, default="auto", auto=type(o.default), predating=o.default, help=f"{o.help}; {AUTO_RECIPE}")
+           if o.key in DATA_DEPENDENT else o for o in OPTIONS]
 OPTION_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
 
 
@@ -367,14 +379,20 @@ class Config:
                 f"train.batch_size ({self['train.batch_size']}) must be divisible by train.grad_accum "
                 f"({self['train.grad_accum']}); change one of them"
             )
+        with torch.random.fork_rng(devices=[]):  # components that build modules draw from torch's generator
+            self._check_components()
+
+    def _check_components(self) -> None:
         process = self.process()
         self.prediction(process)
         for name in PREDICTIONS.names():  # the parameters of unused types too, on the process that defines them all
             params = component_params(self, "diffusion", name)
             if params and name != self["diffusion.prediction"]:
                 PREDICTIONS.create(name, PROCESSES.create("vp-linear"), self["diffusion.sigma_data"], **params)
+        params = {name: {key: value for key, value in values.items() if value != "auto"}
+                  for name, values in self.timestep_sampler_params().items()}  # "auto" follows the data: not yet
         for name in TIMESTEP_SAMPLERS.names():  # parameters of every component, used or not, must be valid
-            self.timestep_sampler(process, name)
+            self._timestep_sampler(process, name, params)
         for name in WEIGHTINGS.names():
             self.weighting(name)
 
@@ -389,9 +407,16 @@ class Config:
                                   **component_params(self, "diffusion", name))
 
     def timestep_sampler(self, process: NoiseProcess, name: str | None = None) -> TimestepSampler:
-        """The configured timestep sampler (or sampler ``name``) on ``process``, seeded with ``train.seed``."""
+        """The configured timestep sampler (or sampler ``name``) on ``process``, seeded with ``train.seed``; its
+        "auto" parameters must have been resolved for the data (:func:`frugaldiff.components.data_recipe`)."""
         params = self.timestep_sampler_params()
-        name = name or self["diffusion.timestep_sampler"]
+        auto = [key for key in DATA_DEPENDENT if self[key] == "auto"]
+        if auto:
+            raise FrugalError(f"{auto[0]} = auto follows the data, and this config was not resolved for any; give "
+                              "it a value (or build through frugaldiff.components.data_recipe)")
+        return self._timestep_sampler(process, name or self["diffusion.timestep_sampler"], params)
+
+    def _timestep_sampler(self, process: NoiseProcess, name: str, params: dict[str, dict[str, Any]]) -> TimestepSampler:
         return TIMESTEP_SAMPLERS.create(name, process=process, seed=self["train.seed"], params=params, **params[name])
 
     def timestep_sampler_params(self) -> dict[str, dict[str, Any]]:

@@ -55,9 +55,7 @@ def train_or_reuse(config: Config, run: Path, progress: bool = True) -> Trainer:
     that was stopped before its first checkpoint starts again from step 0 (the trainer does that). A run that
     another process holds (a study sharing the folder) is waited for, then continued or reused."""
     started = (run / "config.toml").is_file()
-    if started and Config.load(run / "config.toml", saved=True) != config:
-        raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
-    trainer = Trainer(config, run, resume=started, progress=progress, wait=True)
+    trainer = Trainer(config, run, resume=started, progress=progress, wait=True, same_config=True)
     if trainer.done:
         trainer.close()  # nothing to train: let another process (or a later study) open the folder
     else:

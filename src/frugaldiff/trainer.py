@@ -20,7 +20,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_info, checkpoint_path, intact_checkpoints
-from .components import Components, SampleSettings, TrainSettings, build, build_data, model_data, true_mixture
+from .components import (
+    Components,
+    SampleSettings,
+    TrainSettings,
+    build,
+    build_data,
+    data_recipe,
+    model_data,
+    true_mixture,
+)
 from .config import Config
 from .diagnostics import HeldoutGrid, bin_columns, csv_cells, fixed_grid, heldout_loss_by_bin
 from .distributed import World, init_distributed
@@ -146,7 +155,9 @@ def training_dtype(state: TrainState, parts: Components, precision: str, device:
 
 class Trainer:
     """Trains one run folder; ``resume`` continues from its newest checkpoint; ``wait``: when another process
-    holds the folder, wait for it instead of refusing.
+    holds the folder, wait for it instead of refusing; ``same_config``: a run already in the folder must have been
+    started with this config (its "auto" recipe resolved for the data: :func:`~frugaldiff.components.data_recipe`),
+    else an error before anything is written.
 
     Under torchrun (RANK/WORLD_SIZE set) each process trains its share of every global batch with
     DistributedDataParallel; every rank draws the same global data order, times and noise, so sampler state and
@@ -154,7 +165,7 @@ class Trainer:
     """
 
     def __init__(self, config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-                 wait: bool = False) -> None:
+                 wait: bool = False, same_config: bool = False) -> None:
         self.world, device_name = init_distributed(config["train.device"])
         self.config, self.settings = config, TrainSettings.from_config(config)
         self.files, self.progress = RunFiles(Path(run_dir)), progress and self.world.is_main
@@ -172,6 +183,10 @@ class Trainer:
                                        self.files.root)
         self.images = build_data(config)  # what samples are compared with
         self.data = model_data(config, self.images, self.progress)  # what the model trains on: those, or latents
+        self.config = config = data_recipe(config, self.data.sample_shape)  # saved resolved: kept on resume
+        if same_config and self.files.config.is_file() and data_recipe(
+                Config.load(self.files.config, saved=True), self.data.sample_shape) != config:
+            raise FrugalError(f"{self.files.root} holds a run of another config; remove it or choose another --out")
         self.parts = build(config, self.data, self.runtime)
         self.state = TrainState(self.parts, self.data, s)
         self.eval_column = eval_column(self.images) if s.eval_every else None
