@@ -167,7 +167,8 @@ def build_process(config: Config, sample_shape: tuple[int, ...]) -> NoiseProcess
 
 #: The training recipe's settings that follow the data ("auto"), by the values per sample (C·H·W, or D of vectors):
 #: frugal's up to the size they were tuned at (BASE_SIZE: mnist5000 and fashion-mnist measured them best), SD3's
-#: above (best on twemoji in grey, 1,024, and in colour, 3,072): docs/speedrun.md, "The recipe follows the data".
+#: above (best on twemoji in grey, 1,024, and in colour, 3,072). Size is a proxy for the content: mnist5000 at
+#: 32 px still prefers frugal's (docs/speedrun.md, "The recipe follows the data").
 RECIPE_SWITCH = BASE_SIZE
 FRUGAL_RECIPE = {"diffusion.reference_images": 4096, "timestep_sampler.logit_normal.m": 0.5,
                  "timestep_sampler.logit_normal.stratified": True}

@@ -97,8 +97,8 @@ class Option:
 
 #: What "auto" means for the settings of the training recipe that follow the data (components.data_recipe).
 AUTO_RECIPE = ("auto: frugal's (stable target over 4096 images, logit-normal m = 0.5, stratified) for images of at "
-               "most 784 values (28 × 28 grey, the size it was tuned at), SD3's (no stable target, m = 0, independent draws) for larger; "
-               "no stable target with train.patch")
+               "most 784 values (28 × 28 grey, the size it was tuned at), SD3's (no stable target, m = 0, independent "
+               "draws) for larger, a proxy measured in docs/speedrun.md; no stable target with train.patch")
 
 #: The longest string any config value may hold (paths included), and the largest seed.
 MAX_STRING = 4096
