@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Self
 
 from torch import Tensor
 
-from .config import Config
+from .config import BASE_SIZE, FRUGAL_RECIPE, SD3_RECIPE, Config
 from .datasets import Data, load_dataset
 from .errors import FrugalError
 from .gmm import GaussianMixture, gmm_mixture
@@ -152,10 +152,6 @@ def num_classes(config: Config, data: Data) -> int:
     return wanted
 
 
-#: The data size (1 × 28 × 28, MNIST) the recipe was tuned on: diffusion.shift = auto scales from it.
-BASE_SIZE = 784
-
-
 def build_process(config: Config, sample_shape: tuple[int, ...]) -> NoiseProcess:
     """The configured noise process, shifted by ``diffusion.shift`` (auto: √(size / BASE_SIZE) for images, 1 for
     vectors)."""
@@ -165,15 +161,11 @@ def build_process(config: Config, sample_shape: tuple[int, ...]) -> NoiseProcess
     return shifted(config.process(), shift)
 
 
-#: The training recipe's settings that follow the data ("auto"), by the values per sample (C·H·W, or D of vectors):
-#: frugal's up to the size they were tuned at (BASE_SIZE: mnist5000 and fashion-mnist measured them best), SD3's
-#: above (best on twemoji in grey, 1,024, and in colour, 3,072). Size is a proxy for the content: mnist5000 at
-#: 32 px still prefers frugal's (docs/speedrun.md, "The recipe follows the data").
+#: The values per sample (C·H·W, or D of vectors) up to which "auto" takes FRUGAL_RECIPE, above SD3_RECIPE: the size
+#: frugal's settings were tuned at (mnist5000 and fashion-mnist measured them best); SD3's were best on twemoji in
+#: grey (1,024) and colour (3,072). Size is a proxy for the content: mnist5000 at 32 px still prefers frugal's
+#: (docs/speedrun.md, "The recipe follows the data").
 RECIPE_SWITCH = BASE_SIZE
-FRUGAL_RECIPE = {"diffusion.reference_images": 4096, "timestep_sampler.logit_normal.m": 0.5,
-                 "timestep_sampler.logit_normal.stratified": True}
-SD3_RECIPE = {"diffusion.reference_images": 0, "timestep_sampler.logit_normal.m": 0.0,
-              "timestep_sampler.logit_normal.stratified": False}
 
 
 def data_recipe(config: Config, sample_shape: tuple[int, ...]) -> Config:

@@ -95,10 +95,20 @@ class Option:
         return FrugalError(f"config key '{self.key}' must be {self.describe()}; got {short_repr(value)}")
 
 
-#: What "auto" means for the settings of the training recipe that follow the data (components.data_recipe).
-AUTO_RECIPE = ("auto: frugal's (stable target over 4096 images, logit-normal m = 0.5, stratified) for images of at "
-               "most 784 values (28 × 28 grey, the size it was tuned at), SD3's (no stable target, m = 0, independent "
-               "draws) for larger, a proxy measured in docs/speedrun.md; no stable target with train.patch")
+#: The data size (1 × 28 × 28, MNIST) the recipe was tuned on: diffusion.shift = auto scales from it, and the recipe
+#: settings below switch at it.
+BASE_SIZE = 784
+#: The training recipe's settings that follow the data ("auto", resolved by components.data_recipe): frugal's up to
+#: BASE_SIZE values per sample, SD3's above.
+FRUGAL_RECIPE = {"diffusion.reference_images": 4096, "timestep_sampler.logit_normal.m": 0.5,
+                 "timestep_sampler.logit_normal.stratified": True}
+SD3_RECIPE = {"diffusion.reference_images": 0, "timestep_sampler.logit_normal.m": 0.0,
+              "timestep_sampler.logit_normal.stratified": False}
+#: What "auto" means for them, in the help of each.
+AUTO_RECIPE = (f"auto: frugal's (stable target over {FRUGAL_RECIPE['diffusion.reference_images']} images, "
+               f"logit-normal m = {FRUGAL_RECIPE['timestep_sampler.logit_normal.m']}, stratified) for images of at "
+               f"most {BASE_SIZE} values (28 × 28 grey, the size it was tuned at), SD3's (no stable target, m = 0, "
+               "independent draws) for larger, a proxy measured in docs/speedrun.md; no stable target with train.patch")
 
 #: The longest string any config value may hold (paths included), and the largest seed.
 MAX_STRING = 4096
@@ -295,7 +305,7 @@ def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
 OPTIONS += (parameter_options("diffusion", PREDICTIONS) + parameter_options("timestep_sampler", TIMESTEP_SAMPLERS)
             + parameter_options("weighting", WEIGHTINGS))
 #: Timestep-sampler parameters whose default follows the data as diffusion.reference_images does (auto).
-DATA_DEPENDENT = ("timestep_sampler.logit_normal.m", "timestep_sampler.logit_normal.stratified")
+DATA_DEPENDENT = tuple(key for key in FRUGAL_RECIPE if key.startswith("timestep_sampler."))
 OPTIONS = [replace(o, default="auto", auto=type(o.default), predating=o.default, help=f"{o.help}; {AUTO_RECIPE}")
            if o.key in DATA_DEPENDENT else o for o in OPTIONS]
 OPTION_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}

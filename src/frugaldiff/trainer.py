@@ -167,7 +167,7 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
                  wait: bool = False, same_config: bool = False) -> None:
         self.world, device_name = init_distributed(config["train.device"])
-        self.config, self.settings = config, TrainSettings.from_config(config)
+        self.settings = TrainSettings.from_config(config)  # self.config: below, its recipe resolved for the data
         self.files, self.progress = RunFiles(Path(run_dir)), progress and self.world.is_main
         s = self.settings
         if s.batch_size % (s.grad_accum * self.world.size):
