@@ -28,9 +28,10 @@ import numpy as np
 from reporting import add_shard_option, mean_std, provenance, shard_of
 
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint
-from frugaldiff.components import FRUGAL_RECIPE
+from frugaldiff.components import FRUGAL_RECIPE, build_data, model_data, require_same_run
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_x0_error_by_bin
+from frugaldiff.errors import FrugalError
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
 from frugaldiff.runs import training_clock, training_seconds
@@ -131,12 +132,22 @@ def curve(run: Path) -> tuple[list[int], list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 
-def train_cell(config: Config, run: Path, progress: bool, train: bool = True,
+def sample_shape(config: Config) -> tuple[int, ...]:
+    """The shape of the samples a run of ``config`` trains on (its images, or their latents)."""
+    return model_data(config, build_data(config)).sample_shape
+
+
+def train_cell(config: Config, run: Path, progress: bool, read_only: tuple[int, ...] | None = None,
                final: tuple[Evaluator, int] | None = None) -> dict[str, Any]:
-    """Train (or reuse; only read when not ``train``) one run of a grid: its evaluation curve, training seconds,
-    held-out x0 error and, with ``final`` = (evaluator, samples), the evaluator's headline metric of that many
-    samples of the finished run (scored once and kept in the run)."""
-    trainer = train_or_reuse(config, run, progress=progress) if train else None
+    """Train (or reuse) one run of a grid: its evaluation curve, training seconds, held-out x0 error and, with
+    ``final`` = (evaluator, samples), the evaluator's headline metric of that many samples of the finished run
+    (scored once and kept in the run). ``read_only`` (the data's sample shape): train nothing, only read a run
+    whose config is ``config`` (resolved for that shape; another run there is an error, as when training)."""
+    if read_only is None:
+        trainer = train_or_reuse(config, run, progress=progress)
+    else:
+        require_same_run(config, run, read_only)
+        trainer = None
     images, fid, clock = curve(run)
     cell = {"images": images, "fid": fid, "clock": clock, "train_seconds": training_seconds(run / "metrics.csv"),
             "heldout_x0": heldout_x0_error(run, trainer)}
@@ -225,6 +236,7 @@ def main() -> None:
         COMMON.update({"data.name": "digits", "sample.steps": 2, "model.channels": 8, "model.channel_mult": [1, 2],
                        "model.num_res_blocks": 1, "model.attention_resolutions": [4]})
     cells = [(r, b, s) for r in args.recipes for b in args.batch_sizes for s in args.seeds]
+    read_only = sample_shape(Config(COMMON)) if args.report_only else None
     runs = []
     for i, (recipe, batch, seed) in shard_of(cells, args.shard):
         run = args.out / recipe / f"b{batch}-s{seed}"
@@ -234,7 +246,7 @@ def main() -> None:
             continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)
         runs.append({"recipe": recipe, "batch_size": batch, "seed": seed,
-                     **train_cell(config, run, not args.smoke, train=not args.report_only)})
+                     **train_cell(config, run, not args.smoke, read_only)})
     if args.shard != "0/1":
         print("shard done; run again without --shard for the report")
         return
@@ -250,4 +262,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FrugalError as e:  # e.g. --report-only over a folder of runs of other configs
+        raise SystemExit(f"error: {e}") from None

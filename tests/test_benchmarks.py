@@ -161,6 +161,14 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
     assert kept["key"]["samples"] == 24 and kept["value"] == results["runs"][1]["final_fid"]
     assert "| ddpm | 2 |" in out and "final FID of 24 samples" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "speedrun.png").stat().st_size > 10_000
+    # a report reads only runs of the recipes it names: runs of another config in --out are refused in one line
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "speedrun.py"), "--smoke", "--out", str(tmp_path),
+                              "--report-only", "--set", "train.lr=0.5"], capture_output=True, text=True, env=env,
+                             timeout=600)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == f"error: {tmp_path / 'ddpm' / 'b8-s0'} holds a run of another config; remove it " \
+                                     "or choose another --out"
 
 
 def test_only_frugal_follows_the_data_every_other_recipe_fixes_the_recipe_settings():

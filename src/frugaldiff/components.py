@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from torch import Tensor
@@ -24,6 +25,7 @@ from .networks import NETWORKS, Denoiser, preset_for, unet_size
 from .noise import NoiseProcess, shifted
 from .objective import Objective
 from .prediction import PredictionType
+from .runs import RunFiles
 from .runtime import Runtime
 from .timestep_samplers import TimestepSampler
 from .weighting import Weighting
@@ -177,6 +179,15 @@ def data_recipe(config: Config, sample_shape: tuple[int, ...]) -> Config:
         recipe = {**recipe, "diffusion.reference_images": 0}
     auto = {key: value for key, value in recipe.items() if config[key] == "auto"}
     return config.updated(auto) if auto else config
+
+
+def require_same_run(config: Config, run: Path, sample_shape: tuple[int, ...]) -> None:
+    """Refuse in one line a ``run`` folder that holds a run started with another config than ``config`` (both with
+    their "auto" recipe resolved for samples of ``sample_shape``, so a run saved resolved matches its auto config)."""
+    saved = RunFiles(run).config
+    if saved.is_file() and data_recipe(Config.load(saved, saved=True), sample_shape) != data_recipe(config,
+                                                                                                    sample_shape):
+        raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
 
 
 def unet_keys(config: Config, side: int) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from .components import (
     build_data,
     data_recipe,
     model_data,
+    require_same_run,
     true_mixture,
 )
 from .config import Config
@@ -184,9 +185,8 @@ class Trainer:
         self.images = build_data(config)  # what samples are compared with
         self.data = model_data(config, self.images, self.progress)  # what the model trains on: those, or latents
         self.config = config = data_recipe(config, self.data.sample_shape)  # saved resolved: kept on resume
-        if same_config and self.files.config.is_file() and data_recipe(
-                Config.load(self.files.config, saved=True), self.data.sample_shape) != config:
-            raise FrugalError(f"{self.files.root} holds a run of another config; remove it or choose another --out")
+        if same_config:
+            require_same_run(config, self.files.root, self.data.sample_shape)
         self.parts = build(config, self.data, self.runtime)
         self.state = TrainState(self.parts, self.data, s)
         self.eval_column = eval_column(self.images) if s.eval_every else None
