@@ -48,7 +48,7 @@ def score_run(run: Path, samples: int, weights: list[float], intervals: list[tup
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), samples)  # as `frugaldiff sample`
     settings = replace(SampleSettings.from_config(config), **overrides)
     evaluator, shape = Evaluator.for_dataset(config), tuple(info["sample_shape"])
-    labels = class_labels(samples, denoiser.num_classes)
+    labels = class_labels(samples, denoiser.num_classes, counts=info.get("class_counts"))  # as `frugaldiff sample`
     guides = [("cfg", None, 1.0)] if denoiser.num_classes and "cfg" in kinds else []
     if "checkpoints" in kinds:
         earlier = [*sorted((run / "guide").glob("step-*")), *intact_checkpoints(run)[:-1]]

@@ -202,6 +202,39 @@ def test_a_conditional_run_scores_its_requested_classes(runs, tmp_path, capsys):
     assert 0 <= result["conditional_accuracy"] <= 1 and result["n_samples"] == 20
 
 
+def test_samples_imitate_the_training_class_proportions_and_a_grid_is_balanced(runs, tmp_path, monkeypatch):
+    """Scored samples must have the data's class mix (an imbalanced set such as twemoji, 60 % one class, scored
+    balanced samples against its held-out split as if they were worse); grids (--class all) stay one row per class."""
+    from frugaldiff.generate import class_labels
+    from frugaldiff.runs import read_run_config
+
+    assert class_labels(1000, 4, counts=[600, 300, 100, 0]).bincount(minlength=4).tolist() == [600, 300, 100, 0]
+    assert class_labels(7, 3, counts=[5, 1, 1]).tolist() == [0, 0, 0, 0, 0, 1, 2]
+    assert class_labels(6, 3, counts=[3, 3, 3]).tolist() == class_labels(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
+    assert class_labels(6, 3, "all", counts=[5, 1, 0]).tolist() == [0, 0, 1, 1, 2, 2]
+    config = read_run_config(runs / "conditional")
+    counts = load_dataset("digits").train_labels.bincount().tolist()
+    [state] = [json.loads(p.read_text()) for p in (runs / "conditional" / "checkpoints").glob("*/state.json")][-1:]
+    assert state["class_counts"] == counts and len(set(counts)) > 1  # digits' train split is nearly, not exactly, even
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(runs / "conditional"), "--n", "50", "--steps", "2", "--out", str(out)]) == 0
+    with np.load(out) as f:
+        assert f["labels"].tolist() == class_labels(50, 10, counts=counts).tolist()
+    trainer = Trainer(config, runs / "conditional", resume=True, progress=False)
+    asked = []
+    monkeypatch.setattr(trainer, "samples", lambda n, labels=None: asked.append(labels) or torch.zeros(n, 1, 8, 8))
+
+    class Scorer:
+        headline = "domain_fid"
+
+        def __call__(self, images: np.ndarray) -> dict[str, float]:
+            return {"domain_fid": float(len(images))}
+
+    assert trainer.evaluate(Scorer(), 30) == 30.0
+    trainer.close()
+    assert asked[0].tolist() == class_labels(30, 10, counts=counts).tolist()
+
+
 # ---- post-hoc EMA ---------------------------------------------------------------------------------------------
 
 def test_power_function_widths_and_the_reconstruction_of_a_directly_tracked_ema(tmp_path):

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: the newest intact one)")
     sample.add_argument("--class", dest="which", type=_class_choice, metavar="K|all",
                         help="a class of a conditional run, or all: --n samples of each, one grid row per class "
-                             "(default: --n balanced over the classes)")
+                             "(default: --n in the proportions of the run's training classes, as the data it imitates)")
     sample.add_argument("--guidance", type=float, help="guidance weight w (default: the run's sample.guidance)")
     sample.add_argument("--classes", dest="which", type=_class_choice, metavar="all", help="the same as --class")
     sample.add_argument("--guide-checkpoint", type=Path,

@@ -39,9 +39,13 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple
     return config, denoiser.eval().requires_grad_(False), info
 
 
-def class_labels(n: int, classes: int, which: int | str | None = None) -> torch.Tensor | None:
-    """Labels of ``n`` samples of a model of ``classes`` classes (None when it is unconditional): all ``which`` for
-    a class number, else balanced and in class order (sample i has class ⌊i·classes/n⌋)."""
+def class_labels(n: int, classes: int, which: int | str | None = None,
+                 counts: list[int] | None = None) -> torch.Tensor | None:
+    """Labels of ``n`` samples of a model of ``classes`` classes (None when it is unconditional), in class order:
+    all ``which`` for a class number; in the proportions of ``counts`` (the training split's images per class) when
+    given and ``which`` is None — sample i takes the class whose share of the cumulative counts holds (i + ½)/n, so
+    the samples imitate the data as a whole and score against it; else balanced (sample i has class
+    ⌊i·classes/n⌋), one grid row per class."""
     if not classes:
         if which is not None:
             raise FrugalError(f"--class {which} needs a class-conditional run and this one is unconditional; train "
@@ -51,6 +55,10 @@ def class_labels(n: int, classes: int, which: int | str | None = None) -> torch.
         if not 0 <= which < classes:
             raise FrugalError(f"--class {which} is not a class of this run; choose 0 to {classes - 1} or all")
         return torch.full((n,), which, dtype=torch.long)
+    if counts is not None and which is None:
+        cumulative = torch.tensor(counts, dtype=torch.float64).cumsum(0)
+        quantiles = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return torch.searchsorted(cumulative / cumulative[-1], quantiles, right=True)
     return torch.arange(n) * classes // n
 
 
@@ -176,14 +184,15 @@ def sample_run(run_dir: str | Path, n: int = 64, steps: int | None = None, solve
                checkpoint: str | Path | None = None, progress: bool = False, which: int | str | None = None,
                guidance: float | None = None, guide_checkpoint: str | Path | None = None) -> Samples:
     """Samples of a run's EMA model with its sampling settings: ``which`` is a class or "all" (``n`` per class, in
-    class order) for conditional runs; ``guidance`` a weight and ``guide_checkpoint`` a weaker model's checkpoint."""
+    class order) for conditional runs, which otherwise sample their classes in the training split's proportions;
+    ``guidance`` a weight and ``guide_checkpoint`` a weaker model's checkpoint."""
     run_dir = Path(run_dir)
     config, denoiser, info = load_run(run_dir, checkpoint)
     settings = SampleSettings.from_config(config)
     classes = denoiser.num_classes
     total = n * classes if which == "all" and classes else n
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), total)
-    labels = class_labels(total, classes, which)
+    labels = class_labels(total, classes, which, info.get("class_counts"))
     plan = run_guidance(run_dir, settings, denoiser, guidance, None if guide_checkpoint is None else
                         Path(guide_checkpoint), info["images_seen"])
     x = generate(denoiser, settings, total, tuple(info["sample_shape"]), runtime, steps, solver, seed, progress,

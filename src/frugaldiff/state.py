@@ -39,6 +39,9 @@ class TrainState:
                                            weight_decay=settings.weight_decay)
         self.train, self.classes = data.train, parts.denoiser.num_classes
         self.train_labels = data.train_labels if self.classes else None
+        #: images per class in the train split (what evaluation samples imitate: :func:`~.generate.class_labels`)
+        self.class_counts = (torch.bincount(self.train_labels, minlength=self.classes).tolist() if self.classes
+                             else None)
         self.label_dropout, self.flip = settings.label_dropout, settings.flip and data.kind == "image"
         self.immiscible = settings.immiscible
         self.patch, self.patch_full, self.latent = settings.patch, settings.patch_full, data.autoencoder is not None
@@ -89,6 +92,7 @@ class TrainState:
         return {"step": self.step, "images_seen": self.images_seen, "nonfinite_skipped": self.nonfinite_total,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_shape": list(self.sample_shape),
                 "data_kind": self.data_kind, "num_classes": self.classes,
+                **({} if self.class_counts is None else {"class_counts": self.class_counts}),
                 **({} if self.precision is None else {"precision": self.precision}),
                 **({} if self.autoencoder is None else {"latent_factors": [self.autoencoder.scale,
                                                                            self.autoencoder.shift],

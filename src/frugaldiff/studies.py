@@ -84,7 +84,8 @@ def scored_once(run: Path, trainer: Trainer | None, evaluator: Evaluator, sample
     ``RUN/study-score.json`` (keyed by the run's last checkpoint, the sample count and the evaluator), so that a
     rerun of an experiment reuses the scores of the runs it reuses; ``trainer`` (the run's) None reads only."""
     key = {"step": checkpoint_info(latest_checkpoint(run))["step"], "samples": samples, "metric": evaluator.headline,
-           "ref": evaluator.ref, "evaluator_version": EVALUATOR_VERSION, "inception": evaluator.inception is not None}
+           "ref": evaluator.ref, "evaluator_version": EVALUATOR_VERSION, "inception": evaluator.inception is not None,
+           "labels": "train-proportions"}  # a conditional run's classes as in its train split (balanced before)
     compute = None if trainer is None else lambda: trainer.evaluate(evaluator, samples)
     return float(kept_in_run(run / "study-score.json", key, compute))
 
