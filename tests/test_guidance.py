@@ -276,7 +276,11 @@ def test_ema_command_writes_a_checkpoint_that_sample_takes_and_sweeps(runs, tmp_
     result = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [r["sigma_rel"] for r in result["posthoc"]] == [0.05, 0.15] and result["metric"] == "domain_fid"
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 5000
+    # the sweep scores the training EMA as `frugaldiff eval` scores what `frugaldiff sample` draws (classes included)
+    assert main(["sample", str(run), "--n", "20", "--out", str(out)]) == 0
     capsys.readouterr()
+    assert main(["eval", str(out), "--dataset", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["domain_fid"] == pytest.approx(result["train_ema"]["value"], rel=1e-6)
     assert main(["ema", str(runs / "conditional"), "--sigma-rel", "0.5"]) == 2
     assert "outside (0, 0.28)" in capsys.readouterr().err
 
