@@ -5,7 +5,7 @@ import tomllib
 import pytest
 import torch
 
-from frugaldiff.components import FRUGAL_RECIPE, SD3_RECIPE, data_recipe
+from frugaldiff.components import FRUGAL_RECIPE, data_recipe
 from frugaldiff.config import DATA_DEPENDENT, OPTIONS, Config, dump_toml, flatten, parse_override
 from frugaldiff.errors import FrugalError
 from frugaldiff.timestep_samplers import TIMESTEP_SAMPLERS
@@ -115,34 +115,31 @@ def test_a_saved_config_from_before_a_key_existed_keeps_its_old_behaviour(tmp_pa
     assert Config.load(path, saved=True)["diffusion.reference_images"] == 64
 
 
-@pytest.mark.parametrize(("shape", "recipe"), [((1, 28, 28), FRUGAL_RECIPE), ((2,), FRUGAL_RECIPE),
-                                               ((4, 8, 8), FRUGAL_RECIPE), ((1, 8, 98), FRUGAL_RECIPE),
-                                               ((1, 8, 99), SD3_RECIPE), ((1, 32, 32), SD3_RECIPE),
-                                               ((3, 32, 32), SD3_RECIPE), ((4, 16, 16), SD3_RECIPE)])
-def test_the_auto_recipe_follows_the_values_per_sample(shape, recipe):
-    config = Config()
-    assert all(config[key] == "auto" for key in recipe)  # the defaults follow the data
+@pytest.mark.parametrize("patch", [False, True])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (2,), (4, 8, 8), (1, 8, 99), (1, 32, 32), (3, 32, 32), (3, 64, 64)])
+def test_the_auto_recipe_is_frugals_at_every_size_without_the_stable_target_on_crops(shape, patch):
+    config = Config({"train.patch": patch})
+    recipe = {**FRUGAL_RECIPE, **({"diffusion.reference_images": 0} if patch else {})}
+    assert all(config[key] == "auto" for key in recipe)  # resolved for the data, saved resolved
     resolved = data_recipe(config, shape)
     assert {key: resolved[key] for key in recipe} == recipe
     assert resolved.updated(dict.fromkeys(recipe, "auto")) == config  # nothing else changed
     sampler = resolved.timestep_sampler(resolved.process())
-    assert (sampler.m, sampler.stratified) == (recipe["timestep_sampler.logit_normal.m"],
-                                               recipe["timestep_sampler.logit_normal.stratified"])
+    assert (sampler.m, sampler.stratified) == (0.5, True)
 
 
-def test_the_two_recipes_set_the_same_keys_and_frugals_are_the_samplers_own_defaults():
-    assert FRUGAL_RECIPE.keys() == SD3_RECIPE.keys() == {"diffusion.reference_images", *DATA_DEPENDENT}
+def test_frugals_recipe_sets_the_auto_keys_and_is_the_samplers_own_defaults():
+    assert FRUGAL_RECIPE.keys() == {"diffusion.reference_images", *DATA_DEPENDENT}
     defaults = inspect.signature(TIMESTEP_SAMPLERS.get("logit_normal")).parameters
     assert FRUGAL_RECIPE["timestep_sampler.logit_normal.m"] == defaults["m"].default
     assert FRUGAL_RECIPE["timestep_sampler.logit_normal.stratified"] == defaults["stratified"].default
-    assert {SD3_RECIPE[key] for key in ("diffusion.reference_images", "timestep_sampler.logit_normal.m")} == {0}
 
 
 def test_a_recipe_key_the_user_sets_stays_and_patch_training_drops_the_stable_target():
     set_m = data_recipe(Config({"timestep_sampler.logit_normal.m": 0.3}), (3, 32, 32))
-    assert set_m["timestep_sampler.logit_normal.m"] == 0.3 and set_m["diffusion.reference_images"] == 0
+    assert set_m["timestep_sampler.logit_normal.m"] == 0.3 and set_m["diffusion.reference_images"] == 4096
     kept = data_recipe(Config({"diffusion.reference_images": 64}), (3, 32, 32))
-    assert kept["diffusion.reference_images"] == 64 and kept["timestep_sampler.logit_normal.stratified"] is False
+    assert kept["diffusion.reference_images"] == 64 and kept["timestep_sampler.logit_normal.stratified"] is True
     patch = data_recipe(Config({"train.patch": True}), (1, 28, 28))
     assert patch["diffusion.reference_images"] == 0 and patch["timestep_sampler.logit_normal.m"] == 0.5
 

@@ -21,7 +21,7 @@ from testkit import TINY_UNET, RecordingObjective, fit_interrupted
 import frugaldiff
 from frugaldiff import trainer as trainer_module
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint, list_checkpoints
-from frugaldiff.components import FRUGAL_RECIPE, SD3_RECIPE, data_recipe
+from frugaldiff.components import FRUGAL_RECIPE, data_recipe
 from frugaldiff.config import Config
 from frugaldiff.datasets import BatchStream, load_dataset
 from frugaldiff.distributed import SINGLE_PROCESS
@@ -516,7 +516,8 @@ def test_measuring_the_precision_leaves_the_run_as_it_would_be_without(tmp_path,
 
 
 @pytest.mark.parametrize(("data", "recipe"), [({}, FRUGAL_RECIPE),
-                                              ({"data.color": "rgb", "data.image_size": 24}, SD3_RECIPE)])
+                                              ({"data.color": "rgb", "data.image_size": 24, "train.patch": True},
+                                               {**FRUGAL_RECIPE, "diffusion.reference_images": 0})])
 def test_a_run_trains_and_saves_the_recipe_its_data_chose(tmp_path, data, recipe):
     config = Config({**TINY_UNET, **data, "train.images_seen": 32, "train.checkpoint_every": 0})
     trainer = Trainer(config, tmp_path / "run", progress=False)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Self
 
 from torch import Tensor
 
-from .config import BASE_SIZE, FRUGAL_RECIPE, SD3_RECIPE, Config
+from .config import BASE_SIZE, FRUGAL_RECIPE, Config
 from .datasets import Data, load_dataset
 from .errors import FrugalError
 from .gmm import GaussianMixture, gmm_mixture
@@ -163,20 +163,12 @@ def build_process(config: Config, sample_shape: tuple[int, ...]) -> NoiseProcess
     return shifted(config.process(), shift)
 
 
-#: The values per sample (C·H·W, or D of vectors) up to which "auto" takes FRUGAL_RECIPE, above SD3_RECIPE: the size
-#: frugal's settings were tuned at (mnist5000 and fashion-mnist measured them best); SD3's were best on twemoji in
-#: grey (1,024) and colour (3,072). Size is a proxy for the content: mnist5000 at 32 px still prefers frugal's
-#: (docs/speedrun.md, "The recipe follows the data").
-RECIPE_SWITCH = BASE_SIZE
-
-
 def data_recipe(config: Config, sample_shape: tuple[int, ...]) -> Config:
     """``config`` with its "auto" recipe settings (:data:`FRUGAL_RECIPE`'s keys) resolved for samples of
-    ``sample_shape``: frugal's up to :data:`RECIPE_SWITCH` values per sample, SD3's above, and no stable target with
-    train.patch (crops have no whole-image references); set keys stay."""
-    recipe = FRUGAL_RECIPE if math.prod(sample_shape) <= RECIPE_SWITCH else SD3_RECIPE
-    if config["train.patch"]:
-        recipe = {**recipe, "diffusion.reference_images": 0}
+    ``sample_shape``: frugal's, without the stable target under train.patch (crops have no whole-image references);
+    set keys stay. SD3's settings (none of the three) were chosen above 784 values per sample until class-balanced
+    scoring was found to have favoured them on twemoji (docs/speedrun.md, "The recipe follows the data")."""
+    recipe = {**FRUGAL_RECIPE, "diffusion.reference_images": 0} if config["train.patch"] else FRUGAL_RECIPE
     auto = {key: value for key, value in recipe.items() if config[key] == "auto"}
     return config.updated(auto) if auto else config
 

@@ -95,20 +95,16 @@ class Option:
         return FrugalError(f"config key '{self.key}' must be {self.describe()}; got {short_repr(value)}")
 
 
-#: The data size (1 × 28 × 28, MNIST) the recipe was tuned on: diffusion.shift = auto scales from it, and the recipe
-#: settings below switch at it.
+#: The data size (1 × 28 × 28, MNIST) the recipe was tuned on: diffusion.shift = auto scales from it.
 BASE_SIZE = 784
-#: The training recipe's settings that follow the data ("auto", resolved by components.data_recipe): frugal's up to
-#: BASE_SIZE values per sample, SD3's above.
+#: The training recipe's settings that default to "auto" (resolved by components.data_recipe, saved resolved):
+#: frugal's on every measured dataset, except no stable target with train.patch.
 FRUGAL_RECIPE = {"diffusion.reference_images": 4096, "timestep_sampler.logit_normal.m": 0.5,
                  "timestep_sampler.logit_normal.stratified": True}
-SD3_RECIPE = {"diffusion.reference_images": 0, "timestep_sampler.logit_normal.m": 0.0,
-              "timestep_sampler.logit_normal.stratified": False}
 #: What "auto" means for them, in the help of each.
 AUTO_RECIPE = (f"auto: frugal's (stable target over {FRUGAL_RECIPE['diffusion.reference_images']} images, "
-               f"logit-normal m = {FRUGAL_RECIPE['timestep_sampler.logit_normal.m']}, stratified) for images of at "
-               f"most {BASE_SIZE} values (28 × 28 grey, the size it was tuned at), SD3's (no stable target, m = 0, "
-               "independent draws) for larger, a proxy measured in docs/speedrun.md; no stable target with train.patch")
+               f"logit-normal m = {FRUGAL_RECIPE['timestep_sampler.logit_normal.m']}, stratified draws), best or "
+               "tied on every dataset measured (docs/speedrun.md); no stable target with train.patch")
 
 #: The longest string any config value may hold (paths included), and the largest seed.
 MAX_STRING = 4096
