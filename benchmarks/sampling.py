@@ -26,7 +26,7 @@ import torch
 from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.components import SampleSettings
-from frugaldiff.generate import generate, load_run, sampling_runtime
+from frugaldiff.generate import class_labels, generate, load_run, sampling_runtime
 from frugaldiff.images import to_uint8
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
@@ -45,6 +45,7 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), samples)  # as `frugaldiff sample`
     base = SampleSettings.from_config(config)
     evaluator = Evaluator.for_dataset(config)
+    labels = class_labels(samples, denoiser.num_classes, counts=info.get("class_counts"))  # as `frugaldiff sample`
     rows = []
     for solver in solvers:
         for schedule in schedules:
@@ -52,7 +53,8 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
                 settings = replace(base, solver=solver, schedule=schedule, steps=k)
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    x = generate(denoiser, settings, samples, tuple(info["sample_shape"]), runtime, seed=seed)
+                    x = generate(denoiser, settings, samples, tuple(info["sample_shape"]), runtime, seed=seed,
+                                 labels=labels)
                 seconds = time.perf_counter() - start
                 scores = evaluator(to_uint8(x))
                 rows.append({"run": str(run), "solver": solver, "schedule": schedule, "steps": k,
