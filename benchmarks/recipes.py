@@ -28,7 +28,7 @@ import numpy as np
 from reporting import add_shard_option, mean_std, provenance, shard_of
 
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint
-from frugaldiff.components import FRUGAL_RECIPE, build_data, model_data, require_same_run
+from frugaldiff.components import FRUGAL_RECIPE, require_same_run
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_x0_error_by_bin
 from frugaldiff.errors import FrugalError
@@ -132,21 +132,16 @@ def curve(run: Path) -> tuple[list[int], list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 
-def sample_shape(config: Config) -> tuple[int, ...]:
-    """The shape of the samples a run of ``config`` trains on (its images, or their latents)."""
-    return model_data(config, build_data(config)).sample_shape
-
-
-def train_cell(config: Config, run: Path, progress: bool, read_only: tuple[int, ...] | None = None,
+def train_cell(config: Config, run: Path, progress: bool, train: bool = True,
                final: tuple[Evaluator, int] | None = None) -> dict[str, Any]:
     """Train (or reuse) one run of a grid: its evaluation curve, training seconds, held-out x0 error and, with
     ``final`` = (evaluator, samples), the evaluator's headline metric of that many samples of the finished run
-    (scored once and kept in the run). ``read_only`` (the data's sample shape): train nothing, only read a run
-    whose config is ``config`` (resolved for that shape; another run there is an error, as when training)."""
-    if read_only is None:
+    (scored once and kept in the run). Not ``train``: only read a run whose config is ``config`` (another run
+    there is an error, as when training)."""
+    if train:
         trainer = train_or_reuse(config, run, progress=progress)
     else:
-        require_same_run(config, run, read_only)
+        require_same_run(config, run)
         trainer = None
     images, fid, clock = curve(run)
     cell = {"images": images, "fid": fid, "clock": clock, "train_seconds": training_seconds(run / "metrics.csv"),
@@ -236,7 +231,6 @@ def main() -> None:
         COMMON.update({"data.name": "digits", "sample.steps": 2, "model.channels": 8, "model.channel_mult": [1, 2],
                        "model.num_res_blocks": 1, "model.attention_resolutions": [4]})
     cells = [(r, b, s) for r in args.recipes for b in args.batch_sizes for s in args.seeds]
-    read_only = sample_shape(Config(COMMON)) if args.report_only else None
     runs = []
     for i, (recipe, batch, seed) in shard_of(cells, args.shard):
         run = args.out / recipe / f"b{batch}-s{seed}"
@@ -246,7 +240,7 @@ def main() -> None:
             continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, batch {batch}, seed {seed}", flush=True)
         runs.append({"recipe": recipe, "batch_size": batch, "seed": seed,
-                     **train_cell(config, run, not args.smoke, read_only)})
+                     **train_cell(config, run, not args.smoke, not args.report_only)})
     if args.shard != "0/1":
         print("shard done; run again without --shard for the report")
         return

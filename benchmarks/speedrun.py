@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from recipes import COMMON, RECIPES, cell_config, measured, sample_shape, train_cell
+from recipes import COMMON, RECIPES, cell_config, measured, train_cell
 from reporting import add_shard_option, provenance, shard_of, write_results
 
 from frugaldiff.config import Config, parse_override
@@ -190,7 +190,6 @@ def main() -> None:
     final = (evaluator, args.final_samples) if args.final_samples else None
     runs = []
     cells = [(r, s) for s in args.seeds for r in args.recipes]  # seed-major: every recipe once first
-    read_only = sample_shape(default) if args.report_only else None
     for i, (recipe, seed) in shard_of(cells, args.shard):
         run = args.out / recipe / f"b{batch}-s{seed}"
         if args.report_only and not measured(run):
@@ -198,7 +197,7 @@ def main() -> None:
             continue
         print(f"[{i + 1}/{len(cells)}] {recipe}, seed {seed}", flush=True)
         config = cell_config(recipe, batch, seed, images, args.eval_every, args.eval_samples)
-        runs.append({"recipe": recipe, "seed": seed, **train_cell(config, run, not args.smoke, read_only,
+        runs.append({"recipe": recipe, "seed": seed, **train_cell(config, run, not args.smoke, not args.report_only,
                                                                    final)})
     if args.shard != "0/1":
         print("shard done; run again without --shard (and with --report-only) for the table")

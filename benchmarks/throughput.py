@@ -40,7 +40,7 @@ import torch
 from reporting import provenance
 from torch.utils.flop_counter import FlopCounterMode
 
-from frugaldiff.components import SampleSettings, data_recipe
+from frugaldiff.components import SampleSettings, resolved_recipe
 from frugaldiff.config import Config, parse_override
 from frugaldiff.generate import AUTOGUIDANCE_WEIGHT, generate
 from frugaldiff.guidance import Guidance
@@ -175,7 +175,7 @@ def compare(batch: int, precision: str, device: str, blocks: int, steps: int, ru
 
 def sampler_overheads(batch: int, repeats: int) -> dict[str, float]:
     """µs per step of each timestep sampler's sample(batch) + update(t, losses) on the CPU."""
-    config = data_recipe(Config({"train.batch_size": batch}), (1, 28, 28))  # the default run's (mnist5000) recipe
+    config = resolved_recipe(Config({"train.batch_size": batch}))  # the default run's recipe
     result = {}
     for name in TIMESTEP_SAMPLERS.names():
         sampler = config.timestep_sampler(config.process(), name)

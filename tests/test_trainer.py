@@ -21,7 +21,7 @@ from testkit import TINY_UNET, RecordingObjective, fit_interrupted
 import frugaldiff
 from frugaldiff import trainer as trainer_module
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint, list_checkpoints
-from frugaldiff.components import FRUGAL_RECIPE, data_recipe
+from frugaldiff.components import FRUGAL_RECIPE, resolved_recipe
 from frugaldiff.config import Config
 from frugaldiff.datasets import BatchStream, load_dataset
 from frugaldiff.distributed import SINGLE_PROCESS
@@ -525,7 +525,7 @@ def test_a_run_trains_and_saves_the_recipe_its_data_chose(tmp_path, data, recipe
     assert (objective.reference_images, sampler.m, sampler.stratified) == tuple(recipe.values())
     assert (objective.pool is None) == (recipe["diffusion.reference_images"] == 0)
     saved = Config.load(tmp_path / "run" / "config.toml", saved=True)
-    assert saved == trainer.config == data_recipe(config, trainer.data.sample_shape)  # resolved, kept on resume
+    assert saved == trainer.config == resolved_recipe(config)  # resolved, kept on resume
     assert {key: saved[key] for key in recipe} == recipe
     trainer.fit()
     reused = train_or_reuse(config, tmp_path / "run", progress=False)  # the same auto config: the same run

@@ -15,7 +15,7 @@ import numpy as np
 
 from .analysis import disruption, run_importance
 from .api import train, train_autoencoder
-from .components import build_data, data_recipe, model_data
+from .components import resolved_recipe
 from .config import Config, parse_override
 from .errors import FrugalError, short_repr
 from .generate import sample_run, save_samples
@@ -262,7 +262,7 @@ def _ema(args: argparse.Namespace) -> int:
 
 def _plot_timesteps(args: argparse.Namespace) -> int:
     config = Config.load(args.config, args.overrides)
-    config = data_recipe(config, model_data(config, build_data(config)).sample_shape)  # "auto" follows the data
+    config = resolved_recipe(config)
     names = args.samplers or TIMESTEP_SAMPLERS.names()
     for name in names:
         TIMESTEP_SAMPLERS.get(name)  # one-line error for an unknown name

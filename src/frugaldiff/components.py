@@ -163,22 +163,21 @@ def build_process(config: Config, sample_shape: tuple[int, ...]) -> NoiseProcess
     return shifted(config.process(), shift)
 
 
-def data_recipe(config: Config, sample_shape: tuple[int, ...]) -> Config:
-    """``config`` with its "auto" recipe settings (:data:`FRUGAL_RECIPE`'s keys) resolved for samples of
-    ``sample_shape``: frugal's, without the stable target under train.patch (crops have no whole-image references);
-    set keys stay. SD3's settings (none of the three) were chosen above 784 values per sample until class-balanced
-    scoring was found to have favoured them on twemoji (docs/speedrun.md, "The recipe follows the data")."""
+def resolved_recipe(config: Config) -> Config:
+    """``config`` with its "auto" recipe settings (:data:`FRUGAL_RECIPE`'s keys) resolved: frugal's, without the stable
+    target under train.patch (crops have no whole-image references); set keys stay. (SD3's settings were chosen above
+    784 values per sample until class-balanced scoring was found to have favoured them on twemoji:
+    docs/speedrun.md.)"""
     recipe = {**FRUGAL_RECIPE, "diffusion.reference_images": 0} if config["train.patch"] else FRUGAL_RECIPE
     auto = {key: value for key, value in recipe.items() if config[key] == "auto"}
     return config.updated(auto) if auto else config
 
 
-def require_same_run(config: Config, run: Path, sample_shape: tuple[int, ...]) -> None:
+def require_same_run(config: Config, run: Path) -> None:
     """Refuse in one line a ``run`` folder that holds a run started with another config than ``config`` (both with
-    their "auto" recipe resolved for samples of ``sample_shape``, so a run saved resolved matches its auto config)."""
+    their "auto" recipe resolved, so a run saved resolved matches its auto config)."""
     saved = RunFiles(run).config
-    if saved.is_file() and data_recipe(Config.load(saved, saved=True), sample_shape) != data_recipe(config,
-                                                                                                    sample_shape):
+    if saved.is_file() and resolved_recipe(Config.load(saved, saved=True)) != resolved_recipe(config):
         raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
 
 
@@ -251,9 +250,9 @@ class Components:
 
 
 def build(config: Config, data: Data, runtime: Runtime) -> Components:
-    """Every part of a run of ``config`` (its recipe resolved for ``data``: :func:`data_recipe`) on ``data``; the
-    denoiser and the stable target's pool on the device."""
-    config = data_recipe(config, data.sample_shape)
+    """Every part of a run of ``config`` (its recipe resolved: :func:`resolved_recipe`) on ``data``; the denoiser and
+    the stable target's pool on the device."""
+    config = resolved_recipe(config)
     process = build_process(config, data.sample_shape)
     weighting = config.weighting()
     classes = num_classes(config, data)

@@ -97,7 +97,7 @@ class Option:
 
 #: The data size (1 × 28 × 28, MNIST) the recipe was tuned on: diffusion.shift = auto scales from it.
 BASE_SIZE = 784
-#: The training recipe's settings that default to "auto" (resolved by components.data_recipe, saved resolved):
+#: The training recipe's settings that default to "auto" (resolved by components.resolved_recipe, saved resolved):
 #: frugal's on every measured dataset, except no stable target with train.patch.
 FRUGAL_RECIPE = {"diffusion.reference_images": 4096, "timestep_sampler.logit_normal.m": 0.5,
                  "timestep_sampler.logit_normal.stratified": True}
@@ -414,12 +414,12 @@ class Config:
 
     def timestep_sampler(self, process: NoiseProcess, name: str | None = None) -> TimestepSampler:
         """The configured timestep sampler (or sampler ``name``) on ``process``, seeded with ``train.seed``; its
-        "auto" parameters must have been resolved for the data (:func:`frugaldiff.components.data_recipe`)."""
+        "auto" parameters must have been resolved (:func:`frugaldiff.components.resolved_recipe`)."""
         params = self.timestep_sampler_params()
         auto = [key for key in DATA_DEPENDENT if self[key] == "auto"]
         if auto:
-            raise FrugalError(f"{auto[0]} = auto follows the data, and this config was not resolved for any; give "
-                              "it a value (or build through frugaldiff.components.data_recipe)")
+            raise FrugalError(f"{auto[0]} = auto is resolved when a run is built, and this config was not; give "
+                              "it a value (or resolve it with frugaldiff.components.resolved_recipe)")
         return self._timestep_sampler(process, name or self["diffusion.timestep_sampler"], params)
 
     def _timestep_sampler(self, process: NoiseProcess, name: str, params: dict[str, dict[str, Any]]) -> TimestepSampler:

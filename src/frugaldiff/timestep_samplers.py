@@ -213,8 +213,8 @@ class LogitNormalSampler(TimestepSampler):
     """SD3: t = sigmoid(m + s·z), z ~ N(0, 1); changes the objective.
 
     The class defaults m = 0.5 (SD3: 0) and stratified draws lean to higher t and spread each batch, measured best
-    with the stable target on mnist5000 (docs/benchmarks.md); the config's "auto" takes them for small images and
-    SD3's for larger ones (:func:`frugaldiff.components.data_recipe`). With ``stratified`` z takes the normal
+    with the stable target on mnist5000 and twemoji (docs/speedrun.md); the config's "auto" takes them
+    (:func:`frugaldiff.components.resolved_recipe`). With ``stratified`` z takes the normal
     quantiles of one point per stratum of [0, 1) across batch, ranks and micro-steps, as
     :class:`LogNormalSampler` does.
     """

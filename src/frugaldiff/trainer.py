@@ -26,9 +26,9 @@ from .components import (
     TrainSettings,
     build,
     build_data,
-    data_recipe,
     model_data,
     require_same_run,
+    resolved_recipe,
     true_mixture,
 )
 from .config import Config
@@ -157,7 +157,7 @@ def training_dtype(state: TrainState, parts: Components, precision: str, device:
 class Trainer:
     """Trains one run folder; ``resume`` continues from its newest checkpoint; ``wait``: when another process
     holds the folder, wait for it instead of refusing; ``same_config``: a run already in the folder must have been
-    started with this config (its "auto" recipe resolved for the data: :func:`~frugaldiff.components.data_recipe`),
+    started with this config (its "auto" recipe resolved: :func:`~frugaldiff.components.resolved_recipe`),
     else an error before anything is written.
 
     Under torchrun (RANK/WORLD_SIZE set) each process trains its share of every global batch with
@@ -184,9 +184,9 @@ class Trainer:
                                        self.files.root)
         self.images = build_data(config)  # what samples are compared with
         self.data = model_data(config, self.images, self.progress)  # what the model trains on: those, or latents
-        self.config = config = data_recipe(config, self.data.sample_shape)  # saved resolved: kept on resume
+        self.config = config = resolved_recipe(config)  # saved resolved: kept on resume
         if same_config:
-            require_same_run(config, self.files.root, self.data.sample_shape)
+            require_same_run(config, self.files.root)
         self.parts = build(config, self.data, self.runtime)
         self.state = TrainState(self.parts, self.data, s)
         self.eval_column = eval_column(self.images) if s.eval_every else None
