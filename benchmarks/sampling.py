@@ -26,7 +26,7 @@ import torch
 from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.components import SampleSettings
-from frugaldiff.generate import class_labels, generate, load_run, sampling_runtime
+from frugaldiff.generate import generate, load_run, sampling_runtime, scored_labels
 from frugaldiff.images import to_uint8
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
@@ -45,7 +45,7 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), samples)  # as `frugaldiff sample`
     base = SampleSettings.from_config(config)
     evaluator = Evaluator.for_dataset(config)
-    labels = class_labels(samples, denoiser.num_classes, counts=info.get("class_counts"))  # as `frugaldiff sample`
+    labels = scored_labels(samples, denoiser, info)  # as `frugaldiff sample`
     rows = []
     for solver in solvers:
         for schedule in schedules:

@@ -171,7 +171,7 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
                                      "or choose another --out"
 
 
-def test_only_frugal_follows_the_data_every_other_recipe_fixes_the_recipe_settings():
+def test_only_frugal_takes_the_auto_recipe_every_other_recipe_fixes_its_settings():
     sys.path.insert(0, str(BENCHMARKS))
     try:
         from recipes import RECIPES

@@ -119,7 +119,7 @@ def test_a_saved_config_from_before_a_key_existed_keeps_its_old_behaviour(tmp_pa
 def test_the_auto_recipe_is_frugals_without_the_stable_target_on_crops(patch):
     config = Config({"train.patch": patch})
     recipe = {**FRUGAL_RECIPE, **({"diffusion.reference_images": 0} if patch else {})}
-    assert all(config[key] == "auto" for key in recipe)  # resolved for the data, saved resolved
+    assert all(config[key] == "auto" for key in recipe)  # resolved when a run is built, saved resolved
     resolved = resolved_recipe(config)
     assert {key: resolved[key] for key in recipe} == recipe
     assert resolved.updated(dict.fromkeys(recipe, "auto")) == config  # nothing else changed

@@ -518,7 +518,7 @@ def test_measuring_the_precision_leaves_the_run_as_it_would_be_without(tmp_path,
 @pytest.mark.parametrize(("data", "recipe"), [({}, FRUGAL_RECIPE),
                                               ({"data.color": "rgb", "data.image_size": 24, "train.patch": True},
                                                {**FRUGAL_RECIPE, "diffusion.reference_images": 0})])
-def test_a_run_trains_and_saves_the_recipe_its_data_chose(tmp_path, data, recipe):
+def test_a_run_trains_and_saves_its_resolved_recipe(tmp_path, data, recipe):
     config = Config({**TINY_UNET, **data, "train.images_seen": 32, "train.checkpoint_every": 0})
     trainer = Trainer(config, tmp_path / "run", progress=False)
     sampler, objective = trainer.parts.sampler, trainer.parts.objective

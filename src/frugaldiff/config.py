@@ -300,7 +300,7 @@ def parameter_options(group: str, registry: Registry[Any]) -> list[Option]:
 
 OPTIONS += (parameter_options("diffusion", PREDICTIONS) + parameter_options("timestep_sampler", TIMESTEP_SAMPLERS)
             + parameter_options("weighting", WEIGHTINGS))
-#: Timestep-sampler parameters whose default follows the data as diffusion.reference_images does (auto).
+#: The recipe's timestep-sampler parameters: "auto" by default, resolved with diffusion.reference_images.
 DATA_DEPENDENT = tuple(key for key in FRUGAL_RECIPE if key.startswith("timestep_sampler."))
 OPTIONS = [replace(o, default="auto", auto=type(o.default), predating=o.default, help=f"{o.help}; {AUTO_RECIPE}")
            if o.key in DATA_DEPENDENT else o for o in OPTIONS]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +61,12 @@ def class_labels(n: int, classes: int, which: int | str | None = None,
         quantiles = (torch.arange(n, dtype=torch.float64) + 0.5) / n
         return torch.searchsorted(cumulative / cumulative[-1], quantiles, right=True)
     return torch.arange(n) * classes // n
+
+
+def scored_labels(n: int, denoiser: Denoiser, info: dict[str, Any]) -> torch.Tensor | None:
+    """Labels of ``n`` samples of a run's ``denoiser`` that are scored against its data: the train split's class mix
+    its checkpoint (``info``) recorded (balanced for checkpoints from before it was recorded)."""
+    return class_labels(n, denoiser.num_classes, counts=info.get("class_counts"))
 
 
 def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape: tuple[int, ...],

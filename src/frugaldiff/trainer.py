@@ -168,12 +168,15 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
                  wait: bool = False, same_config: bool = False) -> None:
         self.world, device_name = init_distributed(config["train.device"])
-        self.settings = TrainSettings.from_config(config)  # self.config: below, its recipe resolved for the data
+        self.config = config = resolved_recipe(config)  # saved resolved: kept on resume
+        self.settings = TrainSettings.from_config(config)
         self.files, self.progress = RunFiles(Path(run_dir)), progress and self.world.is_main
         s = self.settings
         if s.batch_size % (s.grad_accum * self.world.size):
             raise FrugalError(f"train.batch_size ({s.batch_size}) must be divisible by train.grad_accum × "
                               f"processes ({s.grad_accum} × {self.world.size}); change one of them")
+        if same_config:  # before any data is loaded or encoded
+            require_same_run(config, self.files.root)
         # the device now; the precision once the model is built and its checkpoint read (training_dtype)
         self.runtime = Runtime.create(device_name, "fp32" if s.precision == "auto" else s.precision)
         torch.manual_seed(s.seed)
@@ -184,9 +187,6 @@ class Trainer:
                                        self.files.root)
         self.images = build_data(config)  # what samples are compared with
         self.data = model_data(config, self.images, self.progress)  # what the model trains on: those, or latents
-        self.config = config = resolved_recipe(config)  # saved resolved: kept on resume
-        if same_config:
-            require_same_run(config, self.files.root)
         self.parts = build(config, self.data, self.runtime)
         self.state = TrainState(self.parts, self.data, s)
         self.eval_column = eval_column(self.images) if s.eval_every else None
