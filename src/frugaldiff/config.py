@@ -396,7 +396,7 @@ class Config:
             if params and name != self["diffusion.prediction"]:
                 PREDICTIONS.create(name, PROCESSES.create("vp-linear"), self["diffusion.sigma_data"], **params)
         params = {name: {key: value for key, value in values.items() if value != "auto"}
-                  for name, values in self.timestep_sampler_params().items()}  # "auto" follows the data: not yet
+                  for name, values in self.timestep_sampler_params().items()}  # "auto": resolved when a run is built
         for name in TIMESTEP_SAMPLERS.names():  # parameters of every component, used or not, must be valid
             self._timestep_sampler(process, name, params)
         for name in WEIGHTINGS.names():
