@@ -22,7 +22,7 @@ import torch
 from frugaldiff.config import Config
 from frugaldiff.metrics import Evaluator, add_noise, gaussian_blur, load_samples, shift_colours, to_grey
 
-COLUMNS = ["domain_fid", "domain_kid", "precision", "recall", "label_entropy", "confidence"]
+COLUMNS = ["domain_fid", "domain_kid", "precision", "recall", "label_entropy", "confidence", "high_freq_ratio"]
 
 
 def main() -> None:

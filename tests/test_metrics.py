@@ -46,8 +46,22 @@ def test_fid_ranks_itself_below_heldout_below_blur_below_noise():
     assert real["classifier_accuracy"] > 0.9 and real["confidence"] > noise["confidence"]
     assert real["label_entropy"] == pytest.approx(np.log(10), abs=0.01) and real["label_entropy_max"] == np.log(10)
     assert (real["n_samples"], real["n_ref"], real["ref"]) == (len(heldout), len(train), "train")
+    ratio = [r["high_freq_ratio"] for r in (itself, real, blurred, noise)]  # fine detail against the reference's
+    assert ratio[0] == pytest.approx(1, abs=1e-6) and 0.9 < ratio[1] < 1.1, ratio  # measured: 1, 1.002, 0.49, 1.86
+    assert ratio[2] < 0.6 and ratio[3] > 1.5, ratio  # blur removes fine detail, noise adds it
     again = evaluator(heldout)  # every call starts from the reference statistics alone (after noise too)
     assert {k: again[k] for k in ("domain_fid", "domain_kid")} == {k: real[k] for k in ("domain_fid", "domain_kid")}
+
+
+def test_high_freq_power_of_white_noise_is_its_variance_times_the_blur_residual_kernel():
+    std, sigma = 0.3, metrics.HIGH_FREQ_SIGMA
+    noise = std * torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    taps = torch.exp(-0.5 * (torch.arange(-3, 4, dtype=torch.float64) / sigma) ** 2)
+    kernel = torch.outer(taps / taps.sum(), taps / taps.sum())  # the separable blur as one 7×7 kernel
+    expected = std**2 * (1 - 2 * kernel[3, 3] + kernel.square().sum()).item()  # E[(x − k∗x)²] for i.i.d. x
+    assert metrics.high_freq_power(noise) == pytest.approx(expected, rel=0.02)
+    assert metrics.high_freq_power(2 * noise) == pytest.approx(4 * metrics.high_freq_power(noise), rel=1e-5)
+    assert metrics.high_freq_power(torch.full((2, 3, 8, 8), 0.7)) == pytest.approx(0, abs=1e-12)
 
 
 def test_samples_of_another_size_or_color_are_converted_and_mismatches_refused():

@@ -45,6 +45,7 @@ MAX_SLICED_POINTS = 16384  # and the sliced Wasserstein distance this many
 MIN_SAMPLES = 10
 REFS = ("heldout", "train")
 CHUNK = 1024
+HIGH_FREQ_SIGMA = 1.0  # the blur whose residual is an image's fine detail (high_freq_ratio)
 ACCEPTED = ("images [N,H,W], [N,H,W,C] or [N,C,H,W] (C = 1 or 3; uint8, or floats in [0, 1] or [-1, 1]) "
             "or float vectors [N,D]")
 
@@ -95,17 +96,27 @@ def _fit_images(x: Tensor, shape: tuple[int, ...], dataset: str) -> Tensor:
     return x.clamp(-1, 1)
 
 
-def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
-    """Images [N, C, H, W] blurred by a Gaussian of ``sigma`` pixels (reflected edges); the degradation
-    used to calibrate the metrics in docs/metrics.md."""
+def _blur(x: Tensor, sigma: float) -> Tensor:
+    """Images [N, C, H, W] blurred by a Gaussian of ``sigma`` pixels (reflected edges)."""
     radius = max(1, math.ceil(3 * sigma))
     kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
     kernel /= kernel.sum()
-    x = torch.from_numpy(images).float()
     n, c, h, w = x.shape
-    x = F.pad(x.reshape(n * c, 1, h, w), (radius,) * 4, mode="reflect")
+    x = F.pad(x.float().reshape(n * c, 1, h, w), (radius,) * 4, mode="reflect")
     x = F.conv2d(F.conv2d(x, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
-    return x.reshape(n, c, h, w).numpy()
+    return x.reshape(n, c, h, w)
+
+
+def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Images [N, C, H, W] blurred by a Gaussian of ``sigma`` pixels (reflected edges); the degradation
+    used to calibrate the metrics in docs/metrics.md."""
+    return _blur(torch.from_numpy(images), sigma).numpy()
+
+
+def high_freq_power(x: Tensor) -> float:
+    """Mean power of what a Gaussian blur of σ = ``HIGH_FREQ_SIGMA`` px removes from images [N, C, H, W]: their
+    fine detail — edges, and grain or noise."""
+    return (x.float() - _blur(x, HIGH_FREQ_SIGMA)).square().mean().item()
 
 
 def to_grey(images: np.ndarray) -> np.ndarray:
@@ -345,6 +356,9 @@ class Evaluator:
                 raise FrugalError(f"Inception weights score images and {self.data.name} holds vectors; drop them")
             self.bandwidth = median_distance(self.reference)
             return
+        self.reference_high_freq = high_freq_power(self.reference)
+        if not self.reference_high_freq:
+            self.skipped["high_freq_ratio"] = "the reference images have no fine detail (every image is flat)"
         if inception_weights is not None:
             self.inception = _inception_fid(Path(inception_weights))
             for chunk in self.reference.split(CHUNK):
@@ -396,6 +410,8 @@ class Evaluator:
             result |= self._vector_metrics(x)
         else:
             x = _fit_images(x, shape, self.data.name)
+            if self.reference_high_freq:
+                result["high_freq_ratio"] = high_freq_power(x) / self.reference_high_freq
             if self.classifier is not None:
                 result |= self._domain_metrics(x)
                 if labels is not None:
