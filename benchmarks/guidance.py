@@ -28,7 +28,7 @@ from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.checkpoint import checkpoint_info, intact_checkpoints
 from frugaldiff.components import SampleSettings
-from frugaldiff.generate import generate, load_run, sampling_runtime, scored_labels
+from frugaldiff.generate import default_labels, generate, load_run, sampling_runtime
 from frugaldiff.guidance import NONE, Guidance
 from frugaldiff.images import to_uint8
 from frugaldiff.metrics import Evaluator
@@ -48,7 +48,7 @@ def score_run(run: Path, samples: int, weights: list[float], intervals: list[tup
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), samples)  # as `frugaldiff sample`
     settings = replace(SampleSettings.from_config(config), **overrides)
     evaluator, shape = Evaluator.for_dataset(config), tuple(info["sample_shape"])
-    labels = scored_labels(samples, denoiser, info)  # as `frugaldiff sample`
+    labels = default_labels(samples, denoiser)  # as `frugaldiff sample`
     guides = [("cfg", None, 1.0)] if denoiser.num_classes and "cfg" in kinds else []
     if "checkpoints" in kinds:
         earlier = [*sorted((run / "guide").glob("step-*")), *intact_checkpoints(run)[:-1]]

@@ -4,12 +4,12 @@
         [--solvers ddpm ddim heun dpm++2m] [--steps 10 20 50 100] [--schedules karras logsnr uniform] [--smoke]
     python benchmarks/sampling.py --merge A/results.json B/results.json --out DIR   # one table from two sweeps
 
-The run's EMA model (its newest checkpoint; labels balanced over the classes of a conditional run, no guidance, so
-only the solver changes) generates --samples images from the same seed for every setting; the domain FID against
-the held-out split (the run's dataset) is reported against the number of network evaluations (NFE: one per step,
-Heun two but on its last step), with the seconds each setting took on this machine. Writes DIR/results.json,
-DIR/table.md and DIR/fid_vs_nfe.png. The settings the README ships as `sample.*` defaults are the best of these at a
-modest NFE; the docs/guidance.md tables come from this script.
+The run's EMA model (its newest checkpoint; a conditional run's labels in its train split's class mix, as
+`frugaldiff sample` draws them; no guidance, so only the solver changes) generates --samples images from the same
+seed for every setting; the domain FID against the held-out split (the run's dataset) is reported against the
+number of network evaluations (NFE: one per step, Heun two but on its last step), with the seconds each setting
+took on this machine. Writes DIR/results.json, DIR/table.md and DIR/fid_vs_nfe.png. The settings the README ships
+as `sample.*` defaults are the best of these at a modest NFE; the docs/guidance.md tables come from this script.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.components import SampleSettings
-from frugaldiff.generate import generate, load_run, sampling_runtime, scored_labels
+from frugaldiff.generate import default_labels, generate, load_run, sampling_runtime
 from frugaldiff.images import to_uint8
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
@@ -45,7 +45,7 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), samples)  # as `frugaldiff sample`
     base = SampleSettings.from_config(config)
     evaluator = Evaluator.for_dataset(config)
-    labels = scored_labels(samples, denoiser, info)  # as `frugaldiff sample`
+    labels = default_labels(samples, denoiser)  # as `frugaldiff sample`
     rows = []
     for solver in solvers:
         for schedule in schedules:

@@ -205,7 +205,8 @@ def test_a_conditional_run_scores_its_requested_classes(runs, tmp_path, capsys):
 def test_samples_imitate_the_training_class_proportions_and_a_grid_is_balanced(runs, tmp_path, monkeypatch):
     """Scored samples must have the data's class mix (an imbalanced set such as twemoji, 60 % one class, scored
     balanced samples against its held-out split as if they were worse); grids (--class all) stay one row per class."""
-    from frugaldiff.generate import class_labels
+    from frugaldiff import trainer as trainer_module
+    from frugaldiff.generate import class_labels, default_labels, load_run
     from frugaldiff.runs import read_run_config
 
     assert class_labels(1000, 4, counts=[600, 300, 100, 0]).bincount(minlength=4).tolist() == [600, 300, 100, 0]
@@ -220,9 +221,17 @@ def test_samples_imitate_the_training_class_proportions_and_a_grid_is_balanced(r
     assert main(["sample", str(runs / "conditional"), "--n", "50", "--steps", "2", "--out", str(out)]) == 0
     with np.load(out) as f:
         assert f["labels"].tolist() == class_labels(50, 10, counts=counts).tolist()
+    _, loaded, _ = load_run(runs / "conditional")
+    assert loaded.class_counts == counts
+    assert default_labels(50, loaded).tolist() == class_labels(50, 10, counts=counts).tolist()
     trainer = Trainer(config, runs / "conditional", resume=True, progress=False)
     asked = []
-    monkeypatch.setattr(trainer, "samples", lambda n, labels=None: asked.append(labels) or torch.zeros(n, 1, 8, 8))
+
+    def generate(model, settings, n, shape, runtime, progress=False, labels=None, guidance=None):  # what it draws
+        asked.append(default_labels(n, model) if labels is None else labels)
+        return torch.zeros(n, 1, 8, 8)
+
+    monkeypatch.setattr(trainer_module, "generate", generate)
 
     class Scorer:
         headline = "domain_fid"
@@ -232,7 +241,8 @@ def test_samples_imitate_the_training_class_proportions_and_a_grid_is_balanced(r
 
     assert trainer.evaluate(Scorer(), 30) == 30.0
     trainer.close()
-    assert asked[0].tolist() == class_labels(30, 10, counts=counts).tolist()
+    assert asked[0].tolist() == class_labels(30, 10, counts=counts).tolist()  # the EMA model carries the counts
+    assert trainer.state.ema.model.class_counts == counts
 
 
 # ---- post-hoc EMA ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from .autoencoder import AutoencoderTrainer
 from .config import OPTION_BY_KEY, Config, parse_override
 from .distributed import close_distributed, init_distributed
 from .errors import FrugalError, short_repr
-from .generate import save_samples
+from .generate import class_labels, save_samples
 from .images import to_uint8
 from .plots import plot_metrics
 from .runs import new_run_dir, read_run_config
@@ -81,7 +81,7 @@ def train(config: Config | Mapping[str, Any] | None = None, run_dir: str | Path 
         if world.is_main:  # a conditional run: sample.n // classes samples of each class, one grid row per class
             classes = trainer.parts.denoiser.num_classes
             n = max(1, config["sample.n"] // classes) * classes if classes else config["sample.n"]
-            x = trainer.samples(n, progress=progress)
+            x = trainer.samples(n, progress=progress, labels=class_labels(n, classes))
             images = to_uint8(x) if trainer.data.kind == "image" else x.numpy()
             reference = None if trainer.data.kind == "image" else trainer.data.heldout.numpy()
             save_samples(images, trainer.files.samples, reference, rows=classes or None)

@@ -228,9 +228,10 @@ def build_denoiser(config: Config, sample_shape: tuple[int, ...], classes: int =
 
 
 def run_denoiser(config: Config, info: dict[str, Any]) -> Denoiser:
-    """The denoiser of a run's checkpoint (``info``: its state.json; weights not loaded), with the run's autoencoder
-    and the latent scaling it recorded for a latent run."""
+    """The denoiser of a run's checkpoint (``info``: its state.json; weights not loaded), with the class counts and,
+    for a latent run, the autoencoder and latent scaling it recorded."""
     denoiser = build_denoiser(config, tuple(info["sample_shape"]), info.get("num_classes", 0))
+    denoiser.class_counts = info.get("class_counts")  # absent in checkpoints from before it was recorded
     if config["data.autoencoder"]:
         denoiser.autoencoder = load_autoencoder(config["data.autoencoder"], info.get("latent_factors"))
         check_same_autoencoder(denoiser.autoencoder, info, "this run")

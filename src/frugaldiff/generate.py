@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -63,22 +62,23 @@ def class_labels(n: int, classes: int, which: int | str | None = None,
     return torch.arange(n) * classes // n
 
 
-def scored_labels(n: int, denoiser: Denoiser, info: dict[str, Any]) -> torch.Tensor | None:
-    """Labels of ``n`` samples of a run's ``denoiser`` that are scored against its data: the train split's class mix
-    its checkpoint (``info``) recorded (balanced for checkpoints from before it was recorded)."""
-    return class_labels(n, denoiser.num_classes, counts=info.get("class_counts"))
+def default_labels(n: int, denoiser: Denoiser) -> torch.Tensor | None:
+    """The labels :func:`generate` gives ``n`` samples of ``denoiser`` when given none: its train split's class mix,
+    so that the samples score against the data they imitate (balanced classes for a denoiser without class counts,
+    e.g. of a checkpoint from before they were recorded)."""
+    return class_labels(n, denoiser.num_classes, counts=denoiser.class_counts)
 
 
 def generate(denoiser: Denoiser, settings: SampleSettings, n: int, sample_shape: tuple[int, ...],
              runtime: Runtime = CPU, steps: int | None = None, solver: str | None = None, seed: int | None = None,
              progress: bool = False, labels: torch.Tensor | None = None, guidance: Guidance = NONE) -> torch.Tensor:
     """``n`` samples (float, data scale; a latent run's decoded to images) from ``denoiser`` on ``runtime`` with
-    ``settings`` unless given, for ``labels`` (default: balanced over the classes of a conditional model) under
+    ``settings`` unless given, for ``labels`` (default: :func:`default_labels`, the data's class mix) under
     ``guidance``. ``sample_shape`` is the shape the model generates (a latent run's: its latents')."""
     device = runtime.device
     denoiser = denoiser.to(device)
     if labels is None:
-        labels = class_labels(n, denoiser.num_classes)
+        labels = default_labels(n, denoiser)
     labels = None if labels is None else labels.to(device)
     if guidance.model is not None:
         guidance.model.to(device)
@@ -199,7 +199,7 @@ def sample_run(run_dir: str | Path, n: int = 64, steps: int | None = None, solve
     classes = denoiser.num_classes
     total = n * classes if which == "all" and classes else n
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), total)
-    labels = class_labels(total, classes, which, info.get("class_counts"))
+    labels = class_labels(total, classes, which, denoiser.class_counts)
     plan = run_guidance(run_dir, settings, denoiser, guidance, None if guide_checkpoint is None else
                         Path(guide_checkpoint), info["images_seen"])
     x = generate(denoiser, settings, total, tuple(info["sample_shape"]), runtime, steps, solver, seed, progress,

@@ -309,6 +309,9 @@ class Denoiser(nn.Module):
         self.uncertainty = uncertainty if uncertainty is not None else Uncertainty()
         #: A latent run's :class:`~frugaldiff.latent.Autoencoder`: generation decodes with it (None: pixels)
         self.autoencoder: Any = None
+        #: A conditional run's train-split images per class: generation's default labels follow them, so that
+        #: samples imitate the data as a whole (None: balanced classes)
+        self.class_counts: list[int] | None = None
 
     @property
     def process(self) -> NoiseProcess:

@@ -20,7 +20,7 @@ from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, l
 from .components import SampleSettings, build_data, run_denoiser
 from .ema import load_snapshots, reconstruct
 from .errors import FrugalError
-from .generate import generate, run_guidance, sampling_runtime, scored_labels
+from .generate import default_labels, generate, run_guidance, sampling_runtime
 from .images import to_uint8
 from .metrics import HIGHER_IS_BETTER, Evaluator
 from .plots import plot_posthoc_sweep
@@ -68,7 +68,7 @@ def posthoc_sweep(run_dir: str | Path, sigma_rels: list[float], n: int = 512, ou
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), n)
 
     guidance = run_guidance(run_dir, settings, denoiser)  # the same guide for every length: loaded once
-    labels = scored_labels(n, denoiser, info)
+    labels = default_labels(n, denoiser)
 
     def score(weights: dict[str, Any]) -> float:
         load_into(denoiser, weights, newest)

@@ -33,15 +33,17 @@ class TrainState:
 
     def __init__(self, parts: Components, data: Data, settings: TrainSettings) -> None:
         self.denoiser, self.sampler, self.process = parts.denoiser, parts.sampler, parts.process
+        self.train, self.classes = data.train, parts.denoiser.num_classes
+        self.train_labels = data.train_labels if self.classes else None
+        #: images per class in the train split (what generated samples imitate: :func:`~.generate.class_labels`),
+        #: on the denoiser before the EMA copies it
+        self.class_counts = (torch.bincount(self.train_labels, minlength=self.classes).tolist() if self.classes
+                             else None)
+        self.denoiser.class_counts = self.class_counts
         self.ema = EMA(self.denoiser, settings.ema_decay)
         self.phema = PowerEMA(self.denoiser) if settings.phema_snapshots else None
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=settings.lr,
                                            weight_decay=settings.weight_decay)
-        self.train, self.classes = data.train, parts.denoiser.num_classes
-        self.train_labels = data.train_labels if self.classes else None
-        #: images per class in the train split (what evaluation samples imitate: :func:`~.generate.class_labels`)
-        self.class_counts = (torch.bincount(self.train_labels, minlength=self.classes).tolist() if self.classes
-                             else None)
         self.label_dropout, self.flip = settings.label_dropout, settings.flip and data.kind == "image"
         self.immiscible = settings.immiscible
         self.patch, self.patch_full, self.latent = settings.patch, settings.patch_full, data.autoencoder is not None

@@ -30,6 +30,7 @@ from .diagnostics import (
     x0_error_by_bin,
 )
 from .errors import FrugalError
+from .generate import class_labels
 from .gmm import GaussianMixture
 from .images import make_grid, to_uint8
 from .metrics import EVALUATOR_VERSION, HIGHER_IS_BETTER, Evaluator
@@ -166,7 +167,8 @@ def prediction_study(base: Config, out_dir: Path, types: Sequence[str] = ("x0", 
             if "gates" in measured:
                 gate_runs.append(measured["gates"])
             if evaluator is not None and seed == seeds[0] and evaluator.data.kind == "image":
-                panels[name] = make_grid(to_uint8(trainer.samples(PANEL_SAMPLES)), ncols=PANEL_COLUMNS)
+                labels = class_labels(PANEL_SAMPLES, trainer.state.classes)  # balanced, for looking
+                panels[name] = make_grid(to_uint8(trainer.samples(PANEL_SAMPLES, labels=labels)), ncols=PANEL_COLUMNS)
             if evaluator is not None:
                 quality["values"].append(scored_once(trainer.files.root, trainer, evaluator, samples))
                 quality["train_seconds"].append(training_seconds(trainer.files.metrics))

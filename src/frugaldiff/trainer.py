@@ -36,7 +36,7 @@ from .diagnostics import HeldoutGrid, bin_columns, csv_cells, fixed_grid, heldou
 from .distributed import World, init_distributed
 from .ema import save_snapshot
 from .errors import FrugalError
-from .generate import class_labels, generate, run_guidance
+from .generate import generate, run_guidance
 from .guidance import guide_share
 from .images import to_uint8
 from .latent import check_same_autoencoder, load_autoencoder
@@ -232,7 +232,7 @@ class Trainer:
 
     def samples(self, n: int, progress: bool = False, labels: Tensor | None = None) -> Tensor:
         """``n`` samples of the EMA model with the run's sampling settings and guidance (seed ``sample.seed``;
-        ``labels`` of a conditional run: by default balanced over its classes)."""
+        ``labels`` of a conditional run: by default in the train split's class proportions)."""
         model, settings = self.state.ema.model.eval(), SampleSettings.from_config(self.config)
         try:
             guidance = run_guidance(self.files.root, settings, model, model_images=self.state.images_seen)
@@ -257,7 +257,7 @@ class Trainer:
         """The headline metric of ``n`` (default ``train.eval_samples``) EMA samples, scored as ``frugaldiff eval``
         scores what ``frugaldiff sample`` writes (a conditional run's classes in the train split's proportions)."""
         n = n or self.settings.eval_samples
-        x = self.samples(n, labels=class_labels(n, self.state.classes, counts=self.state.class_counts))
+        x = self.samples(n)
         return evaluator(to_uint8(x) if self.data.kind == "image" else x.numpy())[evaluator.headline]
 
     def save(self) -> Path:
