@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from reporting import provenance, write_results
+from reporting import provenance, run_benchmark, write_results
 
 from frugaldiff.api import train_autoencoder
 from frugaldiff.autoencoder import AutoencoderTrainer
@@ -203,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_benchmark(main)

@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from reporting import add_shard_option, mean_std, provenance, shard_of
+from reporting import add_shard_option, mean_std, provenance, run_benchmark, shard_of
 
 from frugaldiff.checkpoint import checkpoint_info, latest_checkpoint
 from frugaldiff.components import FRUGAL_RECIPE, require_same_run
 from frugaldiff.config import Config, parse_override
 from frugaldiff.diagnostics import fixed_grid, heldout_x0_error_by_bin
-from frugaldiff.errors import FrugalError
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
 from frugaldiff.runs import training_clock, training_seconds
@@ -256,7 +255,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FrugalError as e:  # e.g. --report-only over a folder of runs of other configs
-        raise SystemExit(f"error: {e}") from None
+    run_benchmark(main)

@@ -8,11 +8,15 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from frugaldiff.errors import FrugalError
+from frugaldiff.trainer import Interrupted
 
 
 def machine() -> str:
@@ -78,3 +82,16 @@ def shard_of(cells: list[Cell], shard: str) -> list[tuple[int, Cell]]:
     if not 0 <= index < count:
         raise SystemExit(f"--shard {shard}: I must be in 0..N-1")
     return [(i, cell) for i, cell in enumerate(cells) if i % count == index]
+
+
+def run_benchmark(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main`` as the CLI runs a command: a FrugalError (e.g. --report-only over runs of another
+    config) ends in one line, and so does SIGINT/SIGTERM during a training run, which keeps its checkpoint: the same
+    command continues from it."""
+    try:
+        main()
+    except FrugalError as e:
+        raise SystemExit(f"error: {e}") from None
+    except Interrupted as e:
+        print(f"{e}; run the same command again to continue from it", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None

@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 from recipes import COMMON, RECIPES, cell_config, measured, train_cell
-from reporting import add_shard_option, provenance, shard_of, write_results
+from reporting import add_shard_option, provenance, run_benchmark, shard_of, write_results
 
 from frugaldiff.config import Config, parse_override
-from frugaldiff.errors import FrugalError
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
 
@@ -132,7 +131,8 @@ def plot_speedrun(results: dict[str, Any], out: Path) -> None:
     t, m = results["summary"]["targets"], results["minutes"]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    palette = plt.get_cmap("tab20").colors  # one colour per recipe: more recipes than the default cycle's 10
+    tab20 = plt.get_cmap("tab20").colors  # one colour per recipe: more recipes than the default cycle's 10,
+    palette = tab20[0::2] + tab20[1::2]  # its ten strong colours first (neighbours in tab20 are look-alike pairs)
     for k, recipe in enumerate(_order(results["summary"])):
         for i, r in enumerate(r for r in results["runs"] if r["recipe"] == recipe):
             ax.plot(np.array(r["clock"]) / 60, r["fid"], marker="o", ms=3, color=palette[k % len(palette)],
@@ -215,8 +215,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FrugalError as e:  # e.g. --report-only with a --final-samples the shards did not score, or runs of
-        # another config in --out
-        raise SystemExit(f"error: {e}") from None
+    run_benchmark(main)

@@ -184,3 +184,28 @@ def test_only_frugal_takes_the_auto_recipe_every_other_recipe_fixes_its_settings
     for name, settings in RECIPES.items():
         config = Config(settings)
         assert all((config[key] == "auto") == (name == "frugal") for key in FRUGAL_RECIPE), name
+
+
+def test_an_interrupted_or_refused_benchmark_ends_in_one_line(monkeypatch, capsys):
+    import signal
+
+    from frugaldiff.errors import FrugalError
+    from frugaldiff.trainer import Interrupted
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from reporting import run_benchmark
+
+    def stopped() -> None:
+        raise Interrupted(signal.SIGTERM, Path("out/ddpm/b16-s0/checkpoints/step-00000100"))
+
+    def refused() -> None:
+        raise FrugalError("out/ddpm/b16-s0 holds a run of another config")
+
+    with pytest.raises(SystemExit) as stop:
+        run_benchmark(stopped)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ("stopped by SIGTERM; checkpoint saved at out/ddpm/b16-s0/checkpoints/"
+                                       "step-00000100; run the same command again to continue from it\n")
+    with pytest.raises(SystemExit) as refusal:
+        run_benchmark(refused)
+    assert refusal.value.code == "error: out/ddpm/b16-s0 holds a run of another config"
