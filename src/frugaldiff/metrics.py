@@ -115,8 +115,9 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 def high_freq_power(x: Tensor) -> float:
     """Mean power of what a Gaussian blur of σ = ``HIGH_FREQ_SIGMA`` px removes from images [N, C, H, W]: their
-    fine detail — edges, and grain or noise."""
-    return (x.float() - _blur(x, HIGH_FREQ_SIGMA)).square().mean().item()
+    fine detail — edges, and grain or noise (in chunks of ``CHUNK`` images, so that large sets fit in memory)."""
+    power = (((c.float() - _blur(c, HIGH_FREQ_SIGMA)).square().sum(dtype=torch.float64).item()) for c in x.split(CHUNK))
+    return sum(power) / x.numel()
 
 
 def to_grey(images: np.ndarray) -> np.ndarray:
