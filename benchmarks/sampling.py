@@ -26,7 +26,7 @@ import torch
 from reporting import joined_provenance, mean_std, provenance, write_results
 
 from frugaldiff.components import SampleSettings
-from frugaldiff.generate import default_labels, generate, load_run, sampling_runtime
+from frugaldiff.generate import generate, load_run, sampling_runtime
 from frugaldiff.images import to_uint8
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
@@ -45,7 +45,6 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), samples)  # as `frugaldiff sample`
     base = SampleSettings.from_config(config)
     evaluator = Evaluator.for_dataset(config)
-    labels = default_labels(samples, denoiser)  # as `frugaldiff sample`
     rows = []
     for solver in solvers:
         for schedule in schedules:
@@ -53,8 +52,7 @@ def sweep(run: Path, samples: int, seed: int, solvers: list[str], steps: list[in
                 settings = replace(base, solver=solver, schedule=schedule, steps=k)
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    x = generate(denoiser, settings, samples, tuple(info["sample_shape"]), runtime, seed=seed,
-                                 labels=labels)
+                    x = generate(denoiser, settings, samples, tuple(info["sample_shape"]), runtime, seed=seed)
                 seconds = time.perf_counter() - start
                 scores = evaluator(to_uint8(x))
                 rows.append({"run": str(run), "solver": solver, "schedule": schedule, "steps": k,

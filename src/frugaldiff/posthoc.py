@@ -20,7 +20,7 @@ from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, l
 from .components import SampleSettings, build_data, run_denoiser
 from .ema import load_snapshots, reconstruct
 from .errors import FrugalError
-from .generate import default_labels, generate, run_guidance, sampling_runtime
+from .generate import generate, run_guidance, sampling_runtime
 from .images import to_uint8
 from .metrics import HIGHER_IS_BETTER, Evaluator
 from .plots import plot_posthoc_sweep
@@ -68,11 +68,10 @@ def posthoc_sweep(run_dir: str | Path, sigma_rels: list[float], n: int = 512, ou
     runtime = sampling_runtime(config, denoiser, tuple(info["sample_shape"]), n)
 
     guidance = run_guidance(run_dir, settings, denoiser)  # the same guide for every length: loaded once
-    labels = default_labels(n, denoiser)
 
     def score(weights: dict[str, Any]) -> float:
         load_into(denoiser, weights, newest)
-        x = generate(denoiser, settings, n, tuple(info["sample_shape"]), runtime, labels=labels, guidance=guidance)
+        x = generate(denoiser, settings, n, tuple(info["sample_shape"]), runtime, guidance=guidance)
         return evaluator(to_uint8(x) if data.kind == "image" else x.numpy())[evaluator.headline]
 
     result: dict[str, Any] = {"run": str(run_dir), "metric": evaluator.headline, "n": n, "solver": settings.solver,

@@ -35,11 +35,10 @@ class TrainState:
         self.denoiser, self.sampler, self.process = parts.denoiser, parts.sampler, parts.process
         self.train, self.classes = data.train, parts.denoiser.num_classes
         self.train_labels = data.train_labels if self.classes else None
-        #: images per class in the train split (what generated samples imitate: :func:`~.generate.class_labels`),
+        #: images per class in the train split (what generated samples imitate: :func:`~.generate.default_labels`),
         #: on the denoiser before the EMA copies it
-        self.class_counts = (torch.bincount(self.train_labels, minlength=self.classes).tolist() if self.classes
-                             else None)
-        self.denoiser.class_counts = self.class_counts
+        self.denoiser.class_counts = (torch.bincount(self.train_labels, minlength=self.classes).tolist()
+                                      if self.classes else None)
         self.ema = EMA(self.denoiser, settings.ema_decay)
         self.phema = PowerEMA(self.denoiser) if settings.phema_snapshots else None
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=settings.lr,
@@ -94,7 +93,7 @@ class TrainState:
         return {"step": self.step, "images_seen": self.images_seen, "nonfinite_skipped": self.nonfinite_total,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "sample_shape": list(self.sample_shape),
                 "data_kind": self.data_kind, "num_classes": self.classes,
-                **({} if self.class_counts is None else {"class_counts": self.class_counts}),
+                **({} if self.denoiser.class_counts is None else {"class_counts": self.denoiser.class_counts}),
                 **({} if self.precision is None else {"precision": self.precision}),
                 **({} if self.autoencoder is None else {"latent_factors": [self.autoencoder.scale,
                                                                            self.autoencoder.shift],
