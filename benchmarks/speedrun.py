@@ -6,10 +6,10 @@
 
 Every recipe of ``benchmarks/recipes.py`` trains with the default run's batch size and budget in images (the
 user's ``frugaldiff train``), is evaluated every --eval-every images (domain FID of --eval-samples EMA samples with
-the user's sampling settings) and its clock counts only the optimizer steps (evaluations excluded). Two targets
+the user's sampling settings) and its clock counts only the optimizer steps (evaluations excluded). Three targets
 per dataset, fixed before any candidate is looked at: **easy**, the median final FID of ``ddpm`` (the classic
-recipe at the default budget), and **hard**, the geometric mean of that and the real-data floor (training images
-scored against the held-out split at the same sample count) — halfway to the floor on the log scale. For each
+recipe at the default budget), **hard**, halfway from it to the real-data floor (training images scored against
+the held-out split at the same sample count) on the log scale, and **harder**, three quarters of the way. For each
 recipe: the training minutes until its curve first reaches each target (median over seeds; a seed that never
 reaches it counts as infinite), its FID at --minutes minutes of training (the last evaluation by then) and at the
 end; with --final-samples N also the FID of N samples of each finished run (less noisy than the curve's, to rank
@@ -37,6 +37,9 @@ from reporting import add_shard_option, provenance, run_benchmark, shard_of, wri
 from frugaldiff.config import Config, parse_override
 from frugaldiff.metrics import Evaluator
 from frugaldiff.plots import pyplot, save_figure
+
+#: The default targets: how far each lies from ddpm's final FID towards the real-data floor, on the log scale.
+TARGETS = {"easy": 0.0, "hard": 0.5, "harder": 0.75}
 
 
 def floor(evaluator: Evaluator, eval_samples: int) -> float:
@@ -70,10 +73,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     seeds' range)."""
     runs, recipes = results["runs"], results["recipes"]
     if results.get("targets"):  # given (another table's), so that its recipes are measured against the same
-        targets = dict(zip(("easy", "hard"), results["targets"], strict=True))
+        easy, hard, *lower = results["targets"]
+        targets = {"easy": easy, "hard": hard} | {f"{v:g}": v for v in lower}
     else:
         easy = _median([r["fid"][-1] for r in runs if r["recipe"] == "ddpm"])
-        targets = {"easy": easy, "hard": math.sqrt(easy * results["floor"])}
+        targets = {name: easy ** (1 - way) * results["floor"] ** way for name, way in TARGETS.items()}
     rows = {}
     for recipe in recipes:
         mine = [r for r in runs if r["recipe"] == recipe]
@@ -91,10 +95,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _order(summary: dict[str, Any]) -> list[str]:
-    """Recipes from the fastest to the hard target (then to the easy one, then by FID at the time limit)."""
-    rows = summary["rows"]
-    return sorted(rows, key=lambda k: (rows[k]["minutes_to_hard"], rows[k]["minutes_to_easy"],
-                                       rows[k]["fid_at_minutes"]))
+    """Recipes from the fastest to the last (hardest) target, then to the one before, ..., then by FID at the time
+    limit."""
+    rows, names = summary["rows"], list(reversed(summary["targets"]))
+    return sorted(rows, key=lambda k: (*(rows[k][f"minutes_to_{t}"] for t in names), rows[k]["fid_at_minutes"]))
 
 
 def speedrun_table(results: dict[str, Any]) -> str:
@@ -103,15 +107,16 @@ def speedrun_table(results: dict[str, Any]) -> str:
     t = summary["targets"]
     n = results["final_samples"]
     scored_head = f" final FID of {n} samples (range; floor {results['final_floor']:.3f}) |" if n else ""
-    origin = "given" if results.get("targets") else "ddpm's final FID, and halfway from it to the floor, log scale"
+    origin = "given" if results.get("targets") else ("ddpm's final FID, and a half and three quarters of the way from "
+                                                     "it to the floor, log scale")
+    listed = ", ".join(f"{name} {_cell(value, 3)}" if name in TARGETS else _cell(value, 3) for name, value in t.items())
     lines = [f"{results['dataset']}, batch {results['batch_size']}, {results['images']:,} images per run, domain FID "
              f"of {results['eval_samples']} samples every {results['eval_every']:,} images; machine: "
-             f"{results['machine']}; commit {results['commit']}. Targets: easy {_cell(t['easy'], 3)}, hard "
-             f"{_cell(t['hard'], 3)} ({origin}; the real-data floor is {results['floor']:.3f}). Minutes are "
-             "training minutes (median over seeds; evaluations excluded).\n",
-             f"| recipe | seeds | min to easy | min to hard | FID at {m:g} min (range) | final FID (range) "
-             f"| train min |{scored_head}",
-             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * bool(scored_head)]
+             f"{results['machine']}; commit {results['commit']}. Targets: {listed} ({origin}; the real-data floor is "
+             f"{results['floor']:.3f}). Minutes are training minutes (median over seeds; evaluations excluded).\n",
+             "| recipe | seeds |" + "".join(f" min to {name} |" for name in t)
+             + f" FID at {m:g} min (range) | final FID (range) | train min |{scored_head}",
+             "|---|---:|" + "---:|" * (len(t) + 3) + "---:|" * bool(scored_head)]
     for recipe in _order(summary):
         row = summary["rows"][recipe]
         lo, hi = row["fid_at_minutes_range"]
@@ -120,8 +125,8 @@ def speedrun_table(results: dict[str, Any]) -> str:
         if scored_head:
             slo, shi = row["fid_scored_range"]
             scored = f" {row['fid_scored']:.3f} ({slo:.3f}–{shi:.3f}) |"
-        lines.append(f"| {recipe} | {row['seeds']} | {_cell(row['minutes_to_easy'], 1)} | "
-                     f"{_cell(row['minutes_to_hard'], 1)} | {row['fid_at_minutes']:.3f} ({lo:.3f}–{hi:.3f}) | "
+        lines.append(f"| {recipe} | {row['seeds']} |" + "".join(f" {_cell(row[f'minutes_to_{n}'], 1)} |" for n in t)
+                     + f" {row['fid_at_minutes']:.3f} ({lo:.3f}–{hi:.3f}) | "
                      f"{row['fid_final']:.3f} ({flo:.3f}–{fhi:.3f}) | {row['train_minutes']:.1f} |{scored}")
     return "\n".join(lines) + "\n"
 
@@ -159,8 +164,9 @@ def main() -> None:
     parser.add_argument("--final-samples", type=int, default=0,
                         help="also score each finished run with this many samples (0: only the curve's evaluations)")
     parser.add_argument("--minutes", type=float, default=5.0, help="report each recipe's FID at this training time")
-    parser.add_argument("--targets", type=float, nargs=2, metavar=("EASY", "HARD"),
-                        help="fixed targets (e.g. another table's) instead of ddpm's final FID and the halfway point")
+    parser.add_argument("--targets", type=float, nargs="+", metavar="FID",
+                        help="fixed targets EASY HARD [LOWER ...] (e.g. another table's) instead of ddpm's final FID "
+                             "and the points a half and three quarters of the way to the floor")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, as `frugaldiff train`)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config value for every recipe, e.g. data.name=twemoji")
@@ -181,6 +187,8 @@ def main() -> None:
     unknown = sorted(set(args.recipes) - set(RECIPES))
     if unknown:
         parser.error(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
+    if args.targets and len(args.targets) < 2:
+        parser.error("--targets needs at least EASY and HARD")
     if "ddpm" not in args.recipes and not args.targets and args.shard == "0/1":
         parser.error("the targets come from ddpm's runs: include ddpm in --recipes, or give --targets EASY HARD")
     default = Config(COMMON)

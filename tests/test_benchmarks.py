@@ -117,6 +117,28 @@ def test_the_speedrun_table_has_as_many_cells_in_every_row_with_and_without_fina
         assert rows[2].endswith("| 4.000 (3.500–4.500) |" if final_samples else "| 1.0 |")
 
 
+def test_given_speedrun_targets_beyond_easy_and_hard_get_their_own_columns_and_rank_the_recipes():
+    """--targets 9 6 4.5: a third column of minutes to FID 4.5; the recipe that reaches the lowest target first
+    ranks first even when another reaches the easier ones sooner."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from speedrun import speedrun_table, summarise
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    runs = [{"recipe": "fast", "seed": 0, "fid": [5.0, 4.8], "clock": [30.0, 60.0], "train_seconds": 61.0},
+            {"recipe": "deep", "seed": 0, "fid": [8.0, 4.0], "clock": [30.0, 60.0], "train_seconds": 61.0}]
+    results = {"dataset": "toy", "recipes": ["fast", "deep"], "batch_size": 16, "images": 100, "eval_every": 50,
+               "eval_samples": 16, "final_samples": 0, "final_floor": None, "minutes": 1.0, "floor": 0.5,
+               "targets": [9.0, 6.0, 4.5], "machine": "m", "commit": "c", "runs": runs}
+    results["summary"] = summarise(results)
+    assert results["summary"]["targets"] == {"easy": 9.0, "hard": 6.0, "4.5": 4.5}
+    rows = [line for line in speedrun_table(results).splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| recipe | seeds | min to easy | min to hard | min to 4.5 | FID at 1 min")
+    assert len({row.count("|") for row in rows}) == 1
+    assert rows[2].startswith("| deep | 1 | 0.5 | 1.0 | 1.0 |") and rows[3].startswith("| fast | 1 | 0.5 | 0.5 | "
+                                                                                        "not reached |")
+
+
 def test_profile_step_smoke_reports_the_network_share_and_the_top_operators(tmp_path):
     out = _run("profile_step.py", "--json", str(tmp_path / "p.json"))
     (row,) = json.loads((tmp_path / "p.json").read_text())["rows"]
@@ -149,6 +171,8 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
     ddpm_final = sorted(r["fid"][-1] for r in results["runs"] if r["recipe"] == "ddpm")
     assert summary["targets"]["easy"] == statistics.median(ddpm_final)
     assert abs(summary["targets"]["hard"] - (summary["targets"]["easy"] * results["floor"]) ** 0.5) < 1e-12
+    assert summary["targets"]["harder"] == pytest.approx(summary["targets"]["easy"] ** 0.25 * results["floor"] ** 0.75,
+                                                         rel=1e-12)
     for recipe, row in summary["rows"].items():  # the median over seeds of the first clock at or below the target
         runs = [r for r in results["runs"] if r["recipe"] == recipe]
         firsts = [next((s / 60 for f, s in zip(r["fid"], r["clock"], strict=True) if f <= summary["targets"]["easy"]),
