@@ -168,6 +168,27 @@ def test_train_autoencoder_resumes_bit_identically_and_writes_a_folder_data_auto
     assert abs(float(latents.train.std()) - 1) < 1e-4 and abs(float(latents.train.mean())) < 1e-4
 
 
+def test_group_channels_set_the_autoencoders_group_norms_and_a_saved_config_keeps_one_channel_per_group(tmp_path):
+    """autoencoder.group_channels g: gcd(channels / g, 32) groups in every GroupNorm; a config saved before the key
+    builds the former network (gcd(channels, 32) groups: one channel each at width 16)."""
+    from frugaldiff.autoencoder import AutoencoderSettings, new_autoencoder
+
+    def groups(config: Config) -> set[int]:
+        vae = new_autoencoder(AutoencoderSettings.from_config(config), 3, 16)
+        found = {m.num_groups for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)}
+        assert found == {vae.config.norm_num_groups}
+        return found
+
+    assert groups(Config({"autoencoder.channels": 16})) == {4}  # the default: 4 channels per group
+    assert groups(Config({"autoencoder.channels": 16, "autoencoder.group_channels": 1})) == {16}
+    assert groups(Config({"autoencoder.channels": 256, "autoencoder.group_channels": 2})) == {32}
+    path = tmp_path / "config.toml"
+    path.write_text('[autoencoder]\nchannels = 16\n')
+    assert groups(Config.load(path, saved=True)) == {16} and groups(Config.load(path)) == {4}
+    with pytest.raises(FrugalError, match="autoencoder.channels 16 is not a multiple of autoencoder.group_channels 3"):
+        groups(Config({"autoencoder.channels": 16, "autoencoder.group_channels": 3}))
+
+
 def test_training_the_autoencoder_lowers_its_reconstruction_error(tmp_path):
     values = {**AE, "autoencoder.images_seen": 8}
     early = AutoencoderTrainer(Config(values), tmp_path / "early", progress=False)

@@ -55,6 +55,7 @@ class AutoencoderSettings(_Settings):
     factor: int | str  # "auto" resolves in new_autoencoder
     latent_channels: int
     channels: int
+    group_channels: int
     batch_size: int
     images_seen: int
     lr: float
@@ -75,7 +76,8 @@ class AutoencoderSettings(_Settings):
 
 def new_autoencoder(settings: AutoencoderSettings, image_channels: int, side: int) -> Any:
     """A fresh AutoencoderKL for ``side``-px images: ``log2(factor) + 1`` levels of widths channels × 1, 2, 4, 4, …
-    with one residual block each and no attention (a small model for a CPU)."""
+    with one residual block each and no attention (a small model for a CPU), its GroupNorms in
+    gcd(channels / group_channels, 32) groups."""
     factor = settings.factor
     if factor == "auto":
         factor = min(8, max(2, 2 ** round(math.log2(side / AUTO_LATENT_SIDE))))
@@ -85,8 +87,11 @@ def new_autoencoder(settings: AutoencoderSettings, image_channels: int, side: in
     if side % factor:
         raise FrugalError(f"data.image_size {side} is not a multiple of autoencoder.factor {factor}; use "
                           f"e.g. data.image_size = {max(1, round(side / factor)) * factor}")
+    if settings.channels % settings.group_channels:
+        raise FrugalError(f"autoencoder.channels {settings.channels} is not a multiple of autoencoder.group_channels "
+                          f"{settings.group_channels}; use e.g. autoencoder.group_channels = 4")
     widths = [settings.channels * min(2**i, 4) for i in range(levels)]
-    groups = math.gcd(*widths, 32)
+    groups = math.gcd(settings.channels // settings.group_channels, 32)
     return autoencoder_class()(
         in_channels=image_channels, out_channels=image_channels, down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(widths), layers_per_block=1,
