@@ -173,11 +173,19 @@ def resolved_recipe(config: Config) -> Config:
     return config.updated(auto) if auto else config
 
 
+def _diffusion_settings(config: Config) -> dict[str, Any]:
+    """What decides a diffusion run: every key, the "auto" recipe resolved, except train-autoencoder's
+    ``autoencoder.*`` (a diffusion run never reads them; ``data.autoencoder`` names the one it uses)."""
+    settings = resolved_recipe(config).to_dict()
+    settings.pop("autoencoder", None)
+    return settings
+
+
 def require_same_run(config: Config, run: Path) -> None:
-    """Refuse in one line a ``run`` folder that holds a run started with another config than ``config`` (both with
-    their "auto" recipe resolved, so a run saved resolved matches its auto config)."""
+    """Refuse in one line a ``run`` folder that holds a diffusion run started with another config than ``config``
+    (both with their "auto" recipe resolved, so a run saved resolved matches its auto config)."""
     saved = RunFiles(run).config
-    if saved.is_file() and resolved_recipe(Config.load(saved, saved=True)) != resolved_recipe(config):
+    if saved.is_file() and _diffusion_settings(Config.load(saved, saved=True)) != _diffusion_settings(config):
         raise FrugalError(f"{run} holds a run of another config; remove it or choose another --out")
 
 
@@ -202,7 +210,7 @@ def build_network(config: Config, prediction: PredictionType, sample_shape: tupl
             raise FrugalError(f"model.name={name} needs image data, got samples of shape {sample_shape}; use mlp")
         channels, side, _ = sample_shape
         coordinates = 2 if config["train.patch"] else 0  # Patch Diffusion's coordinate channels
-        sizes = unet_keys(config, side) if name == "unet" else {
+        sizes = unet_keys(config, side) | {"group_channels": config["model.group_channels"]} if name == "unet" else {
             "width": config["model.hidden"], "depth": config["model.depth"], "patch_size": config["model.patch_size"]}
         return NETWORKS.create(name, channels + coordinates, prediction.out_channels(channels), side,
                                dropout=config["model.dropout"], num_classes=classes, **sizes)
