@@ -43,3 +43,31 @@ def test_dit_trains_samples_and_refuses_a_patch_size_that_does_not_divide_the_si
     with pytest.raises(FrugalError, match="model.patch_size = 3 does not divide the image side 8") as info:
         Trainer(Config({**values, "model.patch_size": 3}), tmp_path / "bad", progress=False)
     assert "\n" not in str(info.value)
+
+
+def test_unet_group_channels_set_every_group_norm_and_a_saved_config_keeps_the_former_groups(tmp_path):
+    """model.group_channels g: gcd(width / g, 32) groups (one group under 4) in every GroupNorm of the UNet; 1 (the
+    default, and what a config saved before the key gets) is the former gcd(width, 32)."""
+    from math import gcd
+
+    from frugaldiff.components import build_network
+    from frugaldiff.noise import PROCESSES
+
+    def norms(config: Config) -> list[tuple[int, int]]:
+        prediction = config.prediction(PROCESSES.create("flow"))
+        net = build_network(config, prediction, (3, 16, 16))
+        return [(m.num_channels, m.num_groups) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+    def expected(found: list[tuple[int, int]], g: int) -> list[tuple[int, int]]:
+        return [(c, gcd(c // g, 32) if gcd(c // g, 32) >= 4 else 1) for c, _ in found]
+
+    keys = {"model.channels": 16, "model.channel_mult": [1, 2, 4]}
+    former = norms(Config(keys))
+    assert former == expected(former, 1) and (16, 16) in former  # 16 channels: one per group
+    four = norms(Config({**keys, "model.group_channels": 4}))
+    assert four == expected(four, 4) and (16, 4) in four and (64, 16) in four
+    path = tmp_path / "config.toml"
+    path.write_text("[model]\nchannels = 16\nchannel_mult = [1, 2, 4]\n")
+    assert norms(Config.load(path, saved=True)) == former
+    with pytest.raises(FrugalError, match="model.channels 16 is not a multiple of model.group_channels 3"):
+        norms(Config({**keys, "model.group_channels": 3}))

@@ -167,6 +167,9 @@ OPTIONS: list[Option] = [
            auto=int),
     Option("model.attention_resolutions", "auto", "resolutions (sides) with self-attention (auto: the preset's, "
            "about 8 px)", item=int, low=1, high=4096, auto=list),
+    Option("model.group_channels", 1, "UNet: GroupNorm in gcd(width / this, 32) groups (1: each channel of the 16- "
+           "and 32-channel levels normalised alone; 4 scored worse on twemoji: docs/benchmarks.md)",
+           low=1, high=1024, predating=1),
     Option("model.dropout", 0.0, "dropout probability", low=0.0, high=0.9),
     Option("model.num_classes", "auto", "class-conditional on this many labels (a class embedding in the network; "
            "auto: the dataset's labels, none for unlabelled data; 0: unconditional)", low=0, high=100_000, auto=int,

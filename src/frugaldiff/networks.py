@@ -83,18 +83,19 @@ class ClassEmbedding(nn.Module):
         return emb + self.table(labels).to(emb.dtype)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    groups = math.gcd(channels, 32)
+def _norm(channels: int, group_channels: int = 1) -> nn.GroupNorm:
+    """GroupNorm in gcd(channels / group_channels, 32) groups (one group when that is under 4)."""
+    groups = math.gcd(channels // group_channels, 32)
     return nn.GroupNorm(groups if groups >= 4 else 1, channels)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float) -> None:
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, group_channels: int = 1) -> None:
         super().__init__()
-        self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.in_layers = nn.Sequential(_norm(cin, group_channels), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, cout))
         self.out_layers = nn.Sequential(
-            _norm(cout), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+            _norm(cout, group_channels), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
         )
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
@@ -106,10 +107,10 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over pixels (heads of 32 channels)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, group_channels: int = 1) -> None:
         super().__init__()
         self.heads = max(1, channels // 32)
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -123,20 +124,26 @@ class Attention(nn.Module):
 class Level(nn.Module):
     """Residual blocks (each optionally followed by attention) at one resolution."""
 
-    def __init__(self, channels: Sequence[int], cout: int, emb_dim: int, dropout: float, attend: bool) -> None:
+    def __init__(self, channels: Sequence[int], cout: int, emb_dim: int, dropout: float, attend: bool,
+                 group_channels: int = 1) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(ResBlock(c, cout, emb_dim, dropout) for c in channels)
-        self.attn = nn.ModuleList(Attention(cout) if attend else nn.Identity() for _ in channels)
+        self.blocks = nn.ModuleList(ResBlock(c, cout, emb_dim, dropout, group_channels) for c in channels)
+        self.attn = nn.ModuleList(Attention(cout, group_channels) if attend else nn.Identity() for _ in channels)
 
 
 @NETWORKS.register("unet")
 class UNet(nn.Module):
-    """A DDPM-style UNet: GroupNorm, sinusoidal time embedding, attention at chosen resolutions."""
+    """A DDPM-style UNet: GroupNorm (``group_channels`` channels per group at the base width), sinusoidal time
+    embedding, attention at chosen resolutions."""
 
     def __init__(self, in_channels: int, out_channels: int, image_size: int, channels: int = 32,
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
-                 attention_resolutions: Sequence[int] = (7,), dropout: float = 0.0, num_classes: int = 0) -> None:
+                 attention_resolutions: Sequence[int] = (7,), dropout: float = 0.0, num_classes: int = 0,
+                 group_channels: int = 1) -> None:
         super().__init__()
+        if channels % group_channels:
+            raise FrugalError(f"model.channels {channels} is not a multiple of model.group_channels {group_channels}; "
+                              "use e.g. model.group_channels = 4")
         emb_dim = 4 * channels
         self.time = TimeEmbedding(channels, emb_dim)
         self.label = ClassEmbedding(num_classes, emb_dim)
@@ -147,21 +154,21 @@ class UNet(nn.Module):
         skips, cur = [channels], channels
         for i, width in enumerate(widths):
             ins = [cur] + [width] * (num_res_blocks - 1)
-            self.down.append(Level(ins, width, emb_dim, dropout, attend[i]))
+            self.down.append(Level(ins, width, emb_dim, dropout, attend[i], group_channels))
             skips += [width] * num_res_blocks
             cur = width
             if i < len(widths) - 1:
                 self.downsample.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skips.append(cur)
-        self.mid = Level([cur, cur], cur, emb_dim, dropout, attend=True)
+        self.mid = Level([cur, cur], cur, emb_dim, dropout, True, group_channels)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, width in reversed(list(enumerate(widths))):
             ins = [cur + skips.pop()] + [width + skips.pop() for _ in range(num_res_blocks)]
-            self.up.append(Level(ins, width, emb_dim, dropout, attend[i]))
+            self.up.append(Level(ins, width, emb_dim, dropout, attend[i], group_channels))
             cur = width
             if i > 0:
                 self.upsample.append(nn.Conv2d(cur, cur, 3, padding=1))
-        self.out = nn.Sequential(_norm(cur), nn.SiLU(), nn.Conv2d(cur, out_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(cur, group_channels), nn.SiLU(), nn.Conv2d(cur, out_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
