@@ -30,6 +30,7 @@ from .ema import EMA
 from .errors import FrugalError
 from .images import save_grid, to_uint8
 from .latent import Autoencoder, autoencoder_class, measured_factors
+from .networks import norm_groups
 from .runs import MetricsLog, RunFiles, RunLock, start_run
 from .runtime import Runtime
 from .trainer import Interrupted, crossed, signals_to_flag
@@ -87,11 +88,8 @@ def new_autoencoder(settings: AutoencoderSettings, image_channels: int, side: in
     if side % factor:
         raise FrugalError(f"data.image_size {side} is not a multiple of autoencoder.factor {factor}; use "
                           f"e.g. data.image_size = {max(1, round(side / factor)) * factor}")
-    if settings.channels % settings.group_channels:
-        raise FrugalError(f"autoencoder.channels {settings.channels} is not a multiple of autoencoder.group_channels "
-                          f"{settings.group_channels}; use e.g. autoencoder.group_channels = 4")
+    groups = norm_groups(settings.channels, settings.group_channels, "autoencoder")
     widths = [settings.channels * min(2**i, 4) for i in range(levels)]
-    groups = math.gcd(settings.channels // settings.group_channels, 32)
     return autoencoder_class()(
         in_channels=image_channels, out_channels=image_channels, down_block_types=("DownEncoderBlock2D",) * levels,
         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(widths), layers_per_block=1,

@@ -83,9 +83,18 @@ class ClassEmbedding(nn.Module):
         return emb + self.table(labels).to(emb.dtype)
 
 
+def norm_groups(channels: int, group_channels: int, section: str) -> int:
+    """gcd(channels / group_channels, 32): the GroupNorm groups of ``channels`` (the ``section.group_channels``
+    option; refused in one line when it does not divide them)."""
+    if channels % group_channels:
+        raise FrugalError(f"{section}.channels {channels} is not a multiple of {section}.group_channels "
+                          f"{group_channels}; use e.g. {section}.group_channels = 4")
+    return math.gcd(channels // group_channels, 32)
+
+
 def _norm(channels: int, group_channels: int = 1) -> nn.GroupNorm:
-    """GroupNorm in gcd(channels / group_channels, 32) groups (one group when that is under 4)."""
-    groups = math.gcd(channels // group_channels, 32)
+    """GroupNorm in :func:`norm_groups` groups (one group when that is under 4)."""
+    groups = norm_groups(channels, group_channels, "model")
     return nn.GroupNorm(groups if groups >= 4 else 1, channels)
 
 
@@ -141,9 +150,7 @@ class UNet(nn.Module):
                  attention_resolutions: Sequence[int] = (7,), dropout: float = 0.0, num_classes: int = 0,
                  group_channels: int = 1) -> None:
         super().__init__()
-        if channels % group_channels:
-            raise FrugalError(f"model.channels {channels} is not a multiple of model.group_channels {group_channels}; "
-                              "use e.g. model.group_channels = 4")
+        norm_groups(channels, group_channels, "model")  # refuses a group size that does not divide the base width
         emb_dim = 4 * channels
         self.time = TimeEmbedding(channels, emb_dim)
         self.label = ClassEmbedding(num_classes, emb_dim)
