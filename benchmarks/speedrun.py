@@ -10,15 +10,15 @@ the user's sampling settings) and its clock counts only the optimizer steps (eva
 per dataset, fixed before any candidate is looked at: **easy**, the median final FID of ``ddpm`` (the classic
 recipe at the default budget), **hard**, halfway from it to the real-data floor (training images scored against
 the held-out split at the same sample count) on the log scale, and **harder**, three quarters of the way. For each
-recipe: the training minutes until its curve first reaches each target (median over seeds; a seed that never
-reaches it counts as infinite), its FID at --minutes minutes of training (the last evaluation by then) and at the
-end; with --final-samples N also the FID of N samples of each finished run (less noisy than the curve's, to rank
-recipes whose curves end close together; scored once and kept in the run). Runs are folders
-DIR/<recipe>/b<batch>-s<seed>, the same as the recipe grid's, reused when finished. Writes DIR/results.json,
-DIR/table.md (the table, with machine and commit) and DIR/speedrun.png (FID against training minutes, the
-targets as lines). The clock is wall time: run one process per core (``--shard 0/2`` and ``--shard
-1/2``, each pinned with ``taskset`` and ``--threads 1``), nothing else on the machine, then once more with
-``--report-only``.
+recipe: the training minutes until its curve first reaches each target (between the two evaluations around the
+crossing, log FID linear in time; median over seeds; a seed that never reaches it counts as infinite), its FID at
+--minutes minutes of training (the last evaluation by then) and at the end; with --final-samples N also the FID of
+N samples of each finished run (less noisy than the curve's, to rank recipes whose curves end close together;
+scored once and kept in the run). Runs are folders DIR/<recipe>/b<batch>-s<seed>, the same as the recipe grid's,
+reused when finished. Writes DIR/results.json, DIR/table.md (the table, with machine and commit) and
+DIR/speedrun.png (FID against training minutes, the targets as lines). The clock is wall time: run one process
+per core (``--shard 0/2`` and ``--shard 1/2``, each pinned with ``taskset`` and ``--threads 1``), nothing else on
+the machine, then once more with ``--report-only``.
 """
 
 from __future__ import annotations
@@ -50,8 +50,18 @@ def floor(evaluator: Evaluator, eval_samples: int) -> float:
 
 
 def minutes_to(run: dict[str, Any], target: float) -> float:
-    """Training minutes until the run's first evaluation at or below ``target`` (infinite when none is)."""
-    return next((s / 60 for f, s in zip(run["fid"], run["clock"], strict=True) if f <= target), math.inf)
+    """Training minutes until the run's curve first reaches ``target``: between the last evaluation above it and the
+    first at or below it, where the line through them (log FID against minutes) crosses it; the first evaluation's
+    minutes when that one already is at or below it; infinite when none is."""
+    points = list(zip(run["fid"], run["clock"], strict=True))
+    for i, (fid, seconds) in enumerate(points):
+        if fid <= target:
+            if i == 0:
+                return seconds / 60
+            before, start = points[i - 1]
+            way = math.log(before / target) / math.log(before / fid)
+            return (start + way * (seconds - start)) / 60
+    return math.inf
 
 
 def fid_at(run: dict[str, Any], minutes: float) -> float:

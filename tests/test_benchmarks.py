@@ -135,8 +135,23 @@ def test_given_speedrun_targets_beyond_easy_and_hard_get_their_own_columns_and_r
     rows = [line for line in speedrun_table(results).splitlines() if line.startswith("|")]
     assert rows[0].startswith("| recipe | seeds | min to easy | min to hard | min to 4.5 | FID at 1 min")
     assert len({row.count("|") for row in rows}) == 1
-    assert rows[2].startswith("| deep | 1 | 0.5 | 1.0 | 1.0 |") and rows[3].startswith("| fast | 1 | 0.5 | 0.5 | "
+    # deep crosses 6 and 4.5 between its evaluations at 0.5 and 1 minute: 0.5 + 0.5·log(8/6)/log(2) = 0.71 and
+    # 0.5 + 0.5·log(8/4.5)/log(2) = 0.91
+    assert rows[2].startswith("| deep | 1 | 0.5 | 0.7 | 0.9 |") and rows[3].startswith("| fast | 1 | 0.5 | 0.5 | "
                                                                                         "not reached |")
+
+
+def test_minutes_to_a_target_is_where_the_log_fid_line_between_two_evaluations_crosses_it():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from speedrun import minutes_to
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    run = {"fid": [16.0, 4.0, 1.0, 2.0, 0.5], "clock": [60.0, 120.0, 240.0, 300.0, 360.0]}
+    assert minutes_to(run, 8.0) == 1.5  # halfway in log between 16 and 4, halfway between minutes 1 and 2
+    assert minutes_to(run, 2.0) == 3.0  # between 4 (2 min) and 1 (4 min); the later 2.0 does not count
+    assert minutes_to(run, 4.0) == 2.0 and minutes_to(run, 16.0) == minutes_to(run, 99.0) == 1.0  # on, or at once
+    assert minutes_to(run, 0.5) == 6.0 and minutes_to(run, 0.4) == float("inf")
 
 
 def test_profile_step_smoke_reports_the_network_share_and_the_top_operators(tmp_path):
@@ -173,11 +188,15 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
     assert abs(summary["targets"]["hard"] - (summary["targets"]["easy"] * results["floor"]) ** 0.5) < 1e-12
     assert summary["targets"]["harder"] == pytest.approx(summary["targets"]["easy"] ** 0.25 * results["floor"] ** 0.75,
                                                          rel=1e-12)
-    for recipe, row in summary["rows"].items():  # the median over seeds of the first clock at or below the target
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from speedrun import minutes_to
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    for recipe, row in summary["rows"].items():  # the median over seeds of each run's crossing of the target
         runs = [r for r in results["runs"] if r["recipe"] == recipe]
-        firsts = [next((s / 60 for f, s in zip(r["fid"], r["clock"], strict=True) if f <= summary["targets"]["easy"]),
-                       float("inf")) for r in runs]
-        assert row["minutes_to_easy"] == statistics.median(firsts)
+        crossings = [minutes_to(r, summary["targets"]["easy"]) for r in runs]
+        assert row["minutes_to_easy"] == statistics.median(crossings)
     for recipe, row in summary["rows"].items():  # each finished run scored once with --final-samples, kept in it
         scored = [r["final_fid"] for r in results["runs"] if r["recipe"] == recipe]
         assert row["fid_scored"] == statistics.median(scored) and row["fid_scored_range"] == [min(scored), max(scored)]
