@@ -52,11 +52,11 @@ def floor(evaluator: Evaluator, eval_samples: int) -> float:
 def minutes_to(run: dict[str, Any], target: float) -> float:
     """Training minutes until the run's curve first reaches ``target``: between the last evaluation above it and the
     first at or below it, where the line through them (log FID against minutes) crosses it; the first evaluation's
-    minutes when that one already is at or below it; infinite when none is."""
+    minutes when that one already is at or below it (or is not positive: no log); infinite when none is."""
     points = list(zip(run["fid"], run["clock"], strict=True))
     for i, (fid, seconds) in enumerate(points):
         if fid <= target:
-            if i == 0:
+            if i == 0 or fid <= 0:
                 return seconds / 60
             before, start = points[i - 1]
             way = math.log(before / target) / math.log(before / fid)

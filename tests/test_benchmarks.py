@@ -152,6 +152,7 @@ def test_minutes_to_a_target_is_where_the_log_fid_line_between_two_evaluations_c
     assert minutes_to(run, 2.0) == 3.0  # between 4 (2 min) and 1 (4 min); the later 2.0 does not count
     assert minutes_to(run, 4.0) == 2.0 and minutes_to(run, 16.0) == minutes_to(run, 99.0) == 1.0  # on, or at once
     assert minutes_to(run, 0.5) == 6.0 and minutes_to(run, 0.4) == float("inf")
+    assert minutes_to({"fid": [3.0, 0.0], "clock": [60.0, 120.0]}, 1.0) == 2.0  # no log of 0: that evaluation's
 
 
 def test_profile_step_smoke_reports_the_network_share_and_the_top_operators(tmp_path):
