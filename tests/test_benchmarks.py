@@ -1,17 +1,28 @@
 """The benchmark scripts' seconds-long smoke versions run and write what they promise (CI runs only these)."""
 
+import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from testkit import TINY_UNET
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def _benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py as a module (the benchmarks folder on sys.path only while it is imported)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def _run(script: str, *args: str) -> str:
@@ -85,11 +96,7 @@ def test_sampling_and_guidance_smoke_score_every_setting(tmp_path):
 
 
 def test_the_flop_counter_counts_a_two_layer_network_as_by_hand():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from throughput import counted_flops
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    counted_flops = _benchmark("throughput").counted_flops
     conv, linear = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8 * 6 * 6, 5)
     x = torch.randn(4, 3, 6, 6)
     conv_mac, linear_mac = 4 * 8 * 6 * 6 * 3 * 3 * 3, 4 * 8 * 6 * 6 * 5  # multiply-adds of each forward
@@ -99,11 +106,8 @@ def test_the_flop_counter_counts_a_two_layer_network_as_by_hand():
 
 
 def test_the_speedrun_table_has_as_many_cells_in_every_row_with_and_without_final_scores():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from speedrun import speedrun_table, summarise
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    speedrun = _benchmark("speedrun")
+    speedrun_table, summarise = speedrun.speedrun_table, speedrun.summarise
     runs = [{"recipe": r, "seed": s, "fid": [9.0 - s, 4.0 + s], "clock": [30.0, 60.0], "train_seconds": 61.0,
              "final_fid": 3.5 + s} for r in ("ddpm", "frugal") for s in (0, 1)]
     for final_samples in (0, 512):
@@ -120,11 +124,8 @@ def test_the_speedrun_table_has_as_many_cells_in_every_row_with_and_without_fina
 def test_given_speedrun_targets_beyond_easy_and_hard_get_their_own_columns_and_rank_the_recipes():
     """--targets 9 6 4.5: a third column of minutes to FID 4.5; the recipe that reaches the lowest target first
     ranks first even when another reaches the easier ones sooner."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from speedrun import speedrun_table, summarise
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    speedrun = _benchmark("speedrun")
+    speedrun_table, summarise = speedrun.speedrun_table, speedrun.summarise
     runs = [{"recipe": "fast", "seed": 0, "fid": [5.0, 4.8], "clock": [30.0, 60.0], "train_seconds": 61.0},
             {"recipe": "deep", "seed": 0, "fid": [8.0, 4.0], "clock": [30.0, 60.0], "train_seconds": 61.0}]
     results = {"dataset": "toy", "recipes": ["fast", "deep"], "batch_size": 16, "images": 100, "eval_every": 50,
@@ -142,11 +143,7 @@ def test_given_speedrun_targets_beyond_easy_and_hard_get_their_own_columns_and_r
 
 
 def test_minutes_to_a_target_is_where_the_log_fid_line_between_two_evaluations_crosses_it():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from speedrun import minutes_to
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    minutes_to = _benchmark("speedrun").minutes_to
     run = {"fid": [16.0, 4.0, 1.0, 2.0, 0.5], "clock": [60.0, 120.0, 240.0, 300.0, 360.0]}
     assert minutes_to(run, 8.0) == 1.5  # halfway in log between 16 and 4, halfway between minutes 1 and 2
     assert minutes_to(run, 2.0) == 3.0  # between 4 (2 min) and 1 (4 min); the later 2.0 does not count
@@ -189,11 +186,7 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
     assert abs(summary["targets"]["hard"] - (summary["targets"]["easy"] * results["floor"]) ** 0.5) < 1e-12
     assert summary["targets"]["harder"] == pytest.approx(summary["targets"]["easy"] ** 0.25 * results["floor"] ** 0.75,
                                                          rel=1e-12)
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from speedrun import minutes_to
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    minutes_to = _benchmark("speedrun").minutes_to
     for recipe, row in summary["rows"].items():  # the median over seeds of each run's crossing of the target
         runs = [r for r in results["runs"] if r["recipe"] == recipe]
         crossings = [minutes_to(r, summary["targets"]["easy"]) for r in runs]
@@ -216,11 +209,7 @@ def test_speedrun_smoke_reports_minutes_to_each_target_from_the_runs_clock(tmp_p
 
 
 def test_only_frugal_takes_the_auto_recipe_every_other_recipe_fixes_its_settings():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from recipes import RECIPES
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    RECIPES = _benchmark("recipes").RECIPES
     from frugaldiff.components import FRUGAL_RECIPE
     from frugaldiff.config import Config
 
@@ -230,14 +219,13 @@ def test_only_frugal_takes_the_auto_recipe_every_other_recipe_fixes_its_settings
         assert all((config[key] == "auto") == (name == "frugal") for key in FRUGAL_RECIPE), name
 
 
-def test_an_interrupted_or_refused_benchmark_ends_in_one_line(monkeypatch, capsys):
+def test_an_interrupted_or_refused_benchmark_ends_in_one_line(capsys):
     import signal
 
     from frugaldiff.errors import FrugalError
     from frugaldiff.trainer import Interrupted
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from reporting import run_benchmark
+    run_benchmark = _benchmark("reporting").run_benchmark
 
     def stopped() -> None:
         raise Interrupted(signal.SIGTERM, Path("out/ddpm/b16-s0/checkpoints/step-00000100"))

@@ -210,7 +210,7 @@ def build_network(config: Config, prediction: PredictionType, sample_shape: tupl
             raise FrugalError(f"model.name={name} needs image data, got samples of shape {sample_shape}; use mlp")
         channels, side, _ = sample_shape
         coordinates = 2 if config["train.patch"] else 0  # Patch Diffusion's coordinate channels
-        sizes = unet_keys(config, side) | {"group_channels": config["model.group_channels"]} if name == "unet" else {
+        sizes = (unet_keys(config, side) | {"group_channels": config["model.group_channels"]}) if name == "unet" else {
             "width": config["model.hidden"], "depth": config["model.depth"], "patch_size": config["model.patch_size"]}
         return NETWORKS.create(name, channels + coordinates, prediction.out_channels(channels), side,
                                dropout=config["model.dropout"], num_classes=classes, **sizes)
